@@ -1,0 +1,46 @@
+"""Process settings, read from `STAR_*` environment variables (pydantic-settings).
+
+Three kinds of configuration are kept apart in this project: these process settings, the
+architecture config (dataclasses in `model/`), and per-request parameters (`app/schemas.py`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """Settings every process (API and worker) reads."""
+
+    model_config = SettingsConfigDict(env_prefix="STAR_", extra="ignore")
+
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis holding the queues, jobs and worker registry.")
+    storage_dir: Path = Field(Path("data/images"), description="Directory where PNGs are stored (shared by API and workers).")
+    public_base_url: str = Field("http://localhost:8000", description="Base URL used to build image URLs returned to clients.")
+    result_ttl_s: int = Field(86400, ge=1, description="How long a finished job and its record are kept (seconds).")
+    failure_ttl_s: int = Field(86400, ge=1, description="How long a failed job is kept (seconds).")
+    job_deadline_s: float = Field(600.0, gt=0, description="A job still queued after this many seconds ends as `expired`.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+
+class ApiSettings(CommonSettings):
+    """Settings of `star api`."""
+
+    host: str = Field("127.0.0.1", description="Interface the API binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+    queue_limit: int = Field(1000, ge=1, description="Queued jobs per model above which POST /generate answers 429.")
+
+
+class WorkerSettings(CommonSettings):
+    """Settings of `star worker`."""
+
+    model: str = Field("tiny", description="Model directory (converted weights) or a preset name such as `tiny`.")
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    dtype: str = Field("auto", description="`auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16` or `float16`.")
+    max_batch: int = Field(8, ge=1, description="Most images run in one model call (a request with n images counts n).")
+    max_wait_ms: int = Field(50, ge=0, description="How long the worker waits for more jobs to fill a batch.")
+    heartbeat_s: float = Field(10.0, gt=0, description="Worker heartbeat period.")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0 disables).")
+    name: str | None = Field(None, description="Worker name (default: host + pid).")
