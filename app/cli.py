@@ -1,0 +1,340 @@
+"""The `star` command: one entry point for every process of the service.
+
+    star serve        all-in-one for a laptop or a single box: private Redis, the API, one worker
+    star api          the HTTP API (uvicorn serving `app.main:create_app`)
+    star worker       one GPU/CPU worker (`worker.main:main`)
+    star convert      official weights to a model directory (`model.convert:main`)
+    star healthcheck  exit 0 when the local api or worker is healthy (container HEALTHCHECKs)
+
+Every process reads its settings from the `STAR_*` environment variables (`app/settings.py`);
+options on the command line only override a few of them.
+
+This module imports neither torch nor `model`/`worker` at import time: the API image has no torch.
+Each subcommand imports what it needs when it runs. To add a subcommand, write its `run(args,
+rest) -> int` function and decorate it with `@subcommand(...)`; nothing else needs to change.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace, list[str]], int]
+    configure: Callable[[argparse.ArgumentParser], None] | None = None
+    # A passthrough subcommand hands the rest of the command line to its target's own parser
+    # (`star worker --help` prints the worker's help).
+    passthrough: bool = False
+
+
+COMMANDS: dict[str, Subcommand] = {}
+_HELP_ORDER = ("serve", "api", "worker", "convert")  # then the others, in registration order
+
+
+def subcommand(name: str, help: str, *, configure: Callable[[argparse.ArgumentParser], None] | None = None,
+               passthrough: bool = False) -> Callable:
+    """Register `run(args, rest) -> int` as `star NAME`."""
+    def register(run: Callable[[argparse.Namespace, list[str]], int]) -> Callable:
+        COMMANDS[name] = Subcommand(name, help, run, configure, passthrough)
+        return run
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="star",
+        description="STAR text-to-image service. Settings come from STAR_* environment variables.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ordered = sorted(COMMANDS.values(), key=lambda c: _HELP_ORDER.index(c.name)
+                     if c.name in _HELP_ORDER else len(_HELP_ORDER))
+    for cmd in ordered:
+        sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help,
+                                    add_help=not cmd.passthrough)
+        if cmd.configure is not None:
+            cmd.configure(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].passthrough:
+        return COMMANDS[argv[0]].run(argparse.Namespace(command=argv[0]), argv[1:])
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command].run(args, [])
+
+
+# --------------------------------------------------------------------------------------------
+# Process entry points that live in other packages
+
+
+def _call_entry_point(target: str, argv: list[str], extra: str) -> int:
+    """Import `module:function` lazily and call it with argv; explain a missing install."""
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or "?"
+        if missing.split(".")[0] in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "PIL"):
+            sys.stderr.write(f"star: {target} needs `{missing}`: install the `{extra}` extra "
+                             f"(pip install 'star-service[{extra}]').\n")
+        else:
+            sys.stderr.write(f"star: cannot import {module_name}: {exc}\n")
+        return 2
+    return int(getattr(module, func_name)(argv) or 0)
+
+
+@subcommand("worker", "Run one worker: take jobs from Redis in batches and generate images "
+            "(options: `star worker --help`).", passthrough=True)
+def run_worker(args: argparse.Namespace, rest: list[str]) -> int:
+    return _call_entry_point("worker.main:main", rest, "worker")
+
+
+@subcommand("convert", "Convert the official STAR weights to a model directory "
+            "(options: `star convert --help`).", passthrough=True)
+def run_convert(args: argparse.Namespace, rest: list[str]) -> int:
+    return _call_entry_point("model.convert:main", rest, "worker")
+
+
+# --------------------------------------------------------------------------------------------
+# star api
+
+
+def _configure_api(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="interface to bind (overrides STAR_HOST)")
+    parser.add_argument("--port", type=int, help="port to listen on (overrides STAR_PORT)")
+
+
+@subcommand("api", "Run the HTTP API.", configure=_configure_api)
+def run_api(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.host:
+        os.environ["STAR_HOST"] = args.host
+    if args.port:
+        os.environ["STAR_PORT"] = str(args.port)
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import ApiSettings
+
+    settings = ApiSettings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# star healthcheck (used by the containers' HEALTHCHECK and Kubernetes exec probes)
+
+# The worker publishes its state (starting, ready, busy, draining, failed) on its Prometheus
+# endpoint as this metric: either a prometheus_client Enum (one sample per state, 1 for the current
+# one) or a gauge with a `state` label.
+WORKER_STATE_METRIC = "star_worker_state"
+HEALTHY_WORKER_STATES = ("ready", "busy")
+DEAD_WORKER_STATES = ("failed",)  # with --live, every other state (or none) counts as alive
+
+
+def _configure_healthcheck(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", choices=("api", "worker"), help="which local process to check")
+    parser.add_argument("--url", help="override the URL checked (default: from STAR_PORT or "
+                        "STAR_METRICS_PORT on 127.0.0.1)")
+    parser.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
+    parser.add_argument("--live", action="store_true",
+                        help="worker: liveness instead of readiness; only `failed` or no answer "
+                        "is unhealthy (starting and draining are alive)")
+
+
+def _http_get(url: str, timeout: float) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (local URL)
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+
+
+def worker_state(metrics_text: str) -> str | None:
+    """The worker state found in a Prometheus exposition, or None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != WORKER_STATE_METRIC:
+            continue
+        for sample in family.samples:
+            if sample.value == 1:
+                state = sample.labels.get("state") or sample.labels.get(WORKER_STATE_METRIC)
+                if state:
+                    return state
+    return None
+
+
+@subcommand("healthcheck", "Exit 0 if the local api (/healthz) or worker (state ready or busy "
+            "in its metrics) is healthy, 1 otherwise.", configure=_configure_healthcheck)
+def run_healthcheck(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.target == "api":
+        url = args.url or f"http://127.0.0.1:{os.environ.get('STAR_PORT', '8000')}/healthz"
+    else:
+        url = args.url or f"http://127.0.0.1:{os.environ.get('STAR_METRICS_PORT', '9100')}/metrics"
+    try:
+        status, body = _http_get(url, args.timeout)
+    except OSError as exc:
+        print(f"unhealthy: {url}: {exc}")
+        return 1
+    if status != 200:
+        print(f"unhealthy: {url} answered {status}")
+        return 1
+    if args.target == "api":
+        print("healthy")
+        return 0
+    state = worker_state(body)
+    healthy = state not in DEAD_WORKER_STATES if args.live else state in HEALTHY_WORKER_STATES
+    print(f"{'healthy' if healthy else 'unhealthy'}: worker state {state or 'unknown'}")
+    return 0 if healthy else 1
+
+
+# --------------------------------------------------------------------------------------------
+# star serve: Redis + API + one worker on one machine
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=os.environ.get("STAR_HOST", "127.0.0.1"),
+                        help="interface the API binds to (default: STAR_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")),
+                        help="API port (default: $PORT or 8000)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="Redis data (DATA_DIR/redis) and, unless STAR_STORAGE_DIR is set, "
+                        "images (DATA_DIR/images); default ./data")
+    parser.add_argument("--ready-timeout", type=float, default=600.0,
+                        help="seconds to wait for /readyz (default 600)")
+    parser.add_argument("--stop-timeout", type=float, default=60.0,
+                        help="seconds the worker gets to finish its batch on shutdown (default 60)")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start a child that does not receive the terminal's Ctrl-C: `star serve` stops it in order.
+
+    SIGINT is blocked (not ignored) while forking; a blocked signal mask survives exec, so the
+    child never sees the SIGINT that the terminal sends to the whole process group.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return subprocess.Popen(argv, env=env)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _start_redis(data_dir: Path):
+    from app.redis_server import RedisServer
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return RedisServer(data_dir=data_dir).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _serve_env(args: argparse.Namespace, redis_url: str) -> dict[str, str]:
+    from app.redis_server import free_port
+
+    env = dict(os.environ)
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    env["STAR_REDIS_URL"] = redis_url
+    env["STAR_HOST"], env["STAR_PORT"] = args.host, str(args.port)
+    env.setdefault("STAR_PUBLIC_BASE_URL", f"http://{shown_host}:{args.port}")
+    storage = Path(env.get("STAR_STORAGE_DIR") or args.data_dir / "images").resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    env["STAR_STORAGE_DIR"] = str(storage)
+    env.setdefault("STAR_METRICS_PORT", str(free_port()))  # 9100 may be taken on a laptop
+    return env
+
+
+def _label(child: subprocess.Popen) -> str:
+    return "star " + " ".join(child.args[3:])  # args: python -m app.cli SUBCOMMAND ...
+
+
+def _wait_ready(url: str, children: Sequence[subprocess.Popen], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.poll() is not None:
+                raise RuntimeError(f"{_label(child)} exited with {child.returncode}")
+        try:
+            if _http_get(url, 2.0)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} was not ready within {timeout_s:.0f}s")
+
+
+def _stop_children(children: Sequence[subprocess.Popen], timeout_s: float) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+@subcommand("serve", "Run everything on this machine: a private Redis, the API and one worker.",
+            configure=_configure_serve)
+def run_serve(args: argparse.Namespace, rest: list[str]) -> int:
+    old_handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    redis, children, code = None, [], 0
+    try:
+        redis = _start_redis(args.data_dir / "redis")
+        env = _serve_env(args, redis.url)
+        star = [sys.executable, "-m", "app.cli"]
+        children.append(_spawn(star + ["worker"], env))
+        children.append(_spawn(star + ["api", "--host", args.host, "--port", str(args.port)], env))
+        base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+        _wait_ready(base + "/readyz", children, args.ready_timeout)
+        public = env["STAR_PUBLIC_BASE_URL"].rstrip("/")
+        print(f"STAR is serving at {public} (docs: {public}/docs)", flush=True)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        failed = next(child for child in children if child.poll() is not None)
+        print(f"star serve: {_label(failed)} exited with {failed.returncode}; stopping",
+              file=sys.stderr)
+        code = 1
+    except _Stop:
+        pass
+    except RuntimeError as exc:
+        print(f"star serve: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        for sig in old_handlers:
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not abort the cleanup
+        _stop_children(children, args.stop_timeout)
+        if redis is not None:
+            redis.stop()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

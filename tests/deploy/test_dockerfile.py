@@ -1,0 +1,87 @@
+"""The Dockerfile builds two images (api, worker), each non-root with a HEALTHCHECK running an
+existing `star` subcommand, and the API image never gets torch."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+
+def stages(root) -> dict[str, list[tuple[str, str]]]:
+    """{stage name: [(INSTRUCTION, arguments)]}, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (root / "Dockerfile").read_text())
+    result: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            match = re.search(r"\bAS\s+(\S+)", rest, re.IGNORECASE)
+            current = match.group(1) if match else f"stage{len(result)}"
+            result[current] = []
+        if current is not None:
+            result[current].append((instruction, rest.strip()))
+    return result
+
+
+def exec_form(args: str) -> list[str]:
+    return json.loads(args)
+
+
+@pytest.fixture(scope="module")
+def dockerfile(root):
+    return stages(root)
+
+
+def test_two_targets(dockerfile):
+    assert {"api", "worker"} <= set(dockerfile)
+
+
+@pytest.mark.parametrize("target", ["api", "worker"])
+def test_target_is_non_root_with_a_healthcheck_and_star_command(dockerfile, target, command_problem):
+    instructions = dockerfile[target]
+    users = [args for name, args in instructions if name == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "must end as a non-root USER"
+    (healthcheck,) = [args for name, args in instructions if name == "HEALTHCHECK"]
+    command = exec_form(healthcheck.split("CMD", 1)[1])
+    assert command_problem(command) is None
+    assert command[:3] == ["star", "healthcheck", target]
+    (cmd,) = [args for name, args in instructions if name == "CMD"]
+    assert command_problem(exec_form(cmd)) is None
+    assert exec_form(cmd)[:2] == ["star", "api" if target == "api" else "worker"]
+
+
+def test_api_image_is_slim_python_without_torch(dockerfile, root):
+    text = (root / "Dockerfile").read_text()
+    assert re.search(r"ARG PYTHON_IMAGE=python:3\.11-slim", text)
+    api = " ".join(args for _, args in dockerfile["api"])
+    assert "torch" not in api.replace("'torch' not in sys.modules", "")
+    assert "optional-dependencies" not in api  # base dependencies only
+
+
+def test_worker_image_uses_a_cuda_pytorch_base_in_the_worker_extra_range(root):
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.requirements import Requirement
+
+    text = (root / "Dockerfile").read_text()
+    base = re.search(r"ARG WORKER_BASE=(\S+)", text).group(1)
+    match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn\d+-runtime", base)
+    assert match, base
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
+    (torch,) = [Requirement(r) for r in extra if Requirement(r).name == "torch"]
+    assert match.group(1) in SpecifierSet(str(torch.specifier))
+    assert "/weights" in text and "--constraint /tmp/keep-torch.txt" in text
+
+
+def test_dockerignore_keeps_the_context_small(root):
+    lines = (root / ".dockerignore").read_text().splitlines()
+    ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", "data", "tests", "**/__pycache__"} <= ignored
+    for needed in ("app", "model", "worker", "pyproject.toml", "README.md"):
+        assert needed not in ignored
