@@ -1,0 +1,89 @@
+"""`star serve` end to end, as a user runs it: the real Redis, API, worker and `tiny` model on
+the CPU. Start it on a free port, wait for the URL, generate an image, fetch it, stop with SIGTERM.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urljoin
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NEEDED = ["app/main.py", "model/pipeline.py", "worker/main.py"]
+MISSING = [path for path in NEEDED if not (ROOT / path).exists()]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(MISSING), reason=f"{' and '.join(MISSING)} not written yet "
+                       "(skip only while app/main.py, model/pipeline.py or worker/main.py is missing)"),
+]
+
+
+@pytest.fixture
+def served(tmp_path):
+    from app.redis_server import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STAR_")}
+    env.update(STAR_MODEL="tiny", STAR_DEVICE="cpu", STAR_DTYPE="float32")
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
+         str(tmp_path / "data"), "--ready-timeout", "240"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 260
+        while f"STAR is serving at {base}" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+        yield proc, base, tmp_path
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_serve_generates_an_image_end_to_end(served):
+    proc, base, tmp_path = served
+    with httpx.Client(base_url=base, timeout=30) as client:
+        assert client.get("/readyz").status_code == 200
+        accepted = client.post("/generate", json={"prompt": "a red cube on a table", "seed": 7})
+        assert accepted.status_code == 202, accepted.text
+        job_url = urljoin(base + "/", accepted.json()["status_url"])
+
+        deadline = time.monotonic() + 240
+        while True:
+            job = client.get(job_url).json()
+            if job["status"] not in ("queued", "running"):
+                break
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", job
+        (image,) = job["images"]
+        assert image["url"].startswith(base)
+
+        png = client.get(image["url"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", png.content[16:24])
+        assert (width, height) == (image["width"], image["height"])
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(90) == 0, (tmp_path / "serve.log").read_text()
