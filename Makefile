@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Pinned CPU build of torch, installed before anything else so no CUDA wheel is pulled.
+# Pinned CPU build of torch, installed before anything else so no CUDA wheel is pulled: from a
+# local wheel when pip's find-links has one, else from PyTorch's CPU index (on Linux, PyPI's torch
+# wheels are CUDA builds of several GB). Override TORCH_CPU_INDEX for a mirror.
 TORCH  ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PORT   ?= 8000
 
 .PHONY: run test venv clean
@@ -15,7 +18,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	if $(BIN)/python -m pip install --quiet --dry-run --no-index --no-deps "$(TORCH)" >/dev/null 2>&1; \
+	then $(BIN)/python -m pip install --quiet "$(TORCH)"; \
+	else $(BIN)/python -m pip install --quiet --index-url "$(TORCH_CPU_INDEX)" "$(TORCH)"; fi
 	$(BIN)/python -m pip install --quiet -e ".[worker,dev]"
 	touch $(STAMP)
 

