@@ -31,6 +31,8 @@ class ApiSettings(CommonSettings):
     host: str = Field("127.0.0.1", description="Interface the API binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
     queue_limit: int = Field(1000, ge=1, description="Queued jobs per model above which POST /generate answers 429.")
+    retry_after_s: int = Field(5, ge=1, description="`Retry-After` seconds sent with a 429 (queue full).")
+    image_max_age_s: int = Field(31536000, ge=0, description="`Cache-Control: max-age` of served PNGs (they never change).")
 
 
 class WorkerSettings(CommonSettings):
@@ -44,3 +46,6 @@ class WorkerSettings(CommonSettings):
     heartbeat_s: float = Field(10.0, gt=0, description="Worker heartbeat period.")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0 disables).")
     name: str | None = Field(None, description="Worker name (default: host + pid).")
+    warmup: bool = Field(True, description="Run one small generation after loading, before taking jobs.")
+    encode_threads: int = Field(2, ge=1, description="Threads encoding and storing PNGs off the model's critical path.")
+    trust_pickle: bool = Field(False, description="Allow loading pickled checkpoints (only files you trust).")

@@ -1,0 +1,68 @@
+"""Prometheus metrics of the API process (GET /metrics).
+
+What this process exports, and where each number comes from:
+- star_api_requests_total{method, route, status}: counted here, per route template.
+- star_api_request_seconds{method, route}: time to answer, measured here.
+- star_queue_depth{model}: read from Redis (LLEN of each model's queue) at scrape time.
+- star_workers{model, state}: live workers from the Redis registry at scrape time.
+- star_job_latency_seconds{model, status} and star_job_queue_wait_seconds{model}: observed here
+  when scraped, from the timings each worker leaves in Redis as it finishes a job
+  (app.queue.record_finished). Every finished job is observed once by exactly one API replica,
+  so sum the series across replicas. Jobs canceled while still queued never reach a worker and
+  are not observed.
+The workers export their own batch metrics on their own port (worker/metrics.py).
+"""
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from redis import Redis
+
+from app import queue as q
+
+LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("star_api_requests", "HTTP requests answered.", ["method", "route", "status"], registry=r)
+        self.request_seconds = Histogram("star_api_request_seconds", "Time to answer an HTTP request.",
+                                         ["method", "route"], registry=r)
+        self.queue_depth = Gauge("star_queue_depth", "Jobs waiting in a model's queue.", ["model"], registry=r)
+        self.workers = Gauge("star_workers", "Live workers by model and state.", ["model", "state"], registry=r)
+        self.job_latency = Histogram("star_job_latency_seconds", "Enqueue to finish, per finished job.",
+                                     ["model", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("star_job_queue_wait_seconds", "Enqueue to start, per started job.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def install(self, app: FastAPI) -> None:
+        @app.middleware("http")
+        async def _count(request: Request, call_next):
+            started = time.perf_counter()
+            response = await call_next(request)
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            self.requests.labels(request.method, route, str(response.status_code)).inc()
+            self.request_seconds.labels(request.method, route).observe(time.perf_counter() - started)
+            return response
+
+    def scrape(self, conn: Redis) -> bytes:
+        """Refresh the Redis-backed series, then render everything."""
+        self.queue_depth.clear()
+        for model, depth in q.all_queue_depths(conn).items():
+            self.queue_depth.labels(model).set(depth)
+        self.workers.clear()
+        counts: dict[tuple[str, str], int] = {}
+        for entry in q.live_workers(conn):
+            counts[(entry.model, entry.state)] = counts.get((entry.model, entry.state), 0) + 1
+        for (model, state), count in counts.items():
+            self.workers.labels(model, state).set(count)
+        for item in q.drain_finished(conn):
+            if item.get("latency_s") is not None:
+                self.job_latency.labels(item["model"], item["status"]).observe(item["latency_s"])
+            if item.get("queue_wait_s") is not None:
+                self.queue_wait.labels(item["model"]).observe(item["queue_wait_s"])
+        return generate_latest(self.registry)

@@ -1,0 +1,80 @@
+"""Worker health: a state (starting, ready, busy, draining, failed) published in the Redis worker
+registry (app.queue) and in the worker's metrics, by a heartbeat thread that also keeps RQ's
+heartbeats of in-flight jobs alive while the main thread is inside a long model call.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from redis import Redis
+
+from app import queue as q
+from worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Health:
+    """Owns the worker's registry entry; `beat()` runs every `period_s` on its own thread."""
+
+    def __init__(self, conn: Redis, entry: q.WorkerEntry, period_s: float, metrics: WorkerMetrics):
+        self.conn = conn
+        self.entry = entry
+        self.period_s = period_s
+        self.metrics = metrics
+        self.hooks: list[Callable[[], None]] = []
+        self.drain_requested = False   # set from a signal handler: a plain attribute, no locks
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="star-heartbeat", daemon=True)
+
+    @property
+    def state(self) -> str:
+        return self.entry.state
+
+    def set_state(self, state: str) -> None:
+        if self.drain_requested and state in ("ready", "busy"):
+            state = "draining"
+        if state != self.entry.state:
+            log.info("worker %s: %s -> %s", self.entry.name, self.entry.state, state)
+        self.entry.state = state
+        self.metrics.state.state(state)
+        self.publish()
+
+    def publish(self) -> None:
+        try:
+            q.publish_worker(self.conn, self.entry, ttl_s=max(3 * self.period_s, 2.0))
+        except Exception:  # Redis hiccup: the next beat retries
+            log.warning("worker %s: could not publish its heartbeat", self.entry.name, exc_info=True)
+
+    def start(self) -> None:
+        self.publish()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        try:
+            q.remove_worker(self.conn, self.entry.name)
+        except Exception:
+            log.warning("worker %s: could not remove its registry entry", self.entry.name, exc_info=True)
+
+    def beat(self) -> None:
+        self.publish()
+        for hook in self.hooks:
+            try:
+                hook()
+            except Exception:
+                log.warning("heartbeat hook failed", exc_info=True)
+
+    def _run(self) -> None:
+        next_beat = 0.0
+        while not self._stop.wait(0.1):
+            if self.drain_requested and self.entry.state not in ("draining", "failed"):
+                self.set_state("draining")
+            if time.monotonic() >= next_beat:
+                self.beat()
+                next_beat = time.monotonic() + self.period_s

@@ -1,0 +1,128 @@
+"""`worker.main:main` (`star worker`, `python -m worker`): load the model once, warm up, then take
+jobs from the model's queue in batches until SIGTERM/SIGINT (finish the batch, exit 0).
+
+States: starting (loading, warming up) -> ready <-> busy -> draining -> gone; `failed` if the
+model cannot be loaded (exit 1).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+
+from app import queue as q
+from app.settings import WorkerSettings
+from app.storage import LocalStorage
+from worker.health import Health
+from worker.metrics import WorkerMetrics
+from worker.noop import NoopPipeline
+from worker.rq_worker import BatchWorker
+from worker.runner import BatchRunner
+
+log = logging.getLogger("worker")
+
+OPTIONS = {  # flag -> setting (each overrides its STAR_* variable)
+    "--model": "model", "--redis-url": "redis_url", "--device": "device", "--dtype": "dtype",
+    "--max-batch": "max_batch", "--max-wait-ms": "max_wait_ms", "--metrics-port": "metrics_port",
+    "--name": "name", "--storage-dir": "storage_dir", "--log-level": "log_level",
+}
+
+
+def parse_settings(argv: list[str] | None) -> WorkerSettings:
+    parser = argparse.ArgumentParser(
+        prog="star worker", description="Run one STAR worker. Every option overrides its STAR_* "
+        "environment variable (e.g. --max-batch overrides STAR_MAX_BATCH).")
+    for flag, name in OPTIONS.items():
+        info = WorkerSettings.model_fields[name]
+        parser.add_argument(flag, dest=name, default=None, help=f"{info.description} (STAR_{name.upper()})")
+    args = parser.parse_args(argv)
+    return WorkerSettings(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+def load_pipeline(settings: WorkerSettings):
+    """`noop[:SIZE[:SCALE_MS]]` (worker.noop), else model.pipeline.StarPipeline.load(...)."""
+    if settings.model == "noop" or settings.model.startswith("noop:"):
+        return NoopPipeline.from_spec(settings.model)
+    from model.pipeline import StarPipeline
+
+    return StarPipeline.load(settings.model, device=settings.device, dtype=settings.dtype,
+                             trust_pickle=settings.trust_pickle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(settings)
+
+
+def run(settings: WorkerSettings, pipeline=None, burst: bool = False) -> int:
+    """Run a worker until stopped (or, with burst, until its queue is empty); `pipeline`
+    (already loaded) is for tests and benchmarks."""
+    conn = q.connect(settings.redis_url, socket_timeout=None)
+    metrics = WorkerMetrics()
+    metrics.serve(settings.metrics_port)
+    name = settings.name or f"{socket.gethostname()}.{os.getpid()}"
+    entry = q.WorkerEntry(name=name, model=settings.model, state="starting", max_batch=settings.max_batch,
+                          max_wait_ms=settings.max_wait_ms, host=socket.gethostname(), pid=os.getpid())
+    health = Health(conn, entry, settings.heartbeat_s, metrics)
+    health.start()
+    previous = _drain_on_signals(health)   # until RQ installs its own handlers
+    try:
+        worker = _prepare(settings, conn, health, metrics, pipeline)
+    except Exception:
+        log.exception("worker %s: could not start", name)
+        health.set_state("failed")
+        health.stop()
+        return 1
+    try:
+        if health.drain_requested:
+            log.info("worker %s: stop requested while starting", name)
+            worker.runner.close()
+            return 0
+        health.set_state("ready")
+        worker.work(burst=burst, logging_level=settings.log_level.upper())
+        return 0 if (health.drain_requested or burst) else 1
+    finally:
+        _restore(previous)
+        health.stop()
+
+
+def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetrics, pipeline) -> BatchWorker:
+    pipeline = pipeline or load_pipeline(settings)
+    entry = health.entry
+    entry.model, entry.size, entry.queue = pipeline.name, pipeline.image_size, q.queue_name(pipeline.name)
+    entry.device = str(getattr(pipeline, "device", ""))
+    metrics.info.info({"model": pipeline.name, "size": str(pipeline.image_size), "device": entry.device,
+                       "max_batch": str(settings.max_batch), "max_wait_ms": str(settings.max_wait_ms)})
+    health.publish()
+    storage = LocalStorage(settings.storage_dir, settings.public_base_url)
+    runner = BatchRunner(pipeline, storage, metrics, conn, encode_threads=settings.encode_threads)
+    if settings.warmup:
+        runner.warm_up()
+    log.info("worker %s: model %s (%dpx) on %s; queue %s; batches of up to %d images, %d ms wait",
+             entry.name, pipeline.name, pipeline.image_size, entry.device, entry.queue,
+             settings.max_batch, settings.max_wait_ms)
+    return BatchWorker(entry.queue, connection=conn, name=entry.name, runner=runner, health=health,
+                       max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                       result_ttl=settings.result_ttl_s)
+
+
+def _drain_on_signals(health: Health) -> dict:
+    def request_drain(signum, frame):
+        health.drain_requested = True
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, request_drain)
+        except ValueError:   # not the main thread (tests running a worker in a thread)
+            pass
+    return previous
+
+
+def _restore(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
