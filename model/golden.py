@@ -1,0 +1,129 @@
+"""Check this implementation against outputs of the official STAR code: `python -m model.golden DIR`.
+
+DIR is a case directory laid out like `shared/golden/star-official/<case>/`: config.json (the
+architecture and sampling settings; `checkpoint` and `vae` paths relative to DIR) and
+expected.safetensors (pre-encoded text of prompts A, B and the empty prompt; tokens, logits,
+f_hat, images). Prompts A and B are run alone and together in one batch; every token must match,
+logits / f_hat / images must agree within --atol. Exits 1 on any mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .autoregress import Conditioning, ScaleOutput, sample_scales
+from .kv_cache import KVCache
+from .model_dir import parse_dtype
+from .sampler import RowParams, make_generators
+from .weights import WeightsError, load_official
+
+
+class Report:
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def check(self, ok: bool, what: str) -> bool:
+        if not ok:
+            self.failures.append(what)
+        return ok
+
+
+def _run(tr, vae, exp: dict, rows: list[int], case: dict, dtype: torch.dtype) -> tuple[ScaleOutput, dict]:
+    """Sample the prompts `rows` of the text tensors (row 2 = the empty prompt) in one batch."""
+    hidden, mask, pooled = exp["text.hidden"], exp["text.mask"], exp["text.pooled"]
+    cond = Conditioning(hidden[rows].to(dtype), mask[rows], pooled[rows].to(dtype), pooled[[2] * len(rows)].to(dtype))
+    n = len(rows)
+    params = RowParams.build([case["cfg"]] * n, [case["top_k"]] * n, [case["top_p"]] * n, [1.0] * n, "cpu")
+    logits: dict[int, torch.Tensor] = {}
+    out = sample_scales(tr, vae, cond, params, make_generators(list(range(n)), "cpu"),
+                        KVCache.for_config(tr.cfg, 2 * n, dtype, "cpu"),
+                        on_logits=lambda si, lg: logits.__setitem__(si, lg.float().clone()))
+    return out, logits
+
+
+def _compare_single(P: str, out: ScaleOutput, logits: dict, exp: dict, atol: float, rep: Report,
+                    patch_nums) -> list[str]:
+    lines = []
+    for si, pn in enumerate(patch_nums):
+        got, want = out.idx_per_scale[si][0], exp[f"{P}.idx.{si}"]
+        same = int((got == want).sum())
+        key, err = f"{P}.logits_cond_uncond.{si}", ""
+        if key in exp:
+            both = torch.stack((logits[si][0], logits[si][len(out.canceled)]))
+            e = (both - exp[key]).abs().max().item()
+            err = f"{e:.2e}"
+            rep.check(e <= atol, f"{P} scale {si}: logits error {e:.2e} > {atol}")
+        rep.check(same == want.numel(), f"{P} scale {si}: {want.numel() - same} tokens differ")
+        lines.append(f"  {P} scale {si:2d} pn {pn:2d}: tokens {same:5d}/{want.numel():<5d} logits max err {err or '-'}")
+    e = (out.f_hat_NChw[0].float() - exp[f"{P}.f_hat"]).abs().max().item()
+    rep.check(e <= atol, f"{P}: f_hat error {e:.2e} > {atol}")
+    lines.append(f"  {P} f_hat max err {e:.2e}")
+    return lines
+
+
+def check_case(case_dir: str | Path, *, dtype: str = "float32", atol: float = 1e-4, decode: bool = True,
+               trust_pickle: bool = False, out=None) -> bool:
+    out = out or sys.stdout
+    case_dir = Path(case_dir)
+    case = json.loads((case_dir / "config.json").read_text())
+    torch_dtype = parse_dtype(dtype) if dtype != "float64" else torch.float64
+    cfg, tr, vae = load_official(case_dir / case["checkpoint"], case_dir / case["vae"], name=case.get("name"),
+                                 trust_pickle=trust_pickle, patch_nums=tuple(case["patch_nums"]))
+    tr.to(torch_dtype)
+    tr.reset_buffers_("cpu")
+    vae.to(torch.float64 if torch_dtype == torch.float64 else torch.float32)
+    exp = load_file(case_dir / "expected.safetensors")
+    rep = Report()
+    print(f"case {case.get('name', case_dir.name)}: {cfg.num_scales} scales {list(cfg.patch_nums)}, depth {cfg.depth}, "
+          f"width {cfg.embed_dim}, dtype {dtype}", file=out)
+    singles = {}
+    for row, P in enumerate("AB"):
+        singles[P], logits = _run(tr, vae, exp, [row], case, torch_dtype)
+        print("\n".join(_compare_single(P, singles[P], logits, exp, atol, rep, cfg.patch_nums)), file=out)
+        if decode and f"{P}.img" in exp:
+            e = (vae.fhat_to_img(singles[P].f_hat_NChw).float()[0] - exp[f"{P}.img"]).abs().max().item()
+            rep.check(e <= atol, f"{P}: image error {e:.2e} > {atol}")
+            print(f"  {P} image max err {e:.2e}", file=out)
+    batch, _ = _run(tr, vae, exp, [0, 1], case, torch_dtype)
+    for row, P in enumerate("AB"):
+        agree = [int((batch.idx_per_scale[si][row] == exp[f"{P}.idx.{si}"]).sum()) for si in range(cfg.num_scales)]
+        total = [pn * pn for pn in cfg.patch_nums]
+        rep.check(agree == total, f"{P} in the batch [A, B]: tokens differ at scales "
+                                  f"{[si for si, (a, t) in enumerate(zip(agree, total)) if a != t]}")
+        print(f"  {P} in batch [A, B]: tokens per scale {agree} of {total}", file=out)
+    if "encode.image" in exp:
+        with torch.inference_mode():
+            idx = vae.img_to_idx(exp["encode.image"][None].to(vae.quantize.embedding.weight.dtype))
+        agree = [int((idx[si][0] == exp[f"encode.idx.{si}"]).sum()) for si in range(cfg.num_scales)]
+        rep.check(agree == [pn * pn for pn in cfg.patch_nums], "VQ-VAE encoder tokens differ")
+        print(f"  encoder tokens per scale {agree}", file=out)
+    print("OK" if not rep.failures else "MISMATCH:\n  " + "\n  ".join(rep.failures), file=out)
+    return not rep.failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m model.golden", description=__doc__.split("\n\n")[0])
+    ap.add_argument("case_dir", nargs="+", help="golden case directory (config.json, checkpoint, expected.safetensors)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="transformer dtype (default float32)")
+    ap.add_argument("--atol", type=float, default=1e-4, help="max abs error of logits, f_hat, image (default 1e-4)")
+    ap.add_argument("--no-decode", action="store_true", help="skip the VQ-VAE decode check")
+    ap.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that need arbitrary code to load")
+    args = ap.parse_args(argv)
+    ok = True
+    for d in args.case_dir:
+        try:
+            ok &= check_case(d, dtype=args.dtype, atol=args.atol, decode=not args.no_decode,
+                             trust_pickle=args.trust_pickle)
+        except (OSError, WeightsError, KeyError) as e:
+            print(f"error: {d}: {e}", file=sys.stderr)
+            ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The model directory: what `python -m model.convert` writes and `StarPipeline.load(dir)` reads.
+
+    config.json               {"format": "star-model", "format_version": 1, "name", "arch": {...},
+                               "transformer_dtype", "vae_dtype", "source": {...}}
+    transformer.safetensors   transformer weights (bf16, fp16 or fp32), official key names
+    vae.safetensors           VQ-VAE weights (float32 by default), official key names
+    CLIP/tokenizer/           CLIPTokenizer files
+    CLIP/text_encoder/        CLIPTextModel (save_pretrained layout)
+
+safetensors files are memory-mapped and assigned onto a meta-device model with strict keys.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import StarConfig
+from .weights import ModelFileNotFoundError, WeightsError, build_transformer, build_vae
+
+FORMAT, FORMAT_VERSION = "star-model", 1
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def _contiguous(sd: dict, dtype: torch.dtype) -> dict:
+    return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+
+
+def write_model_dir(out: str | Path, cfg: StarConfig, transformer_sd: dict, vae_sd: dict, text_encoder,
+                    transformer_dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32,
+                    source: dict | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_contiguous(transformer_sd, transformer_dtype), out / "transformer.safetensors")
+    save_file(_contiguous(vae_sd, vae_dtype), out / "vae.safetensors")
+    text_encoder.save(out / "CLIP")
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": cfg.name, "arch": cfg.to_dict(),
+              "transformer_dtype": dtype_name(transformer_dtype), "vae_dtype": dtype_name(vae_dtype),
+              "source": source or {}}
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return out
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFileNotFoundError(f"model directory {path} has no config.json (write one with `python -m model.convert`)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("format") != FORMAT:
+        raise WeightsError(f"{cfg_path} is not a STAR model directory config (format {config.get('format')!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(f"{cfg_path}: format_version {config.get('format_version')} unsupported (this code reads {FORMAT_VERSION})")
+    return config
+
+
+def load_model_dir(path: str | Path):
+    """(name, config, transformer, vae, CLIP folder) from a model directory, weights as stored."""
+    path = Path(path)
+    config = read_config(path)
+    cfg = StarConfig.from_dict(config["arch"])
+    files = {}
+    for part in ("transformer", "vae"):
+        f = path / f"{part}.safetensors"
+        if not f.is_file():
+            raise ModelFileNotFoundError(f"model directory {path} lacks {f.name}")
+        files[part] = f
+    transformer = build_transformer(cfg, load_file(files["transformer"]), f"{files['transformer']}")
+    vae = build_vae(cfg, load_file(files["vae"]), f"{files['vae']}")
+    return config.get("name") or path.name, cfg, transformer, vae, path / "CLIP"

@@ -1,0 +1,179 @@
+"""StarPipeline: prompts in, images out (the interface the worker calls; see docs/CONTRACTS.md).
+
+Stages, each callable on its own so a benchmark can time them:
+    encode_prompts(prompts, negative_prompts) -> (Conditioning, truncated flags)
+    sample_tokens(cond, requests, on_scale)   -> ScaleOutput (tokens per scale, f_hat)
+    decode(f_hat)                             -> float images [N, 3, H, W] in [0, 1]
+`generate(requests)` chains them for one batch.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+import torch
+
+from .autoregress import Conditioning, ScaleOutput, sample_scales
+from .config import PRESETS, StarConfig
+from .kv_cache import KVCache
+from .model_dir import is_model_dir, load_model_dir, parse_dtype
+from .random_init import random_transformer, random_vae
+from .sampler import RowParams, make_generators
+from .text import TextEncoder, byte_level_clip_tokenizer, random_clip_text_model
+from .transformer import StarTransformer
+from .vqvae import VQVAE
+from .weights import ModelFileNotFoundError, load_official
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image; a job with n images becomes n of these with seeds seed+i."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    cfg: float = 4.0           # guidance scale, ramped over scales: t = cfg * si / (S-1)
+    top_k: int = 600           # 0 = off
+    top_p: float = 0.8         # 0 = off
+    temperature: float = 1.0
+
+
+@dataclass
+class ImageResult:
+    image: numpy.ndarray | None     # uint8 [H, W, 3]; None when canceled
+    prompt_truncated: bool          # the prompt had more than 77 CLIP tokens
+    canceled: bool = False
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype)
+
+
+def place_transformer_(model: StarTransformer, device: torch.device, dtype: torch.dtype,
+                       fp32_head: bool = True) -> StarTransformer:
+    """Cast from outside the model: weights to dtype, head_logits kept float32, RoPE rebuilt in float32."""
+    model.to(device=device, dtype=dtype)
+    if fp32_head:
+        model.head_logits.float()
+    model.reset_buffers_(device)
+    return model
+
+
+def images_to_uint8(img_N3HW: torch.Tensor) -> numpy.ndarray:
+    """[0, 1] floats -> uint8 [N, H, W, 3] (rounded)."""
+    return img_N3HW.float().mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class StarPipeline:
+    def __init__(self, name: str, cfg: StarConfig, transformer: StarTransformer, vae: VQVAE,
+                 text_encoder: TextEncoder, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "float32", vae_dtype: torch.dtype = torch.float32):
+        self.name, self.cfg = name, cfg
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.image_size, self.patch_nums = cfg.image_size, cfg.patch_nums
+        self.transformer = place_transformer_(transformer, self.device, self.dtype)
+        self.vae = vae.to(device=self.device, dtype=vae_dtype)
+        self.text_encoder = text_encoder.to(self.device)
+        self._cache: KVCache | None = None
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, spec: str, device: str = "cpu", dtype: str | torch.dtype = "float32",
+             trust_pickle: bool = False) -> "StarPipeline":
+        """A model directory (written by `python -m model.convert`) or a preset name (random weights).
+
+        trust_pickle only matters where a pickle is read (`from_official`); model directories hold
+        safetensors and the CLIP folder only.
+        """
+        if spec in PRESETS and not Path(spec).exists():
+            return cls.from_preset(spec, device=device, dtype=dtype)
+        if not is_model_dir(spec):
+            raise ModelFileNotFoundError(
+                f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model directory with a config.json")
+        name, cfg, transformer, vae, clip_dir = load_model_dir(spec)
+        text = TextEncoder.from_folder(clip_dir, cfg.text_len)
+        return cls(Path(spec).name, cfg, transformer, vae, text, device, dtype)
+
+    @classmethod
+    def from_preset(cls, name: str, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                    seed: int = 0) -> "StarPipeline":
+        """Preset architecture with deterministic random weights and a small random CLIP."""
+        cfg = PRESETS[name]
+        text = TextEncoder(byte_level_clip_tokenizer(), random_clip_text_model(cfg.text_dim, seed + 2), cfg.text_len)
+        return cls(name, cfg, random_transformer(cfg, seed), random_vae(cfg, seed + 1), text, device, dtype)
+
+    @classmethod
+    def from_official(cls, ar_path: str | Path, vae_path: str | Path, clip_dir: str | Path, *,
+                      device: str = "cpu", dtype: str | torch.dtype = "float32", trust_pickle: bool = False,
+                      name: str | None = None) -> "StarPipeline":
+        """Straight from the official `.pth` files and `CLIP/` folder (slower than a model directory)."""
+        cfg, transformer, vae = load_official(ar_path, vae_path, name=name, trust_pickle=trust_pickle)
+        return cls(cfg.name, cfg, transformer, vae, TextEncoder.from_folder(clip_dir, cfg.text_len), device, dtype)
+
+    def reserve(self, max_images: int) -> KVCache:
+        """Allocate (or keep) the static KV cache for up to max_images images (2 rows each)."""
+        rows = 2 * max_images
+        if self._cache is None or not self._cache.fits(rows, self.dtype, self.device):
+            self._cache = None  # free the old one first
+            self._cache = KVCache.for_config(self.cfg, rows, self.dtype, self.device)
+        return self._cache
+
+    # ---- stages ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None
+                       ) -> tuple[Conditioning, list[bool]]:
+        """Encode each distinct text once; the unconditional branch is the negative prompt ("" = empty)."""
+        negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
+        if len(negative_prompts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+        texts = list(dict.fromkeys([*prompts, *negative_prompts]))
+        pos = {t: i for i, t in enumerate(texts)}
+        enc = self.text_encoder.encode(texts)
+        ip = torch.tensor([pos[p] for p in prompts], device=enc.pooled_BD.device)
+        ineg = torch.tensor([pos[p] for p in negative_prompts], device=enc.pooled_BD.device)
+        cond = Conditioning(enc.hidden_BTD[ip], enc.mask_BT[ip], enc.pooled_BD[ip], enc.pooled_BD[ineg])
+        return cond, [enc.truncated[pos[p]] for p in prompts]
+
+    def sample_tokens(self, cond: Conditioning, requests: Sequence[ImageRequest], *,
+                      on_scale: Callable[[int, int], Collection[int] | None] | None = None,
+                      on_logits=None) -> ScaleOutput:
+        """The scale loop for len(requests) images; per-image parameters and generators."""
+        params = RowParams.build([r.cfg for r in requests], [r.top_k for r in requests],
+                                 [r.top_p for r in requests], [r.temperature for r in requests], self.device)
+        gens = make_generators([r.seed for r in requests], self.device)
+        cache = self.reserve(len(requests))
+        return sample_scales(self.transformer, self.vae, cond, params, gens, cache,
+                             on_scale=on_scale, on_logits=on_logits)
+
+    @torch.inference_mode()
+    def decode(self, f_hat_NChw: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """VQ-VAE decode (float32 unless the VAE was cast) to images in [0, 1], [N, 3, H, W]."""
+        parts = [self.vae.fhat_to_img(f_hat_NChw[i:i + chunk]) for i in range(0, f_hat_NChw.shape[0], chunk)]
+        return torch.cat(parts) if parts else f_hat_NChw.new_zeros(0, 3, self.image_size, self.image_size)
+
+    def generate(self, requests: Sequence[ImageRequest], *,
+                 on_scale: Callable[[int, int], Collection[int] | None] | None = None) -> list[ImageResult]:
+        """One model call for all requests; each image depends only on its own request."""
+        requests = list(requests)
+        if not requests:
+            return []
+        cond, truncated = self.encode_prompts([r.prompt for r in requests], [r.negative_prompt for r in requests])
+        out = self.sample_tokens(cond, requests, on_scale=on_scale)
+        keep = [i for i, c in enumerate(out.canceled) if not c]
+        images = images_to_uint8(self.decode(out.f_hat_NChw[keep])) if keep else []
+        by_row = dict(zip(keep, images))
+        return [ImageResult(by_row.get(i), truncated[i], out.canceled[i]) for i in range(len(requests))]

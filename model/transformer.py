@@ -1,0 +1,200 @@
+"""STAR's transformer: VAR next-scale prediction with text cross-attention and normalized 2D RoPE.
+
+Parameter names match the official checkpoints key for key. Rows of a batch are laid out as
+[conditional rows of N images; unconditional rows of the same N images] (B = 2N). Cross-attention
+runs on the N conditional rows only and its output is added to both rows of the same image, which
+is what the official single-image call computes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import StarConfig
+from .kv_cache import KVCache
+from .rope import apply_rope, rope_tables
+
+SAMPLER_HEAD_PREFIXES = ("word_embed_head.", "feat_extract_blocks.", "pos_start_last", "head_logits2.",
+                         "encoder_proj2.", "head_proj.", "lvl_embed_2.")
+
+
+def _l2norm_scaled_q(q: torch.Tensor, scale_mul_1H11: torch.Tensor, max_log: float) -> torch.Tensor:
+    scale = scale_mul_1H11.float().clamp_max(max_log).exp().to(q.dtype)
+    return F.normalize(q, dim=-1).mul(scale)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with L2-normalised Q/K, a learned per-head scale and 2D RoPE."""
+
+    def __init__(self, embed_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.max_log_scale = math.log(100.0)
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x_BlC: torch.Tensor, cos_lc: torch.Tensor, sin_lc: torch.Tensor, cache: KVCache,
+                layer: int, begin: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, l, C = x_BlC.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x_BlC, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
+        q_BHlc, k_BHlc, v_BHlc = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q_BHlc = apply_rope(_l2norm_scaled_q(q_BHlc, self.scale_mul_1H11, self.max_log_scale), cos_lc, sin_lc)
+        k_BHlc = apply_rope(F.normalize(k_BHlc, dim=-1), cos_lc, sin_lc)
+        k_BHLc, v_BHLc = cache.write_kv_(layer, begin, k_BHlc, v_BHlc)
+        o_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, attn_mask=attn_mask, scale=1.0)
+        return self.proj(o_BHlc.transpose(1, 2).reshape(B, l, C))
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens to the text's hidden states (no RoPE); text K/V computed once."""
+
+    def __init__(self, embed_dim: int, text_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.max_log_scale = math.log(100.0)
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.mat_q = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.mat_kv = nn.Linear(text_dim, 2 * embed_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def text_kv(self, ctx_NTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (L2-normalised) and V of the text, each [N, H, T, c]."""
+        N, T, _ = ctx_NTD.shape
+        bias = torch.cat((self.zero_k_bias, self.v_bias))
+        kv = F.linear(ctx_NTD, self.mat_kv.weight, bias).view(N, T, 2, self.num_heads, self.head_dim)
+        k_NHTc, v_NHTc = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return F.normalize(k_NHTc, dim=-1), v_NHTc
+
+    def forward(self, x_NlC: torch.Tensor, k_NHTc: torch.Tensor, v_NHTc: torch.Tensor,
+                mask_N11T: torch.Tensor) -> torch.Tensor:
+        N, l, C = x_NlC.shape
+        q = F.linear(x_NlC, self.mat_q.weight, self.q_bias).view(N, l, self.num_heads, self.head_dim)
+        q_NHlc = _l2norm_scaled_q(q.transpose(1, 2), self.scale_mul_1H11, self.max_log_scale)
+        o_NHlc = F.scaled_dot_product_attention(q_NHlc, k_NHTc, v_NHTc, attn_mask=mask_N11T, scale=1.0)
+        return self.proj(o_NHlc.transpose(1, 2).reshape(N, l, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, embed_dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden)
+        self.fc2 = nn.Linear(hidden, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x += SA(LN x); x += CA(LN x) (conditional rows, added to both); x += FFN(LN x)."""
+
+    def __init__(self, cfg: StarConfig):
+        super().__init__()
+        C, self.eps = cfg.embed_dim, cfg.norm_eps
+        self.attn = SelfAttention(C, cfg.num_heads)
+        self.cross_attn = CrossAttention(C, cfg.text_dim, cfg.num_heads)
+        self.ffn = FFN(C, round(C * cfg.mlp_ratio))
+
+    def _ln(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+    def forward(self, x_BlC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
+                layer: int, begin: int, text: "TextKV", attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x_BlC = x_BlC + self.attn(self._ln(x_BlC), rope[0], rope[1], cache, layer, begin, attn_mask)
+        k_NHTc, v_NHTc = text.kv[layer]
+        N = k_NHTc.shape[0]
+        ca_NlC = self.cross_attn(self._ln(x_BlC[:N]), k_NHTc, v_NHTc, text.mask_N11T)
+        x_BlC = x_BlC + ca_NlC.repeat(x_BlC.shape[0] // N, 1, 1)
+        return x_BlC + self.ffn(self._ln(x_BlC))
+
+
+class TextKV:
+    """Per-request text conditioning of every layer: K/V of the conditional prompt and its mask."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask_N11T: torch.Tensor):
+        self.kv, self.mask_N11T = kv, mask_N11T
+
+
+class StarTransformer(nn.Module):
+    def __init__(self, cfg: StarConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.embed_dim
+        self.word_embed = nn.Linear(cfg.vae_channels, C)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # kept for strict loading; STAR never reads it
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.lvl_embed = nn.Embedding(cfg.num_scales, C)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.head_logits = nn.Linear(C, cfg.vocab_size)
+        self.encoder_proj = nn.Linear(cfg.text_dim, C)
+        self.reset_buffers_()
+
+    def reset_buffers_(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the non-persistent tables (RoPE, block-causal mask); needed after meta-device init."""
+        cfg = self.cfg
+        device = device or self.pos_start.device
+        with torch.device("cpu"):
+            cos_Lc, sin_Lc = rope_tables(cfg.patch_nums, cfg.head_dim, cfg.rope_theta, cfg.rope_norm)
+        self.register_buffer("rope_cos_Lc", cos_Lc.to(device), persistent=False)
+        self.register_buffer("rope_sin_Lc", sin_Lc.to(device), persistent=False)
+
+    # ---- pieces of one scale step -------------------------------------------------------------
+    def text_kv(self, ctx_NTD: torch.Tensor, mask_NT: torch.Tensor) -> TextKV:
+        """Text K/V of every layer, once per request (not per scale, not for unconditional rows)."""
+        ctx_NTD = ctx_NTD.to(self.pos_start.dtype)
+        kv = [blk.cross_attn.text_kv(ctx_NTD) for blk in self.blocks]
+        return TextKV(kv, mask_NT.to(torch.bool)[:, None, None, :])
+
+    def start_tokens(self, pooled_BD: torch.Tensor) -> torch.Tensor:
+        """Scale-0 input: encoder_proj(pooled text) + pos_start + lvl_embed[0], [B, 1, C]."""
+        sos_BC = self.encoder_proj(pooled_BD.to(self.pos_start.dtype))
+        return sos_BC[:, None, :] + self.pos_start + self.lvl_embed.weight[0]
+
+    def scale_tokens(self, f_next_BlCv: torch.Tensor, si: int) -> torch.Tensor:
+        """Input of scale si > 0: word_embed(area-downsampled f_hat) + lvl_embed[si]."""
+        return self.word_embed(f_next_BlCv.to(self.pos_start.dtype)) + self.lvl_embed.weight[si]
+
+    def rope(self, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope_cos_Lc[begin:end], self.rope_sin_Lc[begin:end]
+
+    def blocks_forward(self, x_BlC: torch.Tensor, si: int, cache: KVCache, text: TextKV) -> torch.Tensor:
+        begin, end = self.cfg.begin_ends[si]
+        rope = self.rope(begin, end)
+        for layer, blk in enumerate(self.blocks):
+            x_BlC = blk(x_BlC, rope, cache, layer, begin, text)
+        return x_BlC
+
+    def logits(self, x_BlC: torch.Tensor) -> torch.Tensor:
+        """Head in float32 (at least): LayerNorm without affine, then head_logits."""
+        h = x_BlC.to(torch.promote_types(x_BlC.dtype, torch.float32))
+        if self.cfg.logit_norm:
+            h = F.layer_norm(h, h.shape[-1:], eps=self.cfg.norm_eps)
+        return F.linear(h, self.head_logits.weight.to(h.dtype), self.head_logits.bias.to(h.dtype))
+
+    # ---- teacher-forced full sequence (reference / tests) ---------------------------------------
+    def forward(self, pooled_BD: torch.Tensor, text: TextKV, f_inputs_BLCv: torch.Tensor) -> torch.Tensor:
+        """Logits of all L tokens at once with a block-causal mask.
+
+        f_inputs_BLCv holds, for every scale si > 0, the area-downsampled f_hat after scale si - 1
+        (L - 1 rows of Cvae features, scale order), as in VAR's teacher forcing.
+        """
+        cfg = self.cfg
+        x_BLC = torch.cat((self.start_tokens(pooled_BD), self.word_embed(f_inputs_BLCv.to(self.pos_start.dtype))), 1)
+        lvl_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(cfg.patch_nums)]).to(x_BLC.device)
+        x_BLC = x_BLC + torch.cat((torch.zeros_like(self.lvl_embed.weight[:1]), self.lvl_embed(lvl_L[1:])))
+        mask_LL = lvl_L[:, None] >= lvl_L[None, :]
+        cache = KVCache.for_config(cfg, x_BLC.shape[0], x_BLC.dtype, x_BLC.device)
+        rope = self.rope(0, cfg.L)
+        for layer, blk in enumerate(self.blocks):
+            x_BLC = blk(x_BLC, rope, cache, layer, 0, text, attn_mask=mask_LL)
+        return self.logits(x_BLC)
