@@ -282,7 +282,7 @@ def _wait_ready(url: str, children: Sequence[subprocess.Popen], timeout_s: float
                 return
         except OSError:
             pass
-        time.sleep(0.5)
+        time.sleep(1.0)
     raise RuntimeError(f"{url} was not ready within {timeout_s:.0f}s")
 
 
@@ -307,6 +307,9 @@ def run_serve(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         redis = _start_redis(args.data_dir / "redis")
         env = _serve_env(args, redis.url)
+        print(f"star serve: Redis at {redis.url}; starting the API and a worker "
+              f"(STAR_MODEL={env.get('STAR_MODEL', 'default')}); waiting for /readyz",
+              file=sys.stderr, flush=True)
         star = [sys.executable, "-m", "app.cli"]
         children.append(_spawn(star + ["worker"], env))
         children.append(_spawn(star + ["api", "--host", args.host, "--port", str(args.port)], env))
