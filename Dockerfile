@@ -37,11 +37,11 @@ COPY model ./model
 COPY worker ./worker
 RUN pip install --no-deps . \
  && python -c "import sys, app.cli, app.settings; assert 'torch' not in sys.modules" \
- && useradd --system --uid 10001 --user-group --no-create-home star \
+ && useradd --system --uid 10001 --user-group --create-home --home-dir /home/star star \
  && mkdir -p /data/images \
  && chown star:star /data/images
 
-USER star
+USER 10001:10001
 ENV STAR_HOST=0.0.0.0 \
     STAR_PORT=8000 \
     STAR_STORAGE_DIR=/data/images
@@ -64,6 +64,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRANSFORMERS_OFFLINE=1
 WORKDIR /opt/star
 
+# TORCH_SPEC carries its own pin (e.g. torch==2.13.0).
+# hadolint ignore=DL3013
 RUN if [ -n "$TORCH_SPEC" ]; then \
         pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"; \
     fi \
@@ -80,11 +82,11 @@ COPY model ./model
 COPY worker ./worker
 RUN pip install --no-deps . \
  && (getent group star || groupadd --system --gid 10001 star) \
- && useradd --system --uid 10001 --gid star --no-create-home star \
+ && useradd --system --uid 10001 --gid star --create-home --home-dir /home/star star \
  && mkdir -p /data/images /weights \
  && chown star:star /data/images /weights
 
-USER star
+USER 10001:10001
 # Weights are mounted read-only at /weights (a directory written by `star convert`).
 ENV STAR_STORAGE_DIR=/data/images \
     STAR_METRICS_PORT=9100 \

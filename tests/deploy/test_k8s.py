@@ -146,3 +146,14 @@ def test_prometheus_scrapes_annotated_api_and_worker_pods(manifests):
         assert annotations["prometheus.io/scrape"] == "true"
         assert annotations["prometheus.io/port"] == port
         assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_manifests_match_the_kubernetes_schemas(manifests):
+    """Strict schema check where the optional `kubernetes-validate` package is installed."""
+    validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed "
+                                   "(pip install kubernetes-validate to check the schemas)")
+    version = validate.latest_version()
+    for (kind, name), obj in manifests.items():
+        if obj["apiVersion"].startswith("keda.sh/"):
+            continue  # a CRD: no schema in the package
+        validate.validate(obj, version, strict=True)

@@ -48,3 +48,13 @@ def test_ci_runs_make_test_and_fails_on_failure(root):
     script = (root / ".ci/run").read_text()
     assert "set -euo pipefail" in script or "set -e" in script
     assert re.search(r"^make test\b", script, re.M)
+
+
+def test_deploy_docs_name_only_existing_files_and_subcommands(root):
+    from app.cli import COMMANDS
+
+    text = (root / "docs/deploy.md").read_text()
+    for path in set(re.findall(r"`((?:deploy|app|model)/[\w./-]+\.(?:ya?ml|conf|py|example))`", text)):
+        assert (root / path).exists(), path
+    for sub in set(re.findall(r"`star ([a-z][a-z-]*)", text)):
+        assert sub in COMMANDS, f"docs/deploy.md mentions `star {sub}`"
