@@ -60,6 +60,12 @@ def new_redis_url(server: RedisServer) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def new_redis_db(redis_server: RedisServer) -> Callable[[], str]:
+    """For module-scoped users: `new_redis_db()` -> URL of a flushed database."""
+    return lambda: new_redis_url(redis_server)
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return new_redis_url(redis_server)
@@ -183,3 +189,14 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_process() -> type[WorkerProcess]:
+    return WorkerProcess
+
+
+@pytest.fixture(scope="session")
+def api_server() -> Callable[..., ApiServer]:
+    """`with api_server(settings) as api:` -> api.url, api.client (httpx)."""
+    return ApiServer

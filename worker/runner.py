@@ -91,7 +91,11 @@ class BatchRunner:
         try:
             results = self.pipeline.generate(requests, on_scale=self._on_scale(batch, rows, canceled))
         except Exception as exc:
-            self._after_model_error(batch, finisher, exc)
+            error = exc
+        else:
+            error = None
+        if error is not None:   # handled outside the except block: solo reruns don't chain tracebacks
+            self._after_model_error(batch, finisher, error)
             return
         model_s = time.perf_counter() - t0
         self.metrics.observe_batch(len(batch), len(requests), model_s)
@@ -116,8 +120,9 @@ class BatchRunner:
 
     def _after_model_error(self, batch: list, finisher, exc: Exception) -> None:
         if len(batch) == 1:
-            log.error("job %s failed in the model: %s", batch[0].job.id, exc, exc_info=True)
-            finisher.finish_failed(batch[0], "model_error", f"{type(exc).__name__}: {exc}", sys.exc_info())
+            log.error("job %s failed in the model: %s", batch[0].job.id, exc)
+            finisher.finish_failed(batch[0], "model_error", f"{type(exc).__name__}: {exc}",
+                                   (type(exc), exc, exc.__traceback__))
             return
         log.warning("batch of %d failed (%s); running each job alone to isolate the failure", len(batch), exc)
         for running in batch:

@@ -1,0 +1,169 @@
+"""The batching RQ worker in-process (burst mode) against a real Redis, with small fake pipelines
+for failure injection. The end-to-end path with the real `tiny` model is in tests/integration."""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
+from rq.worker import SimpleWorker
+
+from app import queue as q
+from app.settings import WorkerSettings
+from app.storage import LocalStorage
+from worker.main import run
+from worker.noop import ImageResult, NoopPipeline
+
+
+class SeedPipeline(NoopPipeline):
+    """Each image is flat grey at seed % 251, so every image shows which request made it; records
+    each call's prompts; `hook(k, requests)` runs at every scale; prompt 'boom' raises."""
+
+    def __init__(self, hook=None, scale_s=0.0):
+        super().__init__(64, scale_s)
+        self.batches: list[list[str]] = []
+        self.hook = hook
+
+    def generate(self, requests, *, on_scale=None):
+        self.batches.append([r.prompt for r in requests])
+        if any(r.prompt == "boom" for r in requests):
+            raise ValueError("the model cannot draw a boom")
+        canceled = set()
+        for k in range(1, len(self.patch_nums) + 1):
+            time.sleep(self.scale_s)
+            if self.hook:
+                self.hook(k, requests)
+            canceled |= set(on_scale(k, len(self.patch_nums)) or ()) if on_scale else set()
+        return [ImageResult(None, False, True) if i in canceled
+                else ImageResult(np.full((64, 64, 3), r.seed % 251, np.uint8), len(r.prompt) > 77)
+                for i, r in enumerate(requests)]
+
+
+def params(prompt="a fox", n=1, seed=100, **extra):
+    return {"prompt": prompt, "negative_prompt": "", "size": 64, "n": n, "seed": seed, "guidance_scale": 4.0,
+            "top_k": 600, "top_p": 0.8, "temperature": 1.0, **extra}
+
+
+@pytest.fixture
+def settings(redis_url, tmp_path):
+    return WorkerSettings(redis_url=redis_url, storage_dir=tmp_path / "images", max_batch=4, max_wait_ms=0,
+                          metrics_port=0, heartbeat_s=0.2, warmup=False, name="w-test")
+
+
+def enqueue(conn, p, deadline_s=60.0):
+    job, _ = q.enqueue(conn, p, "noop-64", deadline_s=deadline_s, result_ttl=600, failure_ttl=600)
+    return job.id
+
+
+def state(conn, job_id):
+    return q.read_job(conn, job_id)
+
+
+def test_compatible_jobs_run_as_batches_with_per_request_results(conn, settings):
+    pipe = SeedPipeline()
+    ids = [enqueue(conn, params(f"p{i}", n, seed=10 * i)) for i, n in enumerate([1, 2, 1, 3, 1])]
+    assert run(settings, pipeline=pipe, burst=True) == 0
+    # max 4 images a call: [1+2+1], then the 3 given back to the front, then [3+1]
+    assert pipe.batches == [["p0", "p1", "p1", "p2"], ["p3", "p3", "p3", "p4"]]
+    storage = LocalStorage(settings.storage_dir, settings.public_base_url)
+    for i, job_id in enumerate(ids):
+        view = state(conn, job_id)
+        assert view.status == "succeeded", view
+        assert [img["seed"] for img in view.images] == [10 * i + k for k in range(len(view.images))]
+        for img in view.images:
+            png = Image.open(io.BytesIO(storage.get(img["id"])))
+            assert png.text["seed"] == str(img["seed"]) and png.text["prompt"] == f"p{i}"
+            assert (np.asarray(png) == img["seed"] % 251).all()
+    finished = FinishedJobRegistry(q.queue_name("noop-64"), connection=conn)
+    assert sorted(finished.get_job_ids()) == sorted(ids)
+    assert conn.smembers(q.WORKERS_SET) == set()   # the worker left the registry on exit
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates(conn, settings):
+    pipe = SeedPipeline()
+    ok1, boom, ok2 = (enqueue(conn, params(p)) for p in ("ok1", "boom", "ok2"))
+    run(settings, pipeline=pipe, burst=True)
+    assert pipe.batches[0] == ["ok1", "boom", "ok2"] and len(pipe.batches) == 4   # batch, then each alone
+    assert state(conn, ok1).status == state(conn, ok2).status == "succeeded"
+    failed = state(conn, boom)
+    assert failed.status == "failed" and failed.error["code"] == "model_error"
+    assert "cannot draw a boom" in failed.error["message"]
+    assert FailedJobRegistry(q.queue_name("noop-64"), connection=conn).get_job_ids() == [boom]
+
+
+def test_a_job_dequeued_past_its_deadline_expires_without_running(conn, settings):
+    pipe = SeedPipeline()
+    late = enqueue(conn, params("late"), deadline_s=0.05)
+    time.sleep(0.1)
+    fresh = enqueue(conn, params("fresh"))
+    run(settings, pipeline=pipe, burst=True)
+    assert pipe.batches == [["fresh"]]
+    view = state(conn, late)
+    assert view.status == "expired" and view.error["code"] == "expired" and view.started_at is None
+    assert FailedJobRegistry(q.queue_name("noop-64"), connection=conn).get_job_ids() == [late]
+
+
+def test_cancel_while_running_stops_only_that_job(conn, settings):
+    ids = {}
+
+    def cancel_b_at_scale_2(k, requests):
+        if k == 2:
+            assert q.request_cancel(conn, ids["b"]) == "cancel_requested"
+
+    pipe = SeedPipeline(cancel_b_at_scale_2)
+    ids = {name: enqueue(conn, params(name, seed=7 * i)) for i, name in enumerate("abc")}
+    run(settings, pipeline=pipe, burst=True)
+    assert state(conn, ids["b"]).status == "canceled"
+    job_b = Job.fetch(ids["b"], connection=conn, serializer=q.SERIALIZER)
+    assert job_b.get_status() == JobStatus.CANCELED and job_b.ended_at is not None
+    assert ids["b"] in CanceledJobRegistry(q.queue_name("noop-64"), connection=conn).get_job_ids()
+    for name in "ac":
+        view = state(conn, ids[name])
+        assert view.status == "succeeded" and view.images[0]["seed"] == 7 * "abc".index(name)
+    assert not conn.exists(q.CANCEL_KEY.format(ids["b"]))
+
+
+def test_a_job_canceled_while_queued_never_runs(conn, settings):
+    pipe = SeedPipeline()
+    gone, kept = enqueue(conn, params("gone")), enqueue(conn, params("kept"))
+    assert q.request_cancel(conn, gone) == "canceled"
+    run(settings, pipeline=pipe, burst=True)
+    assert pipe.batches == [["kept"]]
+    assert state(conn, gone).status == "canceled"
+
+
+def test_heartbeats_and_state_stay_alive_during_a_long_batch(conn, settings):
+    seen = []
+
+    def observe(k, requests):
+        job = Job.fetch(job_id, connection=conn, serializer=q.SERIALIZER)
+        worker = next(e for e in q.live_workers(conn) if e.name == "w-test")
+        seen.append((job.last_heartbeat, worker.state, worker.heartbeat_at,
+                     job_id in Queue(q.queue_name("noop-64"), connection=conn).started_job_registry))
+
+    pipe = SeedPipeline(observe, scale_s=0.15)   # 10 scales: 1.5 s, heartbeat period 0.2 s
+    job_id = enqueue(conn, params("slow"))
+    run(settings, pipeline=pipe, burst=True)
+    first, last = seen[0], seen[-1]
+    assert last[0] > first[0]                    # RQ job heartbeat refreshed mid-batch
+    assert last[2] > first[2]                    # worker registry heartbeat refreshed mid-batch
+    assert all(s[1] == "busy" and s[3] for s in seen)
+    assert state(conn, job_id).status == "succeeded"
+
+
+def test_rq_sees_the_worker_and_its_counts(conn, settings):
+    seen = []
+    pipe = SeedPipeline(lambda k, r: k == 1 and not seen and seen.extend(SimpleWorker.all(connection=conn)))
+    for i in range(3):
+        enqueue(conn, params(f"p{i}"))
+    enqueue(conn, params("boom"))
+    run(settings, pipeline=pipe, burst=True)
+    assert [w.name for w in seen] == ["w-test"] and seen[0].get_state() == "busy"
+    assert seen[0].queue_names() == ["star-noop-64"]
+    info = conn.hgetall("rq:worker:w-test")
+    assert int(info[b"successful_job_count"]) == 3 and int(info[b"failed_job_count"]) == 1

@@ -1,0 +1,104 @@
+"""Pure parts of the worker: batching policy, PNG text chunks, the noop pipeline."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.batcher import Collector
+from worker.noop import ImageRequest, NoopPipeline
+from worker.png import encode_png, png_text
+
+
+class FakeQueue:
+    """Jobs are (name, images); `start` refuses names starting with 'x' (expired/canceled)."""
+
+    def __init__(self, jobs, clock):
+        self.jobs, self.clock, self.given_back, self.waits = list(jobs), clock, [], []
+
+    def pull(self, timeout_s):
+        self.waits.append(timeout_s)
+        if self.jobs:
+            return self.jobs.pop(0)
+        self.clock.now += timeout_s   # waited in vain
+        return None
+
+    def give_back(self, job):
+        self.given_back.append(job)
+        self.jobs.insert(0, job)
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def collector(fake, clock, max_images=4, max_wait_s=0.05):
+    return Collector(images_of=lambda j: j[1], pull=fake.pull, give_back=fake.give_back,
+                     start=lambda j: None if j[0].startswith("x") else j, max_images=max_images,
+                     max_wait_s=max_wait_s, clock=clock)
+
+
+def test_batch_fills_up_to_max_images_and_gives_back_what_does_not_fit():
+    clock = Clock()
+    fake = FakeQueue([("b", 2), ("c", 3), ("d", 1)], clock)
+    assert collector(fake, clock).collect(("a", 1)) == [("a", 1), ("b", 2)]
+    assert fake.given_back == [("c", 3)] and fake.jobs[0] == ("c", 3)
+    # the next batch starts with the job given back
+    first = fake.jobs.pop(0)
+    assert collector(fake, clock).collect(first) == [("c", 3), ("d", 1)]
+
+
+def test_batch_stops_when_full_without_waiting():
+    clock = Clock()
+    fake = FakeQueue([("b", 3), ("c", 1)], clock)
+    assert collector(fake, clock).collect(("a", 1)) == [("a", 1), ("b", 3)]
+    assert fake.jobs == [("c", 1)]
+
+
+def test_batch_waits_at_most_max_wait():
+    clock = Clock()
+    fake = FakeQueue([], clock)
+    assert collector(fake, clock, max_wait_s=0.05).collect(("a", 1)) == [("a", 1)]
+    assert fake.waits == [0.05] and clock.now == pytest.approx(0.05)
+
+
+def test_a_request_larger_than_max_batch_runs_alone_and_refused_jobs_do_not_count():
+    clock = Clock()
+    fake = FakeQueue([("xb", 4), ("c", 2)], clock)
+    assert collector(fake, clock).collect(("big", 6)) == [("big", 6)]
+    assert collector(fake, clock).collect(("xa", 1)) == [("c", 2)]
+
+
+def test_png_carries_prompt_seed_and_parameters():
+    params = {"prompt": "a fox, ünïcødé 🦊", "negative_prompt": "blur", "size": 256, "n": 2, "seed": 10,
+              "guidance_scale": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    image = Image.open(io.BytesIO(encode_png(pixels, png_text(params, 11, "tiny"))))
+    assert image.format == "PNG" and image.size == (48, 32)
+    assert np.array_equal(np.asarray(image), pixels)
+    text = image.text
+    assert text["prompt"] == params["prompt"] and text["seed"] == "11" and text["model"] == "tiny"
+    assert {k: text[k] for k in ("negative_prompt", "size", "guidance_scale", "top_k", "top_p", "temperature")} == \
+        {"negative_prompt": "blur", "size": "256", "guidance_scale": "4.0", "top_k": "600", "top_p": "0.8",
+         "temperature": "1.0"}
+    assert json.loads(text["parameters"]) == {**{k: v for k, v in params.items() if k != "n"},
+                                              "seed": 11, "model": "tiny"}
+
+
+def test_noop_pipeline_spec_size_and_cancel():
+    pipe = NoopPipeline.from_spec("noop:512")
+    assert (pipe.name, pipe.image_size, len(pipe.patch_nums)) == ("noop-512", 512, 10)
+    seen = []
+    out = pipe.generate([ImageRequest("a", 1), ImageRequest("b", 2)],
+                        on_scale=lambda k, s: seen.append(k) or ([1] if k == 3 else None))
+    assert seen == list(range(1, 11))
+    assert out[0].image.shape == (512, 512, 3) and (out[0].image == 128).all() and not out[0].canceled
+    assert out[1].image is None and out[1].canceled
+    with pytest.raises(ValueError):
+        NoopPipeline.from_spec("tiny")
