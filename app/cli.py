@@ -229,7 +229,7 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+def _sigint_blocked(start: Callable[[], object]) -> None:
     """Start a child that does not receive the terminal's Ctrl-C: `star serve` stops it in order.
 
     SIGINT is blocked (not ignored) while forking; a blocked signal mask survives exec, so the
@@ -237,29 +237,26 @@ def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
     """
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        return subprocess.Popen(argv, env=env)
+        start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _start_redis(data_dir: Path):
-    from app.redis_server import RedisServer
+def _spawn(argv: list[str], env: dict[str, str], children: list[subprocess.Popen]) -> None:
+    _sigint_blocked(lambda: children.append(subprocess.Popen(argv, env=env)))
 
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        return RedisServer(data_dir=data_dir).start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+def _local(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def _serve_env(args: argparse.Namespace, redis_url: str) -> dict[str, str]:
     from app.redis_server import free_port
 
     env = dict(os.environ)
-    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     env["STAR_REDIS_URL"] = redis_url
     env["STAR_HOST"], env["STAR_PORT"] = args.host, str(args.port)
-    env.setdefault("STAR_PUBLIC_BASE_URL", f"http://{shown_host}:{args.port}")
+    env.setdefault("STAR_PUBLIC_BASE_URL", f"http://{_local(args.host)}:{args.port}")
     storage = Path(env.get("STAR_STORAGE_DIR") or args.data_dir / "images").resolve()
     storage.mkdir(parents=True, exist_ok=True)
     env["STAR_STORAGE_DIR"] = str(storage)
@@ -303,18 +300,20 @@ def _stop_children(children: Sequence[subprocess.Popen], timeout_s: float) -> No
             configure=_configure_serve)
 def run_serve(args: argparse.Namespace, rest: list[str]) -> int:
     old_handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    redis, children, code = None, [], 0
+    from app.redis_server import RedisServer
+    from app.settings import WorkerSettings
+
+    redis, children, code = RedisServer(data_dir=args.data_dir / "redis"), [], 0
     try:
-        redis = _start_redis(args.data_dir / "redis")
+        _sigint_blocked(redis.start)
         env = _serve_env(args, redis.url)
-        print(f"star serve: Redis at {redis.url}; starting the API and a worker "
-              f"(STAR_MODEL={env.get('STAR_MODEL', 'default')}); waiting for /readyz",
-              file=sys.stderr, flush=True)
+        model = env.get("STAR_MODEL") or WorkerSettings.model_fields["model"].default
+        print(f"star serve: Redis at {redis.url}; starting the API and a worker (model {model}); "
+              "waiting for /readyz", file=sys.stderr, flush=True)
         star = [sys.executable, "-m", "app.cli"]
-        children.append(_spawn(star + ["worker"], env))
-        children.append(_spawn(star + ["api", "--host", args.host, "--port", str(args.port)], env))
-        base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-        _wait_ready(base + "/readyz", children, args.ready_timeout)
+        _spawn(star + ["worker"], env, children)
+        _spawn(star + ["api", "--host", args.host, "--port", str(args.port)], env, children)
+        _wait_ready(f"http://{_local(args.host)}:{args.port}/readyz", children, args.ready_timeout)
         public = env["STAR_PUBLIC_BASE_URL"].rstrip("/")
         print(f"STAR is serving at {public} (docs: {public}/docs)", flush=True)
         while all(child.poll() is None for child in children):
@@ -332,8 +331,7 @@ def run_serve(args: argparse.Namespace, rest: list[str]) -> int:
         for sig in old_handlers:
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not abort the cleanup
         _stop_children(children, args.stop_timeout)
-        if redis is not None:
-            redis.stop()
+        redis.stop()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     return code
