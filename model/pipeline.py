@@ -160,8 +160,12 @@ class StarPipeline:
                              on_scale=on_scale, on_logits=on_logits)
 
     @torch.inference_mode()
-    def decode(self, f_hat_NChw: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        """VQ-VAE decode (float32 unless the VAE was cast) to images in [0, 1], [N, 3, H, W]."""
+    def decode(self, f_hat_NChw: torch.Tensor, chunk: int = 1) -> torch.Tensor:
+        """VQ-VAE decode (float32 unless the VAE was cast) to images in [0, 1], [N, 3, H, W].
+
+        chunk images per decoder call; the default 1 keeps every image bit-identical whatever the
+        batch (convolutions round differently with the batch size) and bounds activation memory.
+        """
         parts = [self.vae.fhat_to_img(f_hat_NChw[i:i + chunk]) for i in range(0, f_hat_NChw.shape[0], chunk)]
         return torch.cat(parts) if parts else f_hat_NChw.new_zeros(0, 3, self.image_size, self.image_size)
 

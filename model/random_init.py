@@ -19,7 +19,9 @@ def _fill_(module: nn.Module, g: torch.Generator, std: float, codebook_std: floa
     for name, p in module.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         with torch.no_grad():
-            if leaf == "scale_mul_1H11":
+            if name == "class_emb.weight":  # never read by STAR
+                p.zero_()
+            elif leaf == "scale_mul_1H11":
                 p.fill_(math.log(4.0))
             elif "norm" in name and leaf == "weight":
                 p.fill_(1.0)

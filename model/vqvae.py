@@ -68,9 +68,13 @@ class VQVAE(nn.Module):
         S, pn, H = cfg.num_scales, cfg.patch_nums[si], cfg.patch_nums[-1]
         N = idx_Nl.shape[0]
         h_NChw = self.quantize.embedding(idx_Nl).to(f_hat_NChw.dtype).transpose(1, 2).reshape(N, -1, pn, pn)
+        h_NChw = h_NChw.contiguous()  # the reshape may give channels-last strides, which convs round differently
         if si != S - 1:
             h_NChw = F.interpolate(h_NChw, size=(H, H), mode="bicubic")
-        f_hat_NChw.add_(self.quantize.phi(si, S)(h_NChw))
+        phi = self.quantize.phi(si, S)
+        # one image at a time: a convolution rounds differently with the batch size, and an image
+        # must not depend on its batch (the conv is tiny next to the transformer)
+        f_hat_NChw.add_(torch.cat([phi(h_NChw[i:i + 1]) for i in range(N)]))
         if si == S - 1:
             return None
         pn_next = cfg.patch_nums[si + 1]

