@@ -116,11 +116,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
-        field, message = validation_message(errors[0]) if errors else (None, "invalid request")
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s))"
-        return error_response(422, InvalidRequest.code, message, field)
+        problems = [validation_message(error) for error in exc.errors()] or [(None, "invalid request")]
+        field = problems[0][0]   # the first field at fault; the message covers all of them
+        return error_response(422, InvalidRequest.code, " | ".join(m for _, m in problems), field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

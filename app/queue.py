@@ -141,7 +141,8 @@ def enqueue(conn: Redis, params: dict, model: str, *, deadline_s: float, result_
         timeout=-1, ttl=math.ceil(deadline_s) + result_ttl,
         description=f"star {model}: {params['n']} image(s) of {params['size']}px",
     )
-    return job, queue.get_job_position(job.id)
+    position = queue.get_job_position(job.id)
+    return job, 0 if position is None else position   # None: a worker has already taken it
 
 
 @dataclass
@@ -249,7 +250,7 @@ def request_cancel(conn: Redis, job_id: str) -> str | None:
                 pipe.multi()
                 job.cancel(pipeline=pipe)
                 pipe.hset(job.key, "ended_at", utcformat(now()))
-                pipe.expire(job.key, job.failure_ttl or CANCEL_FLAG_TTL_S)
+                pipe.expire(job.key, job.result_ttl or CANCEL_FLAG_TTL_S)
                 pipe.execute()
                 return "canceled"
             except WatchError:

@@ -144,7 +144,10 @@ class WorkerProcess:
     def start(self, timeout: float = 90.0) -> "WorkerProcess":
         env = {**os.environ, "STAR_REDIS_URL": self.redis_url, "STAR_STORAGE_DIR": str(self.storage_dir),
                "STAR_NAME": self.name, "STAR_METRICS_PORT": "0", "STAR_HEARTBEAT_S": "1",
-               "STAR_LOG_LEVEL": "INFO", **self.env}
+               "STAR_LOG_LEVEL": "INFO",
+               # one torch thread: on a few shared cores, OpenMP threads that spin against other
+               # processes make the tiny model 10-20x slower
+               "OMP_NUM_THREADS": "1", **self.env}
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, *self.script], cwd=ROOT, env=env,
                                         stdout=self.log, stderr=subprocess.STDOUT)

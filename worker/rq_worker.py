@@ -182,7 +182,7 @@ class BatchWorker(SimpleWorker):
                 job.cancel()
             except InvalidJobOperation:
                 pass   # already canceled
-            job.cleanup(job.failure_ttl or self.default_result_ttl)
+            job.cleanup(job.result_ttl or self.default_result_ttl)
         log.info("job %s canceled while running", job.id)
         self._after(job, "canceled")
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.redis_server import free_port
 
-MAX_WAIT_MS = 500
+MAX_WAIT_MS = 300
 
 
 @pytest.fixture(scope="module")
