@@ -9,4 +9,16 @@ Shape legend used in names (VAR's convention):
     H  heads;  c  head dim;  V  codebook size;  Cvae  VQ latent channels
     e.g. x_BLC, ctx_BTD, idx_Bl, logits_BlV, f_hat_BChw.
 A trailing underscore marks a function that mutates its argument (`write_kv_`).
+N is the number of images of a batch (B = 2N rows: the N conditional rows, then the N
+unconditional rows in the same order); Cv is short for Cvae.
+
+Public surface (see docs/model.md):
+    model.pipeline   StarPipeline (load / encode_prompts / sample_tokens / decode / generate),
+                     ImageRequest, ImageResult
+    model.config     StarConfig, PRESETS, get_preset
+    model.convert    main(argv)  -- `python -m model.convert` / `star convert`
+    model.golden     main(argv)  -- `python -m model.golden DIR`
+    model.weights    load_official and the errors WeightsError, ModelFileNotFoundError,
+                     UntrustedPickleError, WeightsMismatchError, UnsupportedFeatureError
+    model.text       TextEncoder, write_byte_level_clip_tokenizer
 """

@@ -25,7 +25,7 @@ class StarConfig:
     vae_channels: int = 32          # Cvae: VQ latent channels
     vae_ch: int = 160               # VQ-VAE base channels
     vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-    text_dim: int = 768             # D: width of the text encoder's hidden states
+    text_dim: int = 1024            # D: text encoder width (the official demo builds STAR with 1024)
     text_len: int = 77              # T: CLIP tokens per prompt (padding / truncation length)
     num_classes: int = 1000         # rows of the (unused) class embedding kept by the checkpoints
     head_dim: int = 64

@@ -12,6 +12,8 @@ safetensors files are memory-mapped and assigned onto a meta-device model with s
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 
 import torch
@@ -23,6 +25,33 @@ from .weights import ModelFileNotFoundError, WeightsError, build_transformer, bu
 FORMAT, FORMAT_VERSION = "star-model", 1
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file as views of one private (copy-on-write) memory map: no copy.
+
+    Falls back to safetensors' reader for a layout it cannot map (a dtype or offset it does not know).
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=os.path.getsize(path))
+    out = {}
+    for key, info in header.items():
+        dtype = _ST_DTYPES.get(info["dtype"])
+        start = 8 + n + info["data_offsets"][0]
+        itemsize = dtype.itemsize if dtype is not None else 0
+        if dtype is None or start % itemsize:
+            return load_file(path)
+        out[key] = torch.empty(0, dtype=dtype).set_(storage, start // itemsize, tuple(info["shape"]))
+    return out
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -85,6 +114,6 @@ def load_model_dir(path: str | Path):
         if not f.is_file():
             raise ModelFileNotFoundError(f"model directory {path} lacks {f.name}")
         files[part] = f
-    transformer = build_transformer(cfg, load_file(files["transformer"]), f"{files['transformer']}")
-    vae = build_vae(cfg, load_file(files["vae"]), f"{files['vae']}")
+    transformer = build_transformer(cfg, mmap_safetensors(files["transformer"]), f"{files['transformer']}")
+    vae = build_vae(cfg, mmap_safetensors(files["vae"]), f"{files['vae']}")
     return config.get("name") or path.name, cfg, transformer, vae, path / "CLIP"

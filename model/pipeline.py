@@ -119,9 +119,14 @@ class StarPipeline:
     @classmethod
     def from_official(cls, ar_path: str | Path, vae_path: str | Path, clip_dir: str | Path, *,
                       device: str = "cpu", dtype: str | torch.dtype = "float32", trust_pickle: bool = False,
-                      name: str | None = None) -> "StarPipeline":
-        """Straight from the official `.pth` files and `CLIP/` folder (slower than a model directory)."""
-        cfg, transformer, vae = load_official(ar_path, vae_path, name=name, trust_pickle=trust_pickle)
+                      name: str | None = None, use_sampler_head: bool = False) -> "StarPipeline":
+        """Straight from the official `.pth` files and `CLIP/` folder (slower than a model directory).
+
+        use_sampler_head=True raises UnsupportedFeatureError: causal-driven stable sampling is not
+        implemented; without it, a checkpoint's sampler-head keys are ignored with a logged note.
+        """
+        cfg, transformer, vae = load_official(ar_path, vae_path, name=name, trust_pickle=trust_pickle,
+                                              use_sampler_head=use_sampler_head)
         return cls(cfg.name, cfg, transformer, vae, TextEncoder.from_folder(clip_dir, cfg.text_len), device, dtype)
 
     def reserve(self, max_images: int) -> KVCache:

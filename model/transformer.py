@@ -114,7 +114,7 @@ class Block(nn.Module):
         k_NHTc, v_NHTc = text.kv[layer]
         N = k_NHTc.shape[0]
         ca_NlC = self.cross_attn(self._ln(x_BlC[:N]), k_NHTc, v_NHTc, text.mask_N11T)
-        x_BlC = x_BlC + ca_NlC.repeat(x_BlC.shape[0] // N, 1, 1)
+        x_BlC = (x_BlC.unflatten(0, (-1, N)) + ca_NlC).flatten(0, 1)  # image n's output to rows n and N + n
         return x_BlC + self.ffn(self._ln(x_BlC))
 
 

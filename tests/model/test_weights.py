@@ -143,3 +143,19 @@ def test_vae_with_another_scale_count_loads(official_paths):
     cfg14 = PRESETS["tiny"].replace(patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))
     vae = build_vae(cfg14, vae_sd)
     assert torch.equal(vae.quantize.embedding.weight, vae_sd["quantize.embedding.weight"])
+
+
+def test_safetensors_are_memory_mapped_without_copies(tmp_path):
+    from safetensors.torch import save_file
+
+    from model.model_dir import mmap_safetensors
+
+    sd = {"i": torch.arange(5), "f": torch.randn(2, 3), "b": torch.randn(7).to(torch.bfloat16),
+          "h": torch.randn(1, 4).half(), "e": torch.zeros(0)}
+    save_file(sd, tmp_path / "w.safetensors")
+    loaded = mmap_safetensors(tmp_path / "w.safetensors")
+    assert loaded.keys() == sd.keys()
+    for k in sd:
+        assert loaded[k].dtype == sd[k].dtype and torch.equal(loaded[k], sd[k]), k
+    # every tensor is a view of the same mapped storage
+    assert len({t.untyped_storage().data_ptr() for t in loaded.values() if t.numel()}) == 1

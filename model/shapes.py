@@ -1,0 +1,261 @@
+"""Procedural "shapes" data: 128 px images of one flat shape on a flat background, with a caption.
+
+    "a red circle on a blue background", "an orange star on a white background", ...
+
+Five shapes (circle, square, triangle, star, ring), eight named colours, object colour != background
+colour: 5 * 8 * 7 = 280 (shape, colour, background) combinations. HELD_OUT (28 of them) never occur
+in training, so prompts built from them are "not used verbatim in training" while every word, and
+every pair of (shape, colour), (shape, background) and (colour, background), still does.
+
+Image i of a dataset is a pure function of (seed, i): `draw_example(seed, i)`. Shapes are drawn 4x
+supersampled and box-filtered down, so edges are anti-aliased. The geometry of every shape lives
+in `shape_outline` (normalised to its bounding box) and is shared with the scorer's templates.
+
+`write_shapes_clip_tokenizer(dir)` writes a CLIP BPE tokenizer (byte-level alphabet plus merges that
+make each caption word one token); `shapes_text_encoder(...)` pairs it with a small CLIPTextModel.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 128
+SUPERSAMPLE = 4
+SHAPES = ("circle", "square", "triangle", "star", "ring")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 70),
+    "blue": (40, 90, 220),
+    "yellow": (240, 220, 50),
+    "orange": (245, 140, 30),
+    "purple": (140, 60, 180),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+}
+COLOUR_NAMES = tuple(COLOURS)
+RADIUS_RANGE = (20.0, 40.0)     # half the shape's extent, pixels
+MARGIN = 4.0                    # the shape's bounding box stays this far from the border
+RING_INNER = 0.55               # inner / outer radius of a ring
+STAR_INNER = 0.5                # inner / outer radius of a star
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything an image depends on."""
+
+    shape: str
+    colour: str
+    background: str
+    cx: float
+    cy: float
+    radius: float
+
+    @property
+    def caption(self) -> str:
+        return caption(self.shape, self.colour, self.background)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(shape: str, colour: str, background: str) -> str:
+    return f"{_article(colour)} {colour} {shape} on {_article(background)} {background} background"
+
+
+def all_combos() -> list[tuple[str, str, str]]:
+    return [(s, c, b) for s in SHAPES for c in COLOUR_NAMES for b in COLOUR_NAMES if c != b]
+
+
+def _held_out(combo: tuple[str, str, str]) -> bool:
+    s, c, b = SHAPES.index(combo[0]), COLOUR_NAMES.index(combo[1]), COLOUR_NAMES.index(combo[2])
+    return (s + c + 2 * b) % 10 == 0
+
+
+HELD_OUT: tuple[tuple[str, str, str], ...] = tuple(x for x in all_combos() if _held_out(x))
+TRAIN_COMBOS: tuple[tuple[str, str, str], ...] = tuple(x for x in all_combos() if not _held_out(x))
+HELD_OUT_PROMPTS: tuple[str, ...] = tuple(caption(*x) for x in HELD_OUT)
+TRAIN_PROMPTS: frozenset[str] = frozenset(caption(*x) for x in TRAIN_COMBOS)
+
+
+# ---- geometry -----------------------------------------------------------------------------------
+def _star_points(inner: float) -> list[tuple[float, float]]:
+    pts = []
+    for k in range(10):
+        a = -math.pi / 2 + k * math.pi / 5
+        rr = 1.0 if k % 2 == 0 else inner
+        pts.append((rr * math.cos(a), rr * math.sin(a)))
+    return pts
+
+
+def _triangle_points() -> list[tuple[float, float]]:
+    return [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+
+
+def _to_box(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Rescale points to fill the unit box [0, 1]^2 (each axis separately)."""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
+    return [((x - x0) / (x1 - x0), (y - y0) / (y1 - y0)) for x, y in pts]
+
+
+# Outlines in the unit box: ("polygon", points) or ("ellipse", inner-hole ratio or 0).
+_OUTLINES = {
+    "circle": ("ellipse", 0.0),
+    "ring": ("ellipse", RING_INNER),
+    "square": ("polygon", [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)]),
+    "triangle": ("polygon", _to_box(_triangle_points())),
+    "star": ("polygon", _to_box(_star_points(STAR_INNER))),
+}
+# Bounding-box half-width and half-height per unit radius (how big each shape is drawn).
+_EXTENT = {"circle": (1.0, 1.0), "ring": (1.0, 1.0), "square": (0.82, 0.82),
+           "triangle": (math.sqrt(3) / 2, 0.75), "star": (math.cos(math.pi / 10), (1 + math.cos(math.pi / 5)) / 2)}
+
+
+def bounding_box(shape: str, cx: float, cy: float, radius: float) -> tuple[float, float, float, float]:
+    hx, hy = _EXTENT[shape]
+    return cx - hx * radius, cy - hy * radius, cx + hx * radius, cy + hy * radius
+
+
+def draw_outline(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float],
+                 fill, hole_fill) -> None:
+    """Draw `shape` filling `box` (x0, y0, x1, y1); a ring's hole is painted with hole_fill."""
+    x0, y0, x1, y1 = box
+    kind, arg = _OUTLINES[shape]
+    if kind == "ellipse":
+        draw.ellipse(box, fill=fill)
+        if arg:
+            mx, my = (x1 - x0) * (1 - arg) / 2, (y1 - y0) * (1 - arg) / 2
+            draw.ellipse((x0 + mx, y0 + my, x1 - mx, y1 - my), fill=hole_fill)
+    else:
+        draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in arg], fill=fill)
+
+
+def render(spec: Spec, size: int = IMAGE_SIZE, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """uint8 [size, size, 3] image of spec."""
+    big = size * supersample
+    bg = COLOURS[spec.background]
+    img = Image.new("RGB", (big, big), bg)
+    box = tuple(v * supersample for v in bounding_box(spec.shape, spec.cx, spec.cy, spec.radius))
+    draw_outline(ImageDraw.Draw(img), spec.shape, box, COLOURS[spec.colour], bg)
+    if supersample > 1:
+        img = img.resize((size, size), Image.Resampling.BOX)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+def sample_spec(rng: np.random.Generator, combo: tuple[str, str, str], size: int = IMAGE_SIZE) -> Spec:
+    shape = combo[0]
+    scale = size / IMAGE_SIZE
+    radius = float(rng.uniform(*RADIUS_RANGE)) * scale
+    hx, hy = (e * radius for e in _EXTENT[shape])
+    m = MARGIN * scale
+    cx = float(rng.uniform(m + hx, size - m - hx))
+    cy = float(rng.uniform(m + hy, size - m - hy))
+    return Spec(shape, combo[1], combo[2], cx, cy, radius)
+
+
+def example_spec(seed: int, index: int, combos=TRAIN_COMBOS) -> Spec:
+    """Spec of image `index` of the dataset `seed` (a pure function of both)."""
+    rng = np.random.default_rng([int(seed), int(index)])
+    return sample_spec(rng, combos[int(rng.integers(len(combos)))])
+
+
+def draw_example(seed: int, index: int, combos=TRAIN_COMBOS) -> tuple[np.ndarray, str]:
+    spec = example_spec(seed, index, combos)
+    return render(spec), spec.caption
+
+
+def batch(seed: int, start: int, count: int, combos=TRAIN_COMBOS) -> tuple[np.ndarray, list[str]]:
+    """Images [count, H, W, 3] uint8 and captions of examples start .. start + count - 1."""
+    pairs = [draw_example(seed, i, combos) for i in range(start, start + count)]
+    return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+
+
+# ---- text: a CLIP tokenizer with one token per caption word --------------------------------------
+WORDS = ("a", "an", "on", "background", *COLOUR_NAMES, *SHAPES)
+
+
+def _learn_merges(words) -> list[tuple[str, str]]:
+    """Byte-pair merges learned on `words` until each is one symbol (`word</w>`).
+
+    Merges are learned BPE-style (most frequent pair first, ties by the pair itself), so applying
+    them in rank order, as the tokenizer does, rebuilds every word whole.
+    """
+    from .text import _bytes_to_unicode
+
+    table = _bytes_to_unicode()
+    seqs = []
+    for word in words:
+        symbols = [table[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        seqs.append(symbols)
+    merges: list[tuple[str, str]] = []
+    while any(len(s) > 1 for s in seqs):
+        counts: dict[tuple[str, str], int] = {}
+        for s in seqs:
+            for pair in zip(s, s[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for s in seqs:
+            i = 0
+            while i < len(s) - 1:
+                if (s[i], s[i + 1]) == best:
+                    s[i:i + 2] = [s[i] + s[i + 1]]
+                i += 1
+    return merges
+
+
+def shapes_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges): the byte-level CLIP alphabet, the merged symbols, then the two special tokens."""
+    from .text import EOT, SOT, _bytes_to_unicode
+
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols]
+    merges = _learn_merges(WORDS)
+    tokens += [a + b for a, b in merges]
+    tokens += [SOT, EOT]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_shapes_clip_tokenizer(directory: str | Path) -> Path:
+    """vocab.json + merges.txt, loadable with CLIPTokenizer.from_pretrained."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = shapes_clip_vocab()
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+def shapes_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = shapes_clip_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def shapes_text_encoder(hidden: int = 64, layers: int = 2, seed: int = 0, max_length: int = 77):
+    """TextEncoder (model/text.py) with the shapes tokenizer and a small random CLIPTextModel."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .text import TextEncoder
+
+    tokenizer = shapes_clip_tokenizer()
+    vocab_size = len(tokenizer.get_vocab())
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
+                            max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config)
+    return TextEncoder(tokenizer, model, max_length)
