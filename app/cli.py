@@ -337,5 +337,23 @@ def run_serve(args: argparse.Namespace, rest: list[str]) -> int:
     return code
 
 
+# --------------------------------------------------------------------------------------------
+# star generate: a client of a running server (app/cli_generate.py)
+
+
+def _configure_generate(parser: argparse.ArgumentParser) -> None:
+    from app.cli_generate import configure
+
+    configure(parser)
+
+
+@subcommand("generate", "Generate images on a running server and save them as PNGs.",
+            configure=_configure_generate)
+def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    from app.cli_generate import run
+
+    return run(args)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,525 @@
+"""Python client of the STAR HTTP API: `StarClient` (sync) and `AsyncStarClient` (asyncio).
+
+    with StarClient("http://localhost:8000") as star:
+        result = star.generate("a red fox in snow", n=2, seed=7)
+        for image in result.images:
+            image.save(f"fox-{image.seed}.png")
+
+Only httpx and the standard library: this module ships with the API-only install (no torch).
+
+Retries: 429 (queue full) and 503 (no worker, Redis down) are retried after the server's
+`Retry-After` (else an exponential backoff), within `RetryPolicy.max_attempts` and
+`max_total_s`; no other 4xx is ever retried. GET and DELETE are also retried after network
+errors; POST is not (the request may have reached the server). Retrying a POST after a 429/503 is
+safe because the server refused it before queueing anything, and each `submit` creates a fresh
+job; every `submit` sends one `Idempotency-Key` (the same on its retries), which the server
+ignores today and may honour later.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import inspect
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+DEFAULT_SERVER = "http://localhost:8000"
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------ response types
+
+def _parse(cls: type[T], data: dict[str, Any] | None) -> T | None:
+    """A dataclass from a JSON object: known fields only (newer servers may add fields)."""
+    if data is None:
+        return None
+    return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+@dataclass(frozen=True)
+class Progress:
+    scale: int    # scales sampled so far (k of S)
+    scales: int   # scales in the model's schedule (S)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    url: str
+    seed: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    queue_wait_s: float | None = None
+    model_s: float | None = None
+    total_s: float | None = None
+
+
+@dataclass(frozen=True)
+class JobParameters:
+    prompt: str
+    negative_prompt: str
+    size: int
+    n: int
+    seed: int
+    guidance_scale: float
+    top_k: int
+    top_p: float
+    temperature: float
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """`GET /jobs/{id}`: status, queue position or progress, timings, parameters, images or error."""
+
+    id: str
+    status: str                  # queued, running, succeeded, failed, canceled, expired
+    model: str
+    request: JobParameters
+    timings: Timings
+    queue_position: int | None = None
+    progress: Progress | None = None
+    cancel_requested: bool = False
+    images: tuple[ImageRef, ...] = ()
+    prompt_truncated: bool | None = None
+    error: JobError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Job":
+        timings = {k: _time(v) if k.endswith("_at") else v for k, v in (data.get("timings") or {}).items()}
+        return cls(id=data["id"], status=data["status"], model=data.get("model", ""),
+                   request=_parse(JobParameters, data["request"]), timings=_parse(Timings, timings),
+                   queue_position=data.get("queue_position"), progress=_parse(Progress, data.get("progress")),
+                   cancel_requested=bool(data.get("cancel_requested")),
+                   images=tuple(_parse(ImageRef, i) for i in data.get("images") or ()),
+                   prompt_truncated=data.get("prompt_truncated"), error=_parse(JobError, data.get("error")))
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """`POST /generate` (202): the job is queued."""
+
+    id: str
+    status_url: str
+    status: str = "queued"
+    queue_position: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    size: int
+    queue: str
+    queue_depth: int
+    workers: int
+    states: dict[str, int]
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class Models:
+    models: tuple[ModelInfo, ...]
+    sizes: tuple[int, ...]
+    default_size: int | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Models":
+        return cls(models=tuple(_parse(ModelInfo, m) for m in data.get("models", ())),
+                   sizes=tuple(data.get("sizes", ())), default_size=data.get("default_size"))
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    url: str
+    seed: int
+    width: int
+    height: int
+    png: bytes
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_bytes(self.png)
+        return path
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What `generate` returns: the finished job and its PNGs, in seed order."""
+
+    job: Job
+    images: tuple[GeneratedImage, ...]
+
+
+# ------------------------------------------------------------------------------ errors
+
+class StarError(Exception):
+    """Base of every error this client raises."""
+
+
+class StarConnectionError(StarError):
+    """The server could not be reached (refused, DNS, network, read timeout)."""
+
+    def __init__(self, server: str, reason: str):
+        super().__init__(f"cannot reach the STAR server at {server}: {reason}")
+        self.server, self.reason = server, reason
+
+
+class StarHTTPError(StarError):
+    """The server answered with an error status; `code`, `message` and `field` come from its body."""
+
+    def __init__(self, status: int, code: str, message: str, *, field: str | None = None,
+                 retry_after: float | None = None, server: str = ""):
+        super().__init__(f"{status} {code}: {message}" + (f" (server {server})" if server else ""))
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.retry_after, self.server = retry_after, server
+
+
+class StarRequestError(StarHTTPError):
+    """4xx other than 429: fix the request (never retried)."""
+
+
+class StarBusyError(StarHTTPError):
+    """429: the queue stayed full through every retry."""
+
+
+class StarServerError(StarHTTPError):
+    """5xx: the server failed or is unavailable (503 after every retry)."""
+
+
+class StarTimeout(StarError):
+    """`wait`/`generate` gave up before the job finished (the last view is `job`)."""
+
+    def __init__(self, job: Job, timeout: float):
+        super().__init__(f"job {job.id} still {job.status} after {timeout:g}s")
+        self.job, self.timeout = job, timeout
+
+
+class JobFailed(StarError):
+    """`generate`: the job ended failed, canceled or expired."""
+
+    def __init__(self, job: Job):
+        detail = f": {job.error.code}: {job.error.message}" if job.error else ""
+        super().__init__(f"job {job.id} {job.status}{detail}")
+        self.job = job
+
+
+def error_from_response(response: httpx.Response, server: str) -> StarHTTPError:
+    try:
+        body = response.json()
+        detail = body["error"] if isinstance(body.get("error"), dict) else {}
+    except (ValueError, AttributeError):
+        detail = {}
+    status = response.status_code
+    code = detail.get("code") or detail.get("type") or f"http_{status}"
+    message = detail.get("message") or response.text.strip()[:200] or response.reason_phrase
+    cls = StarBusyError if status == 429 else StarServerError if status >= 500 else StarRequestError
+    return cls(status, code, message, field=detail.get("field") or detail.get("param"),
+               retry_after=retry_after_seconds(response), server=server)
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """`Retry-After` as seconds (a number or an HTTP date), or None."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+# ------------------------------------------------------------------------------ retries
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5        # tries in all, the first one included
+    max_total_s: float = 120.0   # no retry is started (or slept towards) beyond this since the first try
+    backoff_s: float = 0.5       # without Retry-After: backoff_s * 2**(attempt-1), capped
+    max_backoff_s: float = 10.0
+    statuses: tuple[int, ...] = (429, 503)
+
+    def _delay(self, attempt: int, elapsed: float, suggested: float | None) -> float | None:
+        delay = suggested if suggested is not None else min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        if attempt >= self.max_attempts or elapsed + delay > self.max_total_s:
+            return None
+        return delay
+
+    def after_response(self, response: httpx.Response, attempt: int, elapsed: float) -> float | None:
+        """Seconds to sleep before trying again, or None to give up."""
+        if response.status_code not in self.statuses:
+            return None
+        return self._delay(attempt, elapsed, retry_after_seconds(response))
+
+    def after_error(self, method: str, attempt: int, elapsed: float) -> float | None:
+        if method.upper() not in ("GET", "HEAD", "DELETE"):
+            return None   # a POST may have been received: never resend it blindly
+        return self._delay(attempt, elapsed, None)
+
+
+# ------------------------------------------------------------------------------ shared plumbing
+
+ProgressCallback = Callable[[Job], Any]
+
+
+class _Base:
+    def __init__(self, server: str | None, api_key: str | None, retry: RetryPolicy | None):
+        self.server = (server or os.environ.get("STAR_SERVER") or DEFAULT_SERVER).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("STAR_API_KEY") or None
+        self.retry = retry or RetryPolicy()
+
+    def _headers(self, url: str) -> dict[str, str]:
+        """The API key goes to our server only, never to another host an image URL may name."""
+        same_origin = not url.startswith(("http://", "https://")) or url.startswith(self.server + "/")
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key and same_origin else {}
+
+    @staticmethod
+    def _body(prompt: str, **options: Any) -> dict[str, Any]:
+        return {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
+
+    def _fail(self, exc: httpx.TransportError) -> StarConnectionError:
+        return StarConnectionError(self.server, str(exc) or type(exc).__name__)
+
+    @staticmethod
+    def _state(job: Job) -> tuple:
+        return (job.status, job.queue_position, job.progress, job.cancel_requested)
+
+    @staticmethod
+    def _images(job: Job, pngs: list[bytes]) -> Generation:
+        return Generation(job, tuple(GeneratedImage(i.url, i.seed, i.width, i.height, png)
+                                     for i, png in zip(job.images, pngs)))
+
+
+# ------------------------------------------------------------------------------ sync client
+
+class StarClient(_Base):
+    """Blocking client. `server` defaults to $STAR_SERVER or http://localhost:8000, `api_key` to
+    $STAR_API_KEY (sent as `Authorization: Bearer ...`)."""
+
+    def __init__(self, server: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
+                 retry: RetryPolicy | None = None, transport: httpx.BaseTransport | None = None):
+        super().__init__(server, api_key, retry)
+        self._http = httpx.Client(base_url=self.server, timeout=timeout, transport=transport,
+                                  headers={"User-Agent": "star-client/0.1"})
+        self._sleep = time.sleep
+
+    def __enter__(self) -> "StarClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        started, attempt = time.monotonic(), 0
+        headers = {**self._headers(url), **kwargs.pop("headers", {})}
+        while True:
+            attempt += 1
+            try:
+                response = self._http.request(method, url, headers=headers, **kwargs)
+            except httpx.TransportError as exc:
+                delay = self.retry.after_error(method, attempt, time.monotonic() - started)
+                if delay is None:
+                    raise self._fail(exc) from exc
+            else:
+                if response.is_success:
+                    return response
+                delay = self.retry.after_response(response, attempt, time.monotonic() - started)
+                if delay is None:
+                    raise error_from_response(response, self.server)
+            self._sleep(delay)
+
+    def submit(self, prompt: str, *, negative_prompt: str | None = None, size: int | None = None,
+               n: int | None = None, seed: int | None = None, guidance_scale: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, temperature: float | None = None) -> Accepted:
+        """Queue a request (`POST /generate`); None means the server's default."""
+        body = self._body(prompt, negative_prompt=negative_prompt, size=size, n=n, seed=seed,
+                          guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature)
+        response = self._request("POST", "/generate", json=body, headers={"Idempotency-Key": uuid.uuid4().hex})
+        return _parse(Accepted, response.json())
+
+    def get(self, job_id: str) -> Job:
+        return Job.from_json(self._request("GET", f"/jobs/{job_id}").json())
+
+    def cancel(self, job_id: str) -> Job:
+        """`DELETE /jobs/{id}`: queued jobs end at once, running ones at their next scale."""
+        return Job.from_json(self._request("DELETE", f"/jobs/{job_id}").json())
+
+    def models(self) -> Models:
+        return Models.from_json(self._request("GET", "/models").json())
+
+    def download(self, image: ImageRef | str) -> bytes:
+        return self._request("GET", image if isinstance(image, str) else image.url).content
+
+    def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5,
+             on_progress: ProgressCallback | None = None) -> Job:
+        """Poll until the job is finished (any terminal status; nothing is raised for `failed`).
+        `on_progress(job)` is called whenever status, queue position or progress changes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            job = self.get(job_id)
+            if on_progress is not None and self._state(job) != last:
+                on_progress(job)
+            last = self._state(job)
+            if job.done:
+                return job
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise StarTimeout(job, timeout)
+            self._sleep(poll_s if left is None else min(poll_s, left))
+
+    def generate(self, prompt: str, *, timeout: float | None = None, poll_s: float = 0.5,
+                 on_progress: ProgressCallback | None = None, **options: Any) -> Generation:
+        """submit + wait + download. Raises JobFailed unless the job succeeded. If the wait ends
+        early (timeout, Ctrl-C), the job is canceled before the exception propagates."""
+        accepted = self.submit(prompt, **options)
+        try:
+            job = self.wait(accepted.id, timeout=timeout, poll_s=poll_s, on_progress=on_progress)
+        except BaseException:
+            self._cancel_quietly(accepted.id)
+            raise
+        if job.status != "succeeded":
+            raise JobFailed(job)
+        return self._images(job, [self.download(image) for image in job.images])
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            self.cancel(job_id)
+        except StarError:
+            pass
+
+
+# ------------------------------------------------------------------------------ async client
+
+class AsyncStarClient(_Base):
+    """The asyncio twin of StarClient (same methods, awaitable). `on_progress` may be a plain
+    function or a coroutine function."""
+
+    def __init__(self, server: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
+                 retry: RetryPolicy | None = None, transport: httpx.AsyncBaseTransport | None = None):
+        super().__init__(server, api_key, retry)
+        self._http = httpx.AsyncClient(base_url=self.server, timeout=timeout, transport=transport,
+                                       headers={"User-Agent": "star-client/0.1"})
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    async def __aenter__(self) -> "AsyncStarClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        started, attempt = time.monotonic(), 0
+        headers = {**self._headers(url), **kwargs.pop("headers", {})}
+        while True:
+            attempt += 1
+            try:
+                response = await self._http.request(method, url, headers=headers, **kwargs)
+            except httpx.TransportError as exc:
+                delay = self.retry.after_error(method, attempt, time.monotonic() - started)
+                if delay is None:
+                    raise self._fail(exc) from exc
+            else:
+                if response.is_success:
+                    return response
+                delay = self.retry.after_response(response, attempt, time.monotonic() - started)
+                if delay is None:
+                    raise error_from_response(response, self.server)
+            await self._sleep(delay)
+
+    async def submit(self, prompt: str, *, negative_prompt: str | None = None, size: int | None = None,
+                     n: int | None = None, seed: int | None = None, guidance_scale: float | None = None,
+                     top_k: int | None = None, top_p: float | None = None,
+                     temperature: float | None = None) -> Accepted:
+        body = self._body(prompt, negative_prompt=negative_prompt, size=size, n=n, seed=seed,
+                          guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature)
+        response = await self._request("POST", "/generate", json=body,
+                                       headers={"Idempotency-Key": uuid.uuid4().hex})
+        return _parse(Accepted, response.json())
+
+    async def get(self, job_id: str) -> Job:
+        return Job.from_json((await self._request("GET", f"/jobs/{job_id}")).json())
+
+    async def cancel(self, job_id: str) -> Job:
+        return Job.from_json((await self._request("DELETE", f"/jobs/{job_id}")).json())
+
+    async def models(self) -> Models:
+        return Models.from_json((await self._request("GET", "/models")).json())
+
+    async def download(self, image: ImageRef | str) -> bytes:
+        return (await self._request("GET", image if isinstance(image, str) else image.url)).content
+
+    async def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5,
+                   on_progress: ProgressCallback | None = None) -> Job:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            job = await self.get(job_id)
+            if on_progress is not None and self._state(job) != last:
+                outcome = on_progress(job)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            last = self._state(job)
+            if job.done:
+                return job
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise StarTimeout(job, timeout)
+            await self._sleep(poll_s if left is None else min(poll_s, left))
+
+    async def generate(self, prompt: str, *, timeout: float | None = None, poll_s: float = 0.5,
+                       on_progress: ProgressCallback | None = None, **options: Any) -> Generation:
+        accepted = await self.submit(prompt, **options)
+        try:
+            job = await self.wait(accepted.id, timeout=timeout, poll_s=poll_s, on_progress=on_progress)
+        except BaseException:   # also asyncio.CancelledError: the job is not left running
+            await asyncio.shield(self._cancel_quietly(accepted.id))
+            raise
+        if job.status != "succeeded":
+            raise JobFailed(job)
+        pngs = await asyncio.gather(*(self.download(image) for image in job.images))
+        return self._images(job, list(pngs))
+
+    async def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            await self.cancel(job_id)
+        except StarError:
+            pass

@@ -1,0 +1,26 @@
+"""One live stack for the client tests: a real Redis database, the API under uvicorn and a worker
+subprocess running the real `tiny` model, slowed a little after each scale
+(tests/integration/slow_worker.py) so that queue positions and progress are observable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SLOW_WORKER = str(Path(__file__).resolve().parents[1] / "integration" / "slow_worker.py")
+SCALE_DELAY_MS = 80
+
+
+@pytest.fixture(scope="session")
+def stack(new_redis_db, tmp_path_factory, worker_process, api_server):
+    from app.settings import ApiSettings
+
+    redis_url, data = new_redis_db(), tmp_path_factory.mktemp("clients")
+    worker = worker_process(redis_url, data / "images", data / "worker.log", script=[SLOW_WORKER], env={
+        "STAR_MODEL": "tiny", "STAR_MAX_BATCH": "8", "STAR_MAX_WAIT_MS": "50", "STAR_WARMUP": "false",
+        "TEST_SCALE_DELAY_MS": str(SCALE_DELAY_MS)})
+    with worker:
+        settings = ApiSettings(redis_url=redis_url, storage_dir=data / "images")
+        with api_server(settings) as api:
+            api.redis_url, api.worker, api.data = redis_url, worker, data
+            yield api
