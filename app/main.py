@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis import Redis
 
+from app import events, openai_compat
 from app import queue as q
 from app.errors import (ImageNotFound, JobConflict, JobNotFound, NoWorker, QueueFull,
                         SizeNotServed, install_error_handlers)
@@ -49,7 +52,22 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     ctx.metrics.install(app)
     _add_job_routes(app, ctx)
     _add_service_routes(app, ctx)
+    app.include_router(events.create_router())         # GET /jobs/{id}/events (SSE)
+    app.include_router(openai_compat.create_router())  # POST /v1/images/generations
+    _add_web_page(app)
     return app
+
+
+STATIC_DIR = Path(__file__).with_name("static")
+
+
+def _add_web_page(app: FastAPI) -> None:
+    """The browser UI (docs/clients.md): `/` is its page, `/static/...` its script and style."""
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 
 def _add_job_routes(app: FastAPI, ctx: Context) -> None:

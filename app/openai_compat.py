@@ -1,0 +1,179 @@
+"""`POST /v1/images/generations`: OpenAI's image API in front of the STAR queue, so the official
+`openai` SDK (and tools built on it) work with only `base_url` changed.
+
+The request is translated to a `GenerateRequest` and queued by the POST /generate endpoint itself
+(same model choice, queue limit, seed choice and logging); the call then waits for the job (at
+most STAR_OPENAI_TIMEOUT_S, after which the job is canceled) and answers
+`{"created": unix time, "data": [{"url": ...} | {"b64_json": ...}, ...]}`.
+
+OpenAI fields: `prompt`, `n` (1-4), `size` ("WxH", square, a size a worker serves; "auto" or
+absent = the largest), `response_format` ("url" or "b64_json"), `user` (accepted, unused), `model`
+(a served STAR model's name picks its size when `size` is absent; any other value is ignored).
+STAR's own parameters (`negative_prompt`, `seed`, `guidance_scale`, `top_k`, `top_p`,
+`temperature`) may be added (the SDK's `extra_body`); any other field is ignored.
+Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; invalid requests are
+400 as at OpenAI, `code` carries STAR's error code.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis import RedisError
+from starlette.concurrency import run_in_threadpool
+
+from app import queue as q
+from app.errors import ApiError, RedisUnavailable, status_for, validation_message
+from app.schemas import GenerateRequest
+
+log = logging.getLogger(__name__)
+SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
+STAR_FIELDS = ("negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "temperature")
+NO_RETRY = {"x-should-retry": "false"}   # the SDK would otherwise resend (and queue again)
+
+
+class OpenAISettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STAR_OPENAI_", extra="ignore")
+
+    timeout_s: float = Field(300.0, gt=0, description="How long POST /v1/images/generations waits for its job (then 504, job canceled).")
+    poll_s: float = Field(0.25, gt=0, description="How often a waiting POST /v1/images/generations re-reads its job.")
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        kind = ("rate_limit_error" if self.status == 429 else "server_error" if self.status >= 500
+                else "invalid_request_error")
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+    @classmethod
+    def from_api_error(cls, exc: ApiError) -> "OpenAIError":
+        status = status_for(exc)
+        return cls(400 if status == 422 else status, exc.message, param=exc.field, code=exc.code, headers=exc.headers)
+
+
+def translate(body: object, served: list[q.WorkerEntry]) -> tuple[GenerateRequest, str]:
+    """(the STAR request, response_format) for an OpenAI request body; OpenAIError if invalid."""
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the body must be a JSON object, e.g. {\"prompt\": \"a red fox\"}")
+    response_format = body.get("response_format") or "url"
+    if response_format not in ("url", "b64_json"):
+        raise OpenAIError(400, f"response_format must be 'url' or 'b64_json', not {response_format!r}",
+                          param="response_format", code="invalid_value")
+    fields = {name: body[name] for name in ("prompt", "n", *STAR_FIELDS) if body.get(name) is not None}
+    fields["size"] = _size(body.get("size"), body.get("model"), served)
+    try:
+        return GenerateRequest(**fields), response_format
+    except ValidationError as exc:
+        param, message = validation_message(exc.errors()[0])
+        raise OpenAIError(400, message, param=param, code="invalid_value") from None
+
+
+def _size(size: object, model: object, served: list[q.WorkerEntry]) -> int | None:
+    if size in (None, "", "auto"):
+        return next((e.size for e in served if e.model == model and e.size), None)
+    match = SIZE_RE.match(size) if isinstance(size, str) else None
+    sizes = ", ".join(f"{s}x{s}" for s in q.served_sizes(served)) or "none (no worker is running)"
+    if match is None or match.group(1) != match.group(2):
+        raise OpenAIError(400, f"size must be a square 'WxH' with W == H; served sizes: {sizes}",
+                          param="size", code="invalid_value")
+    return int(match.group(1))
+
+
+def answer(state: q.JobState, response_format: str, storage) -> dict:
+    data = []
+    for image in state.images or ():
+        if response_format == "b64_json":
+            png = storage.get(image["id"])
+            if png is None:
+                raise OpenAIError(500, f"image {image['id']} of job {state.id} is missing from storage",
+                                  code="storage_error")
+            item = {"b64_json": base64.b64encode(png).decode("ascii")}
+        else:
+            item = {"url": storage.url(image["id"])}
+        data.append({**item, "seed": image["seed"]})   # seed: a STAR extension, to reproduce an image
+    return {"created": int(time.time()), "data": data, "size": f"{state.params['size']}x{state.params['size']}",
+            "output_format": "png"}
+
+
+def failure(state: q.JobState) -> OpenAIError:
+    error = state.error or {}
+    message = f"job {state.id} {state.status}" + (f": {error['message']}" if error.get("message") else "")
+    if state.status == "expired":
+        return OpenAIError(503, message, code="expired", headers={"Retry-After": "5"})
+    if state.status == "canceled":
+        return OpenAIError(409, message, code="canceled", headers=NO_RETRY)
+    return OpenAIError(500, message, code=error.get("code", "job_failed"), headers=NO_RETRY)
+
+
+def _generate_endpoint(app):
+    """The POST /generate endpoint: submitting through it keeps one queueing path."""
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path == "/generate" and "POST" in route.methods:
+            return route.endpoint
+    raise RuntimeError("the app has no POST /generate route")
+
+
+async def wait_for_job(ctx, job_id: str, settings: OpenAISettings, request: Request) -> q.JobState:
+    deadline = time.monotonic() + settings.timeout_s
+    while True:
+        state = await run_in_threadpool(q.read_job, ctx.redis, job_id)
+        if state is None:
+            raise OpenAIError(500, f"job {job_id} vanished while waiting", code="job_failed")
+        if state.status not in ("queued", "running"):
+            return state
+        if time.monotonic() >= deadline or await request.is_disconnected():
+            await run_in_threadpool(q.request_cancel, ctx.redis, job_id)
+            raise OpenAIError(504, f"job {job_id} did not finish within {settings.timeout_s:g}s; it was "
+                              "canceled", code="timeout", headers=NO_RETRY)
+        await asyncio.sleep(settings.poll_s)
+
+
+def create_router(settings: OpenAISettings | None = None) -> APIRouter:
+    settings = settings or OpenAISettings()
+    router = APIRouter(tags=["openai"])
+
+    @router.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"type": "object", "required": ["prompt"], "properties": {
+                     "prompt": {"type": "string"}, "n": {"type": "integer", "minimum": 1, "maximum": 4},
+                     "size": {"type": "string", "example": "256x256"},
+                     "response_format": {"type": "string", "enum": ["url", "b64_json"]},
+                     "model": {"type": "string"}, "user": {"type": "string"}}}}}}})
+    async def create_image(request: Request) -> JSONResponse:
+        """OpenAI-compatible image generation: queues a job, waits for it, answers in OpenAI's shape."""
+        ctx = request.app.state.ctx
+        try:
+            try:
+                body = await request.json()
+            except ValueError:
+                raise OpenAIError(400, "the body is not valid JSON") from None
+            served = await run_in_threadpool(q.live_workers, ctx.redis)
+            star_request, response_format = translate(body, served)
+            accepted = await run_in_threadpool(_generate_endpoint(request.app), body=star_request, response=Response())
+            state = await wait_for_job(ctx, accepted.id, settings, request)
+            if state.status != "succeeded":
+                raise failure(state)
+            return JSONResponse(answer(state, response_format, ctx.storage))
+        except OpenAIError as exc:
+            return exc.response()
+        except ApiError as exc:
+            return OpenAIError.from_api_error(exc).response()
+        except RedisError as exc:
+            log.warning("redis unavailable: %s", exc)
+            return OpenAIError(503, f"the job store (Redis) is unavailable: {exc}", code=RedisUnavailable.code).response()
+
+    return router
