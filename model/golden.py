@@ -35,14 +35,17 @@ class Report:
 
 def _run(tr, vae, exp: dict, rows: list[int], case: dict, dtype: torch.dtype) -> tuple[ScaleOutput, dict]:
     """Sample the prompts `rows` of the text tensors (row 2 = the empty prompt) in one batch."""
-    hidden, mask, pooled = exp["text.hidden"], exp["text.mask"], exp["text.pooled"]
+    dev = tr.pos_start.device
+    hidden, mask, pooled = (exp[k].to(dev) for k in ("text.hidden", "text.mask", "text.pooled"))
     cond = Conditioning(hidden[rows].to(dtype), mask[rows], pooled[rows].to(dtype), pooled[[2] * len(rows)].to(dtype))
     n = len(rows)
-    params = RowParams.build([case["cfg"]] * n, [case["top_k"]] * n, [case["top_p"]] * n, [1.0] * n, "cpu")
+    params = RowParams.build([case["cfg"]] * n, [case["top_k"]] * n, [case["top_p"]] * n, [1.0] * n, dev)
     logits: dict[int, torch.Tensor] = {}
-    out = sample_scales(tr, vae, cond, params, make_generators(list(range(n)), "cpu"),
-                        KVCache.for_config(tr.cfg, 2 * n, dtype, "cpu"),
-                        on_logits=lambda si, lg: logits.__setitem__(si, lg.float().clone()))
+    out = sample_scales(tr, vae, cond, params, make_generators(list(range(n)), dev),
+                        KVCache.for_config(tr.cfg, 2 * n, dtype, dev),
+                        on_logits=lambda si, lg: logits.__setitem__(si, lg.float().cpu()))
+    out.idx_per_scale = [idx.cpu() for idx in out.idx_per_scale]
+    out.f_hat_NChw = out.f_hat_NChw.cpu()
     return out, logits
 
 
@@ -67,26 +70,28 @@ def _compare_single(P: str, out: ScaleOutput, logits: dict, exp: dict, atol: flo
 
 
 def check_case(case_dir: str | Path, *, dtype: str = "float32", atol: float = 1e-4, decode: bool = True,
-               trust_pickle: bool = False, out=None) -> bool:
+               trust_pickle: bool = False, device: str = "cpu", out=None) -> bool:
     out = out or sys.stdout
     case_dir = Path(case_dir)
     case = json.loads((case_dir / "config.json").read_text())
     torch_dtype = parse_dtype(dtype) if dtype != "float64" else torch.float64
     cfg, tr, vae = load_official(case_dir / case["checkpoint"], case_dir / case["vae"], name=case.get("name"),
                                  trust_pickle=trust_pickle, patch_nums=tuple(case["patch_nums"]))
-    tr.to(torch_dtype)
-    tr.reset_buffers_("cpu")
-    vae.to(torch.float64 if torch_dtype == torch.float64 else torch.float32)
+    tr.to(device=device, dtype=torch_dtype)
+    tr.reset_buffers_(device)
+    vae.to(device=device, dtype=torch.float64 if torch_dtype == torch.float64 else torch.float32)
     exp = load_file(case_dir / "expected.safetensors")
     rep = Report()
     print(f"case {case.get('name', case_dir.name)}: {cfg.num_scales} scales {list(cfg.patch_nums)}, depth {cfg.depth}, "
-          f"width {cfg.embed_dim}, dtype {dtype}", file=out)
+          f"width {cfg.embed_dim}, dtype {dtype}, device {device}", file=out)
     singles = {}
     for row, P in enumerate("AB"):
         singles[P], logits = _run(tr, vae, exp, [row], case, torch_dtype)
         print("\n".join(_compare_single(P, singles[P], logits, exp, atol, rep, cfg.patch_nums)), file=out)
         if decode and f"{P}.img" in exp:
-            e = (vae.fhat_to_img(singles[P].f_hat_NChw).float()[0] - exp[f"{P}.img"]).abs().max().item()
+            with torch.inference_mode():
+                img = vae.fhat_to_img(singles[P].f_hat_NChw.to(device)).float().cpu()
+            e = (img[0] - exp[f"{P}.img"]).abs().max().item()
             rep.check(e <= atol, f"{P}: image error {e:.2e} > {atol}")
             print(f"  {P} image max err {e:.2e}", file=out)
     batch, _ = _run(tr, vae, exp, [0, 1], case, torch_dtype)
@@ -98,7 +103,7 @@ def check_case(case_dir: str | Path, *, dtype: str = "float32", atol: float = 1e
         print(f"  {P} in batch [A, B]: tokens per scale {agree} of {total}", file=out)
     if "encode.image" in exp:
         with torch.inference_mode():
-            idx = vae.img_to_idx(exp["encode.image"][None].to(vae.quantize.embedding.weight.dtype))
+            idx = [i.cpu() for i in vae.img_to_idx(exp["encode.image"][None].to(vae.quantize.embedding.weight))]
         agree = [int((idx[si][0] == exp[f"encode.idx.{si}"]).sum()) for si in range(cfg.num_scales)]
         rep.check(agree == [pn * pn for pn in cfg.patch_nums], "VQ-VAE encoder tokens differ")
         print(f"  encoder tokens per scale {agree}", file=out)
@@ -112,13 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="transformer dtype (default float32)")
     ap.add_argument("--atol", type=float, default=1e-4, help="max abs error of logits, f_hat, image (default 1e-4)")
     ap.add_argument("--no-decode", action="store_true", help="skip the VQ-VAE decode check")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that need arbitrary code to load")
     args = ap.parse_args(argv)
+    if args.device != "cpu":  # a correctness check: no TF32 shortcuts in matmuls or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     ok = True
     for d in args.case_dir:
         try:
             ok &= check_case(d, dtype=args.dtype, atol=args.atol, decode=not args.no_decode,
-                             trust_pickle=args.trust_pickle)
+                             trust_pickle=args.trust_pickle, device=args.device)
         except (OSError, WeightsError, KeyError) as e:
             print(f"error: {d}: {e}", file=sys.stderr)
             ok = False

@@ -7,6 +7,10 @@
     CLIP/tokenizer/           CLIPTokenizer files
     CLIP/text_encoder/        CLIPTextModel (save_pretrained layout)
 
+config.json may also hold "sampling": the model's recommended per-image defaults (cfg, top_k, top_p,
+temperature); readers that do not know the key ignore it. A bare name such as "shapes" that is not
+an existing path resolves to a model shipped in `model/zoo/<name>/`.
+
 safetensors files are memory-mapped and assigned onto a meta-device model with strict keys.
 """
 from __future__ import annotations
@@ -67,8 +71,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
 
 
+ZOO = Path(__file__).resolve().parent / "zoo"
+SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    """spec as a path when it exists (or names a folder), else the shipped model `model/zoo/<spec>/`."""
+    path = Path(spec)
+    if not path.exists() and len(path.parts) == 1 and (ZOO / path.name / "config.json").is_file():
+        return ZOO / path.name
+    return path
+
+
 def is_model_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file()
+    return (resolve_model_path(path) / "config.json").is_file()
 
 
 def _contiguous(sd: dict, dtype: torch.dtype) -> dict:
@@ -77,7 +93,7 @@ def _contiguous(sd: dict, dtype: torch.dtype) -> dict:
 
 def write_model_dir(out: str | Path, cfg: StarConfig, transformer_sd: dict, vae_sd: dict, text_encoder,
                     transformer_dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32,
-                    source: dict | None = None) -> Path:
+                    source: dict | None = None, sampling: dict | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(transformer_sd, transformer_dtype), out / "transformer.safetensors")
@@ -86,12 +102,17 @@ def write_model_dir(out: str | Path, cfg: StarConfig, transformer_sd: dict, vae_
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": cfg.name, "arch": cfg.to_dict(),
               "transformer_dtype": dtype_name(transformer_dtype), "vae_dtype": dtype_name(vae_dtype),
               "source": source or {}}
+    if sampling:
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+        if unknown:
+            raise ValueError(f"unknown sampling defaults {unknown}; known: {list(SAMPLING_KEYS)}")
+        config["sampling"] = dict(sampling)
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return out
 
 
 def read_config(path: str | Path) -> dict:
-    path = Path(path)
+    path = resolve_model_path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelFileNotFoundError(f"model directory {path} has no config.json (write one with `python -m model.convert`)")
@@ -105,7 +126,7 @@ def read_config(path: str | Path) -> dict:
 
 def load_model_dir(path: str | Path):
     """(name, config, transformer, vae, CLIP folder) from a model directory, weights as stored."""
-    path = Path(path)
+    path = resolve_model_path(path)
     config = read_config(path)
     cfg = StarConfig.from_dict(config["arch"])
     files = {}
@@ -117,3 +138,11 @@ def load_model_dir(path: str | Path):
     transformer = build_transformer(cfg, mmap_safetensors(files["transformer"]), f"{files['transformer']}")
     vae = build_vae(cfg, mmap_safetensors(files["vae"]), f"{files['vae']}")
     return config.get("name") or path.name, cfg, transformer, vae, path / "CLIP"
+
+
+def sampling_defaults(spec: str | Path) -> dict:
+    """The model directory's recommended sampling parameters ({} for presets and older directories)."""
+    if not is_model_dir(spec):
+        return {}
+    sampling = read_config(spec).get("sampling") or {}
+    return {k: sampling[k] for k in SAMPLING_KEYS if k in sampling}

@@ -80,46 +80,49 @@ def images_to_uint8(img_N3HW: torch.Tensor) -> numpy.ndarray:
 class StarPipeline:
     def __init__(self, name: str, cfg: StarConfig, transformer: StarTransformer, vae: VQVAE,
                  text_encoder: TextEncoder, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "float32", vae_dtype: torch.dtype = torch.float32):
+                 dtype: str | torch.dtype = "float32", *, vae_dtype: str | torch.dtype = "float32",
+                 fp32_head: bool = True):
+        """vae_dtype and fp32_head=False lower the precision of the decode / the logits (only on request)."""
         self.name, self.cfg = name, cfg
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.image_size, self.patch_nums = cfg.image_size, cfg.patch_nums
-        self.transformer = place_transformer_(transformer, self.device, self.dtype)
-        self.vae = vae.to(device=self.device, dtype=vae_dtype)
+        self.transformer = place_transformer_(transformer, self.device, self.dtype, fp32_head)
+        self.vae = vae.to(device=self.device, dtype=resolve_dtype(vae_dtype, self.device))
         self.text_encoder = text_encoder.to(self.device)
         self._cache: KVCache | None = None
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
     def load(cls, spec: str, device: str = "cpu", dtype: str | torch.dtype = "float32",
-             trust_pickle: bool = False) -> "StarPipeline":
+             trust_pickle: bool = False, **precision) -> "StarPipeline":
         """A model directory (written by `python -m model.convert`) or a preset name (random weights).
 
         trust_pickle only matters where a pickle is read (`from_official`); model directories hold
-        safetensors and the CLIP folder only.
+        safetensors and the CLIP folder only. precision: vae_dtype=, fp32_head= (see __init__).
         """
         if spec in PRESETS and not Path(spec).exists():
-            return cls.from_preset(spec, device=device, dtype=dtype)
+            return cls.from_preset(spec, device=device, dtype=dtype, **precision)
         if not is_model_dir(spec):
             raise ModelFileNotFoundError(
                 f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model directory with a config.json")
         name, cfg, transformer, vae, clip_dir = load_model_dir(spec)
         text = TextEncoder.from_folder(clip_dir, cfg.text_len)
-        return cls(Path(spec).name, cfg, transformer, vae, text, device, dtype)
+        return cls(Path(spec).name, cfg, transformer, vae, text, device, dtype, **precision)
 
     @classmethod
     def from_preset(cls, name: str, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                    seed: int = 0) -> "StarPipeline":
+                    seed: int = 0, **precision) -> "StarPipeline":
         """Preset architecture with deterministic random weights and a small random CLIP."""
         cfg = PRESETS[name]
         text = TextEncoder(byte_level_clip_tokenizer(), random_clip_text_model(cfg.text_dim, seed + 2), cfg.text_len)
-        return cls(name, cfg, random_transformer(cfg, seed), random_vae(cfg, seed + 1), text, device, dtype)
+        return cls(name, cfg, random_transformer(cfg, seed), random_vae(cfg, seed + 1), text, device, dtype,
+                   **precision)
 
     @classmethod
     def from_official(cls, ar_path: str | Path, vae_path: str | Path, clip_dir: str | Path, *,
                       device: str = "cpu", dtype: str | torch.dtype = "float32", trust_pickle: bool = False,
-                      name: str | None = None, use_sampler_head: bool = False) -> "StarPipeline":
+                      name: str | None = None, use_sampler_head: bool = False, **precision) -> "StarPipeline":
         """Straight from the official `.pth` files and `CLIP/` folder (slower than a model directory).
 
         use_sampler_head=True raises UnsupportedFeatureError: causal-driven stable sampling is not
@@ -127,7 +130,8 @@ class StarPipeline:
         """
         cfg, transformer, vae = load_official(ar_path, vae_path, name=name, trust_pickle=trust_pickle,
                                               use_sampler_head=use_sampler_head)
-        return cls(cfg.name, cfg, transformer, vae, TextEncoder.from_folder(clip_dir, cfg.text_len), device, dtype)
+        text = TextEncoder.from_folder(clip_dir, cfg.text_len)
+        return cls(cfg.name, cfg, transformer, vae, text, device, dtype, **precision)
 
     def reserve(self, max_images: int) -> KVCache:
         """Allocate (or keep) the static KV cache for up to max_images images (2 rows each)."""

@@ -175,11 +175,13 @@ class StarTransformer(nn.Module):
         return x_BlC
 
     def logits(self, x_BlC: torch.Tensor) -> torch.Tensor:
-        """Head in float32 (at least): LayerNorm without affine, then head_logits."""
-        h = x_BlC.to(torch.promote_types(x_BlC.dtype, torch.float32))
+        """LayerNorm without affine, then head_logits, in the wider of x's and the head's dtype;
+        returned as float32 at least (sampling always runs in float32)."""
+        h = x_BlC.to(torch.promote_types(x_BlC.dtype, self.head_logits.weight.dtype))
         if self.cfg.logit_norm:
             h = F.layer_norm(h, h.shape[-1:], eps=self.cfg.norm_eps)
-        return F.linear(h, self.head_logits.weight.to(h.dtype), self.head_logits.bias.to(h.dtype))
+        logits = F.linear(h, self.head_logits.weight.to(h.dtype), self.head_logits.bias.to(h.dtype))
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     # ---- teacher-forced full sequence (reference / tests) ---------------------------------------
     def forward(self, pooled_BD: torch.Tensor, text: TextKV, f_inputs_BLCv: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,194 @@
+"""Prompt adherence of a shapes model: classify each generated image's shape and colours, report accuracy.
+
+    python -m model.adherence MODEL_DIR --prompts 28 --seeds 0,1,2 [--cfg 3 --top-k 0 --top-p 0]
+
+The scorer is plain image analysis (no learned parts):
+  background  the named colour nearest to most pixels of the 3-pixel border;
+  object      pixels whose nearest named colour is not the background's, largest 4-connected
+              component; its colour is the most common nearest named colour inside it;
+  shape       the component's bounding box gets each shape's outline drawn into it (the same
+              outlines the dataset draws, ring with its hole); the best intersection-over-union wins.
+Prompts are the held-out combinations of model/shapes.py (never captions of training images); prompt
+m is HELD_OUT_PROMPTS[m % 28]. Every (prompt, seed) pair is one image. Sampling parameters not given
+on the command line come from the model directory's config.json ("sampling"), else the defaults
+of ImageRequest. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .shapes import COLOUR_NAMES, COLOURS, HELD_OUT, SHAPES, caption, draw_outline
+
+PALETTE = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
+BORDER = 3
+MIN_OBJECT_PIXELS = 40
+
+
+@dataclass(frozen=True)
+class Verdict:
+    shape: str | None       # None: no object found
+    colour: str | None
+    background: str
+    iou: float              # how well the best shape outline fits
+
+
+def colour_labels(img_HW3: np.ndarray) -> np.ndarray:
+    """Index of the nearest named colour for every pixel, [H, W] int."""
+    d = ((img_HW3[:, :, None, :].astype(np.float32) - PALETTE) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def _propagate(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` 4-connected to `seeds` (both bool [H, W])."""
+    reach = seeds & mask
+    while True:
+        grown = reach.copy()
+        grown[1:] |= reach[:-1]
+        grown[:-1] |= reach[1:]
+        grown[:, 1:] |= reach[:, :-1]
+        grown[:, :-1] |= reach[:, 1:]
+        grown &= mask
+        if np.array_equal(grown, reach):
+            return reach
+        reach = grown
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a bool mask (all False if the mask is empty)."""
+    best, rest = np.zeros_like(mask), mask.copy()
+    while rest.sum() > best.sum():
+        ys, xs = np.nonzero(rest)
+        seed = np.zeros_like(mask)
+        seed[ys[0], xs[0]] = True
+        comp = _propagate(rest, seed)
+        if comp.sum() > best.sum():
+            best = comp
+        rest &= ~comp
+    return best
+
+
+def template(shape: str, h: int, w: int, supersample: int = 4) -> np.ndarray:
+    """Bool [h, w] mask of `shape` filling an h x w box (anti-aliased, thresholded at half)."""
+    img = Image.new("L", (w * supersample, h * supersample), 0)
+    draw_outline(ImageDraw.Draw(img), shape, (0, 0, w * supersample, h * supersample), 255, 0)
+    return np.asarray(img.resize((w, h), Image.Resampling.BOX)) >= 128
+
+
+def classify(img_HW3: np.ndarray) -> Verdict:
+    labels = colour_labels(img_HW3)
+    border = np.concatenate([labels[:BORDER].ravel(), labels[-BORDER:].ravel(),
+                             labels[:, :BORDER].ravel(), labels[:, -BORDER:].ravel()])
+    bg = int(np.bincount(border, minlength=len(COLOUR_NAMES)).argmax())
+    comp = largest_component(labels != bg)
+    if comp.sum() < MIN_OBJECT_PIXELS:
+        return Verdict(None, None, COLOUR_NAMES[bg], 0.0)
+    colour = int(np.bincount(labels[comp], minlength=len(COLOUR_NAMES)).argmax())
+    ys, xs = np.nonzero(comp)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    box = comp[y0:y1, x0:x1]
+    ious = {}
+    for shape in SHAPES:
+        t = template(shape, y1 - y0, x1 - x0)
+        ious[shape] = float((t & box).sum() / max(1, (t | box).sum()))
+    shape = max(ious, key=ious.get)
+    return Verdict(shape, COLOUR_NAMES[colour], COLOUR_NAMES[bg], ious[shape])
+
+
+def score(verdicts: list[Verdict], targets: list[tuple[str, str, str]]) -> dict:
+    """Accuracies of verdicts against (shape, colour, background) targets."""
+    n = max(1, len(targets))
+    ok_shape = [v.shape == t[0] for v, t in zip(verdicts, targets)]
+    ok_colour = [v.colour == t[1] for v, t in zip(verdicts, targets)]
+    ok_bg = [v.background == t[2] for v, t in zip(verdicts, targets)]
+    per_shape = {s: round(float(np.mean([o for o, t in zip(ok_shape, targets) if t[0] == s])), 4)
+                 for s in SHAPES if any(t[0] == s for t in targets)}
+    return {
+        "images": len(targets),
+        "shape_accuracy": round(sum(ok_shape) / n, 4),
+        "object_colour_accuracy": round(sum(ok_colour) / n, 4),
+        "background_colour_accuracy": round(sum(ok_bg) / n, 4),
+        "colour_accuracy": round((sum(ok_colour) + sum(ok_bg)) / (2 * n), 4),
+        "all_correct": round(sum(a and b and c for a, b, c in zip(ok_shape, ok_colour, ok_bg)) / n, 4),
+        "shape_accuracy_by_shape": per_shape,
+    }
+
+
+def held_out_targets(m: int) -> list[tuple[str, str, str]]:
+    return [HELD_OUT[i % len(HELD_OUT)] for i in range(m)]
+
+
+def evaluate(pipe, m: int, seeds: list[int], sampling: dict, batch: int = 8) -> tuple[dict, list]:
+    """Generate every (held-out prompt, seed) image with pipe and score it; also return the rows."""
+    from .pipeline import ImageRequest
+
+    jobs = [(t, s) for t in held_out_targets(m) for s in seeds]
+    rows, t0 = [], time.perf_counter()
+    for i in range(0, len(jobs), batch):
+        part = jobs[i:i + batch]
+        results = pipe.generate([ImageRequest(caption(*t), seed=s, **sampling) for t, s in part])
+        for (t, s), r in zip(part, results):
+            rows.append((t, s, classify(r.image), r.image))
+    report = score([r[2] for r in rows], [r[0] for r in rows])
+    report["seconds_per_image"] = round((time.perf_counter() - t0) / max(1, len(jobs)), 4)
+    return report, rows
+
+
+def sampling_from(model_dir: str, args: argparse.Namespace) -> dict:
+    from .model_dir import sampling_defaults
+
+    sampling = sampling_defaults(model_dir)
+    for key in ("cfg", "top_k", "top_p", "temperature"):
+        if getattr(args, key) is not None:
+            sampling[key] = getattr(args, key)
+    return sampling
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m model.adherence", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="model directory or preset name (e.g. shapes)")
+    ap.add_argument("--prompts", type=int, default=len(HELD_OUT), help=f"M held-out prompts (default {len(HELD_OUT)}: all)")
+    ap.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
+    ap.add_argument("--cfg", type=float)
+    ap.add_argument("--top-k", dest="top_k", type=int)
+    ap.add_argument("--top-p", dest="top_p", type=float)
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--save", help="write every image as PNG into this folder (names: prompt index, seed)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from .pipeline import StarPipeline
+
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = StarPipeline.load(args.model)
+    sampling = sampling_from(args.model, args)
+    report, rows = evaluate(pipe, args.prompts, args.seeds, sampling)
+    report.update(model=args.model, prompts=args.prompts, seeds=args.seeds, sampling=sampling)
+    if args.save:
+        from pathlib import Path
+
+        out = Path(args.save)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, (t, s, v, img) in enumerate(rows):
+            Image.fromarray(img).save(out / f"{i:03d}_{'_'.join(t)}_seed{s}_as_{v.shape}_{v.colour}_{v.background}.png")
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
