@@ -1,0 +1,122 @@
+"""The web page at `/`: served by the API without a build step, and used end to end in headless
+Debian chromium (Playwright drives the system browser; it never downloads one). The screenshot
+lands in artifacts/ui.png."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Each text the status line shows, in order (the page's own text, read by a MutationObserver).
+RECORD_STATUS = """
+window.__statusLog = [];
+new MutationObserver((changes) => {
+  for (const change of changes) {
+    const el = change.target.nodeType === 3 ? change.target.parentElement : change.target;
+    if (el && el.classList && el.classList.contains("status-text")) window.__statusLog.push(el.textContent);
+  }
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def test_the_page_and_its_files_are_served_next_to_the_api(stack):
+    client = stack.client
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for text in ('<label for="prompt">Prompt</label>', '<label for="negative_prompt">', '<label for="seed">',
+                 '<label for="guidance_scale">', '<label for="size">', '<label for="n">', "/static/app.js"):
+        assert text in page.text
+    assert "javascript" in client.get("/static/app.js").headers["content-type"]
+    assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+    assert client.get("/static/missing.js").status_code == 404
+    assert client.get("/docs").status_code == 200 and client.get("/healthz").json() == {"status": "ok"}
+    assert "/v1/images/generations" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: CI must install Debian's chromium (.ci/run does)")
+        pytest.skip(f"no {CHROMIUM} (apt-get install chromium) for the browser test")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=FLAGS,
+            viewport={"width": 1200, "height": 1000})
+        page = context.new_page()
+        page.add_init_script(RECORD_STATUS)
+        problems: list[str] = []
+        page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+        page.on("pageerror", lambda exc: problems.append(str(exc)))
+        page.problems = problems
+        yield page
+        context.close()
+
+
+def pixels(url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(httpx.get(url).content)))
+
+
+def test_type_a_prompt_submit_and_see_the_image(stack, browser_page):
+    page = browser_page
+    page.goto(stack.url)
+    page.get_by_label("Size").select_option("256")          # filled from GET /models
+    page.get_by_label("Prompt", exact=True).fill("a red fox in snow, watercolor")
+    page.get_by_label("Negative prompt").fill("blurry")
+    page.get_by_label("Seed").fill("42")
+    page.get_by_label("Guidance").fill("3.5")
+    page.get_by_role("button", name="Generate").click()
+
+    first = page.locator(".job").first
+    image = first.locator(".result img")
+    image.wait_for(timeout=30_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth === 256", arg=image.element_handle())
+    assert image.get_attribute("alt") == "a red fox in snow, watercolor (seed 42)"
+    assert first.locator(".param-seed").inner_text() == "42"
+    assert first.locator(".param-negative").inner_text() == "blurry"
+    assert first.locator(".param-guidance").inner_text() == "3.5"
+    assert first.locator(".status-text").inner_text().startswith("Done in")
+    statuses = page.evaluate("window.__statusLog")
+    assert any(text.startswith("Running: scale") for text in statuses), statuses
+    download = first.locator("a.download")
+    assert download.inner_text() == "Download" and download.get_attribute("download") == "star-42.png"
+    url = download.get_attribute("href")
+
+    first.get_by_role("button", name="Same seed again").click()   # a new job, on top of the gallery
+    page.wait_for_function("document.querySelectorAll('.job .result img').length === 2", timeout=30_000)
+    again = page.locator(".job").first
+    again_image = again.locator(".result img")
+    page.wait_for_function("img => img.complete && img.naturalWidth === 256", arg=again_image.element_handle())
+    assert again.locator(".param-seed").inner_text() == "42"
+    assert np.array_equal(pixels(again.locator("a.download").get_attribute("href")), pixels(url))
+
+    (ROOT / "artifacts").mkdir(exist_ok=True)
+    page.screenshot(path=str(ROOT / "artifacts" / "ui.png"), full_page=True)
+    assert page.problems == []
+
+
+def test_a_rejected_request_shows_the_servers_message(stack, browser_page):
+    page = browser_page
+    page.goto(stack.url)
+    page.get_by_label("Prompt", exact=True).fill("a fox")
+    page.get_by_label("Seed").fill("-1")
+    page.get_by_role("button", name="Generate").click()
+    alert = page.get_by_role("alert")
+    alert.wait_for()
+    assert "`seed`" in alert.inner_text() and "from 0 to 4294967295" in alert.inner_text()
+    assert page.locator(".job").count() == 0
