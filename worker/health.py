@@ -46,8 +46,8 @@ class Health:
     def publish(self) -> None:
         try:
             q.publish_worker(self.conn, self.entry, ttl_s=max(3 * self.period_s, 2.0))
-        except Exception:  # Redis hiccup: the next beat retries
-            log.warning("worker %s: could not publish its heartbeat", self.entry.name, exc_info=True)
+        except Exception as exc:  # Redis hiccup: the next beat retries
+            log.warning("worker %s: could not publish its heartbeat: %s", self.entry.name, exc)
 
     def start(self) -> None:
         self.publish()
@@ -59,16 +59,16 @@ class Health:
             self._thread.join(timeout=5)
         try:
             q.remove_worker(self.conn, self.entry.name)
-        except Exception:
-            log.warning("worker %s: could not remove its registry entry", self.entry.name, exc_info=True)
+        except Exception as exc:   # it expires after three heartbeat periods anyway
+            log.warning("worker %s: could not remove its registry entry: %s", self.entry.name, exc)
 
     def beat(self) -> None:
         self.publish()
         for hook in self.hooks:
             try:
                 hook()
-            except Exception:
-                log.warning("heartbeat hook failed", exc_info=True)
+            except Exception as exc:
+                log.warning("worker %s: heartbeat of running jobs failed: %s", self.entry.name, exc)
 
     def _run(self) -> None:
         next_beat = 0.0

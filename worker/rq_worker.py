@@ -9,7 +9,6 @@ request stays a real RQ job: `rq info` and the registries tell the truth, result
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -53,7 +52,8 @@ class BatchWorker(SimpleWorker):
         self.health = health
         self.model = runner.model_name
         self._lock = threading.RLock()   # RQ bookkeeping from the encode threads and the heartbeat
-        self._inflight: dict[str, Running] = {}
+        self._inflight: dict[str, Running] = {}   # started and not yet ended (any batch)
+        self._batch: list[Running] = []            # started in the current batch
         self.collector = Collector(images_of=q.job_images, pull=self._pull, start=self._start,
                                    give_back=self._give_back, max_images=max_batch,
                                    max_wait_s=max_wait_ms / 1000.0)
@@ -64,16 +64,16 @@ class BatchWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.set_state(WorkerStatus.BUSY)   # a SIGTERM now waits for the batch (RQ's warm shutdown)
         self.health.set_state("busy")
-        batch: list[Running] = []
+        self._batch = []   # filled by _start, so a failure even mid-collect ends every started job
         try:
             batch = self.collector.collect(job)
             if batch:
                 self.runner.run(batch, self)
         except Exception as exc:
             log.exception("batch failed outside the model call")
-            for running in batch:
-                if running.job.id in self._inflight:
-                    self.finish_failed(running, "internal_error", f"worker error: {exc}", sys.exc_info())
+            for running in self._batch:     # jobs already ended are skipped by finish_failed
+                self.finish_failed(running, "internal_error", f"worker error: {exc}",
+                                   (type(exc), exc, exc.__traceback__))
         finally:
             self.set_state(WorkerStatus.IDLE)
             self.health.set_state("ready")
@@ -145,14 +145,20 @@ class BatchWorker(SimpleWorker):
         with self._lock:
             self.executions[execution.id] = execution
             self._inflight[job.id] = running
+        self._batch.append(running)
         return running
 
     # ------------------------------------------------------------ ending jobs (any thread)
+    # Each ends a started job once: the first call wins, later ones for the same job do nothing.
+
+    def _claim(self, running: Running) -> bool:
+        return self._inflight.pop(running.job.id, None) is not None
 
     def finish_succeeded(self, running: Running, result: dict) -> None:
         job = running.job
         with self._lock:
-            self._inflight.pop(job.id, None)
+            if not self._claim(running):
+                return
             job.meta.update(model_s=result.get("model_s"), progress=None)
             job.save_meta()
             self._finalize_success(job, running.queue, running.execution, result)
@@ -162,7 +168,8 @@ class BatchWorker(SimpleWorker):
         job = running.job
         exc_info = exc_info or (JobFailed, JobFailed(f"{code}: {message}"), None)
         with self._lock:
-            self._inflight.pop(job.id, None)
+            if not self._claim(running):
+                return
             job.meta.update(error={"code": code, "message": message}, progress=None)
             job.save_meta()
             self._finalize_failure(job, running.queue, running.execution, exc_info)
@@ -172,7 +179,8 @@ class BatchWorker(SimpleWorker):
         """A running job canceled at a scale boundary: end its execution and mark it canceled."""
         job = running.job
         with self._lock:
-            self._inflight.pop(job.id, None)
+            if not self._claim(running):
+                return
             job.ended_at = now()
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=running.execution)

@@ -98,6 +98,8 @@ class BatchRunner:
             self._after_model_error(batch, finisher, error)
             return
         model_s = time.perf_counter() - t0
+        if len(results) != len(requests):
+            raise RuntimeError(f"the pipeline returned {len(results)} results for {len(requests)} requests")
         self.metrics.observe_batch(len(batch), len(requests), model_s)
         self.metrics.observe_gpu_memory(getattr(self.pipeline, "device", "cpu"))
         report = BatchReport([r.job.id for r in batch], len(requests), [_queue_wait(r.job) for r in batch],

@@ -167,3 +167,22 @@ def test_rq_sees_the_worker_and_its_counts(conn, settings):
     assert seen[0].queue_names() == ["star-noop-64"]
     info = conn.hgetall("rq:worker:w-test")
     assert int(info[b"successful_job_count"]) == 3 and int(info[b"failed_job_count"]) == 1
+
+
+class BrokenPipeline(SeedPipeline):
+    """Returns one result too few: a bug outside any single request."""
+
+    def generate(self, requests, *, on_scale=None):
+        return super().generate(requests, on_scale=on_scale)[:-1]
+
+
+def test_a_worker_bug_fails_the_started_jobs_and_the_worker_goes_on(conn, settings):
+    pipe = BrokenPipeline()
+    first = [enqueue(conn, params(f"p{i}")) for i in range(4)]   # one full batch
+    last = enqueue(conn, params("last", n=2))
+    assert run(settings, pipeline=pipe, burst=True) == 0
+    assert len(pipe.batches) == 2
+    for job_id in first + [last]:
+        view = state(conn, job_id)
+        assert view.status == "failed" and view.error["code"] == "internal_error", view
+    assert Queue(q.queue_name("noop-64"), connection=conn).started_job_registry.count == 0
