@@ -51,6 +51,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     ctx.metrics.install(app)
     _add_job_routes(app, ctx)
+    _add_image_route(app, ctx)
     _add_service_routes(app, ctx)
     app.include_router(events.create_router())         # GET /jobs/{id}/events (SSE)
     app.include_router(openai_compat.create_router())  # POST /v1/images/generations
@@ -111,6 +112,8 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
         response.status_code = 202 if outcome == "cancel_requested" else 200
         return get_job(job_id)
 
+
+def _add_image_route(app: FastAPI, ctx: Context) -> None:
     @app.get("/images/{image_id}.png", tags=["images"], response_class=FileResponse,
              responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}})
     def get_image(image_id: str, request: Request) -> Response:
