@@ -71,23 +71,26 @@ def run(settings: WorkerSettings, pipeline=None, burst: bool = False) -> int:
     health.start()
     previous = _drain_on_signals(health)   # until RQ installs its own handlers
     try:
-        worker = _prepare(settings, conn, health, metrics, pipeline)
-    except Exception:
-        log.exception("worker %s: could not start", name)
-        health.set_state("failed")
-        health.stop()
-        return 1
-    try:
-        if health.drain_requested:
-            log.info("worker %s: stop requested while starting", name)
-            worker.runner.close()
-            return 0
-        health.set_state("ready")
-        worker.work(burst=burst, logging_level=settings.log_level.upper())
-        return 0 if (health.drain_requested or burst) else 1
+        return _serve(settings, conn, health, metrics, pipeline, burst)
     finally:
         _restore(previous)
         health.stop()
+
+
+def _serve(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetrics, pipeline, burst: bool) -> int:
+    try:
+        worker = _prepare(settings, conn, health, metrics, pipeline)
+    except Exception:
+        log.exception("worker %s: could not start", health.entry.name)
+        health.set_state("failed")
+        return 1
+    if health.drain_requested:
+        log.info("worker %s: stop requested while starting", health.entry.name)
+        worker.runner.close()
+        return 0
+    health.set_state("ready")
+    worker.work(burst=burst, logging_level=settings.log_level.upper())
+    return 0 if (health.drain_requested or burst) else 1
 
 
 def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetrics, pipeline) -> BatchWorker:

@@ -186,3 +186,18 @@ def test_a_worker_bug_fails_the_started_jobs_and_the_worker_goes_on(conn, settin
         view = state(conn, job_id)
         assert view.status == "failed" and view.error["code"] == "internal_error", view
     assert Queue(q.queue_name("noop-64"), connection=conn).started_job_registry.count == 0
+
+
+def test_a_model_that_does_not_load_exits_1_and_leaves_no_worker_behind(conn, settings):
+    bad = settings.model_copy(update={"model": "noop:not-a-size"})
+    assert run(bad) == 1
+    assert q.live_workers(conn) == []
+
+
+def test_run_restores_the_signal_handlers(conn, settings):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    run(settings, pipeline=SeedPipeline(), burst=True)
+    run(settings.model_copy(update={"model": "noop:bad"}))
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
