@@ -23,7 +23,7 @@ SCALE_DELAY_MS = 150   # x 10 scales: a batch takes 1.5 s + model time
 def stack(new_redis_db, tmp_path_factory, worker_process):
     redis_url, data = new_redis_db(), tmp_path_factory.mktemp("lifecycle")
     worker = worker_process(redis_url, data / "images", data / "worker.log", script=[SLOW_WORKER], env={
-        "STAR_MODEL": "tiny", "STAR_MAX_BATCH": "4", "STAR_MAX_WAIT_MS": "300", "STAR_WARMUP": "false",
+        "STAR_MODEL": "tiny", "STAR_MAX_BATCH": "4", "STAR_MAX_WAIT_MS": "600", "STAR_WARMUP": "false",
         "TEST_SCALE_DELAY_MS": str(SCALE_DELAY_MS)})
     with worker:
         worker.redis_url, worker.data = redis_url, data
@@ -78,7 +78,7 @@ def done(v: dict) -> bool:
 
 def test_cancel_while_running_leaves_the_batch_mate_intact(api, stack):
     client = api()
-    doomed, mate = post(client, seed=1), post(client, seed=2)   # same batch (300 ms wait)
+    doomed, mate = post(client, seed=1), post(client, seed=2)   # same batch (600 ms wait)
     until(client, doomed, running_at_scale(2))
     assert view(client, mate)["status"] == "running"
 
