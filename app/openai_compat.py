@@ -128,7 +128,8 @@ def _generate_endpoint(app):
     raise RuntimeError("the app has no POST /generate route")
 
 
-async def wait_for_job(ctx, job_id: str, settings: OpenAISettings, request: Request) -> q.JobState:
+async def wait_for_job(ctx, job_id: str, settings: OpenAISettings) -> q.JobState:
+    """The job once finished; OpenAIError 504 (job canceled) after settings.timeout_s."""
     deadline = time.monotonic() + settings.timeout_s
     while True:
         state = await run_in_threadpool(q.read_job, ctx.redis, job_id)
@@ -136,11 +137,32 @@ async def wait_for_job(ctx, job_id: str, settings: OpenAISettings, request: Requ
             raise OpenAIError(500, f"job {job_id} vanished while waiting", code="job_failed")
         if state.status not in ("queued", "running"):
             return state
-        if time.monotonic() >= deadline or await request.is_disconnected():
+        if time.monotonic() >= deadline:
             await run_in_threadpool(q.request_cancel, ctx.redis, job_id)
             raise OpenAIError(504, f"job {job_id} did not finish within {settings.timeout_s:g}s; it was "
                               "canceled", code="timeout", headers=NO_RETRY)
         await asyncio.sleep(settings.poll_s)
+
+
+async def wait_unless_disconnected(ctx, job_id: str, settings: OpenAISettings, request: Request) -> q.JobState | None:
+    """wait_for_job, but None (and the job canceled) if the client goes away first."""
+    waiter = asyncio.ensure_future(wait_for_job(ctx, job_id, settings))
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((waiter, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiter, watcher):
+            task.cancel()
+    if waiter.done() and not waiter.cancelled():
+        return waiter.result()
+    log.info("client gone: canceling job %s", job_id)
+    await run_in_threadpool(q.request_cancel, ctx.redis, job_id)
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_router(settings: OpenAISettings | None = None) -> APIRouter:
@@ -164,7 +186,9 @@ def create_router(settings: OpenAISettings | None = None) -> APIRouter:
             served = await run_in_threadpool(q.live_workers, ctx.redis)
             star_request, response_format = translate(body, served)
             accepted = await run_in_threadpool(_generate_endpoint(request.app), body=star_request, response=Response())
-            state = await wait_for_job(ctx, accepted.id, settings, request)
+            state = await wait_unless_disconnected(ctx, accepted.id, settings, request)
+            if state is None:   # nobody is listening any more
+                return JSONResponse({}, status_code=499)
             if state.status != "succeeded":
                 raise failure(state)
             return JSONResponse(answer(state, response_format, ctx.storage))

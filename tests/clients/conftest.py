@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from app import queue as q
+
 SLOW_WORKER = str(Path(__file__).resolve().parents[1] / "integration" / "slow_worker.py")
 SCALE_DELAY_MS = 80
 
@@ -24,3 +26,18 @@ def stack(new_redis_db, tmp_path_factory, worker_process, api_server):
         with api_server(settings) as api:
             api.redis_url, api.worker, api.data = redis_url, worker, data
             yield api
+
+
+@pytest.fixture
+def idle_api(redis_url, tmp_path, api_server, monkeypatch, conn):
+    """An API whose only 'worker' is a registry entry: jobs stay queued; fast event polls and pings."""
+    from app.settings import ApiSettings
+
+    monkeypatch.setenv("STAR_EVENTS_POLL_S", "0.05")
+    monkeypatch.setenv("STAR_EVENTS_HEARTBEAT_S", "0.2")
+    monkeypatch.setenv("STAR_OPENAI_POLL_S", "0.05")
+    q.publish_worker(conn, q.WorkerEntry(name="idle", model="tiny", state="ready", size=256,
+                                         queue=q.queue_name("tiny")), ttl_s=60)
+    with api_server(ApiSettings(redis_url=redis_url, storage_dir=tmp_path / "images")) as api:
+        api.conn = conn
+        yield api

@@ -7,9 +7,6 @@ import threading
 from collections.abc import Iterator
 
 import httpx
-import pytest
-
-from app import queue as q
 
 
 def events(response: httpx.Response) -> Iterator[tuple[str, object]]:
@@ -45,19 +42,6 @@ def test_a_job_streams_progress_then_its_result_and_the_stream_ends(stack):
 def test_an_unknown_job_is_404_in_the_usual_error_shape(stack):
     response = stack.client.get("/jobs/00000000-0000-4000-8000-000000000000/events")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
-
-
-@pytest.fixture
-def idle_api(redis_url, tmp_path, api_server, monkeypatch, conn):
-    """An API whose only 'worker' is a registry entry: jobs stay queued; fast polls and pings."""
-    from app.settings import ApiSettings
-
-    monkeypatch.setenv("STAR_EVENTS_POLL_S", "0.05")
-    monkeypatch.setenv("STAR_EVENTS_HEARTBEAT_S", "0.2")
-    q.publish_worker(conn, q.WorkerEntry(name="idle", model="tiny", state="ready", size=256,
-                                         queue=q.queue_name("tiny")), ttl_s=60)
-    with api_server(ApiSettings(redis_url=redis_url, storage_dir=tmp_path / "images")) as api:
-        yield api
 
 
 def test_queue_position_heartbeats_and_cancel(idle_api):

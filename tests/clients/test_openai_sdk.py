@@ -35,7 +35,7 @@ def test_b64_json_with_the_fields_the_sdk_sends(sdk):
 
 
 def test_url_is_the_default_and_the_url_serves_the_png(sdk):
-    result = sdk.images.generate(prompt="a lighthouse at dusk")
+    result = sdk.images.generate(prompt="a lighthouse at dusk", model="tiny")   # a served model: its size
     (item,) = result.data
     assert item.b64_json is None and result.size == "256x256"
     response = httpx.get(item.url)
@@ -73,3 +73,15 @@ def test_a_wait_past_the_timeout_is_504_once_and_the_job_is_canceled(stack, api_
         status = wait_until(lambda: api.client.get(f"/jobs/{job_id}").json()["status"] not in ("queued", "running")
                             and api.client.get(f"/jobs/{job_id}").json()["status"], what="the job to end")
         assert status == "canceled"
+
+
+def test_a_caller_that_goes_away_has_its_job_canceled(idle_api, wait_until):
+    from rq.registry import CanceledJobRegistry
+
+    from app import queue as q
+
+    with pytest.raises(httpx.TimeoutException):   # no worker runs it: the caller gives up
+        httpx.post(f"{idle_api.url}/v1/images/generations", json={"prompt": "never mind"}, timeout=0.5)
+    queue = q.get_queue(idle_api.conn, "tiny")
+    wait_until(lambda: CanceledJobRegistry(queue=queue).get_job_ids(), timeout=5, what="the job to be canceled")
+    assert queue.count == 0
