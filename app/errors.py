@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.schemas import allowed_range
+from app.schemas import GenerateRequest, allowed_range
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def validation_message(error: dict) -> tuple[str | None, str]:
     field = ".".join(loc) or None
     kind = error.get("type", "")
     if kind == "extra_forbidden":
-        return field, f"unknown field `{field}`; allowed fields: {', '.join(_request_fields())}"
+        return field, f"unknown field `{field}`; allowed fields: {', '.join(GenerateRequest.model_fields)}"
     if kind == "missing":
         return field, f"`{field}` is required" + _range_suffix(field)
     if kind in ("json_invalid", "model_attributes_type", "dict_type"):
@@ -101,12 +101,6 @@ def validation_message(error: dict) -> tuple[str | None, str]:
 def _range_suffix(field: str | None) -> str:
     allowed = allowed_range(field) if field else None
     return f"; allowed: {allowed}" if allowed else ""
-
-
-def _request_fields() -> list[str]:
-    from app.schemas import GenerateRequest
-
-    return list(GenerateRequest.model_fields)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -178,11 +178,11 @@ def fetch_job(conn: Redis, job_id: str) -> Job | None:
     return job
 
 
-def public_status(job: Job, now: float | None = None) -> str:
+def public_status(job: Job) -> str:
     status = job.get_status(refresh=False)
     meta = job.meta or {}
     if status in WAITING:
-        return "expired" if is_expired(job, now) else "queued"
+        return "expired" if is_expired(job) else "queued"
     if status == JobStatus.STARTED:
         return "running"
     if status == JobStatus.FINISHED:
@@ -194,9 +194,10 @@ def public_status(job: Job, now: float | None = None) -> str:
     return "failed"
 
 
-def is_expired(job: Job, now: float | None = None) -> bool:
+def is_expired(job: Job) -> bool:
+    """Past its deadline (meaningful while the job waits: a started job is never expired)."""
     deadline = (job.meta or {}).get("deadline_at")
-    return deadline is not None and (now or time.time()) > float(deadline)
+    return deadline is not None and time.time() > float(deadline)
 
 
 def read_job(conn: Redis, job_id: str) -> JobState | None:
@@ -273,14 +274,6 @@ def scale_boundary(conn: Redis, jobs: list[Job], k: int, scales: int) -> set[str
             pipe.exists(CANCEL_KEY.format(job.id))
         flags = pipe.execute()[len(jobs):]
     return {job.id for job, flag in zip(jobs, flags) if flag}
-
-
-def cancel_requested(conn: Redis, job_ids: list[str]) -> set[str]:
-    with conn.pipeline() as pipe:
-        for job_id in job_ids:
-            pipe.exists(CANCEL_KEY.format(job_id))
-        flags = pipe.execute()
-    return {job_id for job_id, flag in zip(job_ids, flags) if flag}
 
 
 def clear_cancel_flag(conn: Redis, job_id: str) -> None:
