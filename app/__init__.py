@@ -1,4 +1,5 @@
 """HTTP API of the STAR service: request schemas, queue protocol, storage, settings.
 
-Never imports torch or `model` (tests/app/test_no_torch.py proves it), so the API image stays small.
+Never imports torch, `model` or `worker` (tests/app/test_api.py::test_importing_the_api_does_not_import_torch
+proves it), so the API image stays small.
 """
