@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vae", required=True, help="VAR's VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth")
     ap.add_argument("--clip", required=True, help="CLIP folder with tokenizer/ and text_encoder/")
     ap.add_argument("--out", required=True, help="model directory to write")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="transformer weights dtype (default bf16)")
-    ap.add_argument("--vae-dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="VQ-VAE weights dtype (default fp32)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                    help="transformer weights dtype (default bf16)")
+    ap.add_argument("--vae-dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
+                    help="VQ-VAE weights dtype (default fp32)")
     ap.add_argument("--name", help="model name stored in config.json (default: the output folder's name)")
     ap.add_argument("--patch-nums", type=_patch_nums, help="scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16 "
                     "(default: from the snapshot's config)")

@@ -114,7 +114,8 @@ def check_case(case_dir: str | Path, *, dtype: str = "float32", atol: float = 1e
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.golden", description=__doc__.split("\n\n")[0])
     ap.add_argument("case_dir", nargs="+", help="golden case directory (config.json, checkpoint, expected.safetensors)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="transformer dtype (default float32)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="transformer dtype (default float32)")
     ap.add_argument("--atol", type=float, default=1e-4, help="max abs error of logits, f_hat, image (default 1e-4)")
     ap.add_argument("--no-decode", action="store_true", help="skip the VQ-VAE decode check")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")

@@ -115,12 +115,14 @@ def read_config(path: str | Path) -> dict:
     path = resolve_model_path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise ModelFileNotFoundError(f"model directory {path} has no config.json (write one with `python -m model.convert`)")
+        raise ModelFileNotFoundError(
+            f"model directory {path} has no config.json (write one with `python -m model.convert`)")
     config = json.loads(cfg_path.read_text())
     if config.get("format") != FORMAT:
         raise WeightsError(f"{cfg_path} is not a STAR model directory config (format {config.get('format')!r})")
     if config.get("format_version") != FORMAT_VERSION:
-        raise WeightsError(f"{cfg_path}: format_version {config.get('format_version')} unsupported (this code reads {FORMAT_VERSION})")
+        raise WeightsError(f"{cfg_path}: format_version {config.get('format_version')} unsupported "
+                           f"(this code reads {FORMAT_VERSION})")
     return config
 
 

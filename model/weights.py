@@ -212,4 +212,5 @@ def load_official(ar_path: str | Path, vae_path: str | Path, *, name: str | None
     ar_sd = drop_sampler_head(ar_sd, use_sampler_head, str(ar_path))
     vae_sd = read_official_vae(vae_path, trust_pickle)
     cfg = config_from_official(name or Path(ar_path).stem, ar_sd, vae_sd, meta, patch_nums)
-    return cfg, build_transformer(cfg, ar_sd, f"transformer checkpoint {ar_path}"), build_vae(cfg, vae_sd, f"VQ-VAE {vae_path}")
+    transformer = build_transformer(cfg, ar_sd, f"transformer checkpoint {ar_path}")
+    return cfg, transformer, build_vae(cfg, vae_sd, f"VQ-VAE {vae_path}")

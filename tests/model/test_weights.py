@@ -42,7 +42,8 @@ def _save_snapshot(path, sd, config):
 def test_architecture_is_derived_from_the_shapes(official_paths):
     cfg, tr, vae = load_official(*official_paths)
     tiny = PRESETS["tiny"]
-    assert (cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.vocab_size, cfg.vae_channels, cfg.text_dim) == (2, 128, 2, 64, 8, 48)
+    shape = (cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.vocab_size, cfg.vae_channels, cfg.text_dim)
+    assert shape == (2, 128, 2, 64, 8, 48)
     assert (cfg.vae_ch, cfg.vae_ch_mult, cfg.patch_nums) == (32, (1, 1, 2, 2, 4), tiny.patch_nums)
     assert cfg.replace(name="tiny") == tiny  # the tiny preset is the golden tiny256 architecture
 
