@@ -42,8 +42,9 @@ def test_the_page_and_its_files_are_served_next_to_the_api(stack):
     assert "/v1/images/generations" in client.get("/openapi.json").json()["paths"]
 
 
-@pytest.fixture
-def browser_page(tmp_path):
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless chromium with a fresh profile, launched once for this module's tests."""
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing: CI must install Debian's chromium (.ci/run does)")
@@ -56,16 +57,23 @@ def browser_page(tmp_path):
         pytest.skip("playwright is not installed (pip install -e '.[dev]')")
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=FLAGS,
-            viewport={"width": 1200, "height": 1000})
-        page = context.new_page()
-        page.add_init_script(RECORD_STATUS)
-        problems: list[str] = []
-        page.on("console", lambda message: message.type == "error" and problems.append(message.text))
-        page.on("pageerror", lambda exc: problems.append(str(exc)))
-        page.problems = problems
-        yield page
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
+            args=FLAGS, viewport={"width": 1200, "height": 1000})
+        yield context
         context.close()
+
+
+@pytest.fixture
+def browser_page(browser):
+    """A new tab that records console errors and uncaught exceptions in `page.problems`."""
+    page = browser.new_page()
+    page.add_init_script(RECORD_STATUS)
+    problems: list[str] = []
+    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.problems = problems
+    yield page
+    page.close()
 
 
 def pixels(url: str) -> np.ndarray:
@@ -120,3 +128,17 @@ def test_a_rejected_request_shows_the_servers_message(stack, browser_page):
     alert.wait_for()
     assert "`seed`" in alert.inner_text() and "from 0 to 4294967295" in alert.inner_text()
     assert page.locator(".job").count() == 0
+
+
+def test_without_the_event_stream_the_page_polls(stack, browser_page):
+    page = browser_page
+    page.route("**/jobs/*/events", lambda route: route.abort())   # e.g. a proxy that drops SSE
+    page.goto(stack.url)
+    page.get_by_label("Prompt", exact=True).fill("a harbor at night")
+    page.get_by_label("Images").select_option("2")
+    page.get_by_role("button", name="Generate").click()
+    images = page.locator(".job .result img")
+    page.wait_for_function("document.querySelectorAll('.job .result img').length === 2", timeout=30_000)
+    seeds = page.locator(".job .param-seed").all_inner_texts()
+    assert int(seeds[1]) == int(seeds[0]) + 1 and images.first.get_attribute("alt").startswith("a harbor at night")
+    assert all("ERR_FAILED" in problem for problem in page.problems), page.problems   # only the aborted stream
