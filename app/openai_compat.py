@@ -43,7 +43,8 @@ NO_RETRY = {"x-should-retry": "false"}   # the SDK would otherwise resend (and q
 class OpenAISettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STAR_OPENAI_", extra="ignore")
 
-    timeout_s: float = Field(300.0, gt=0, description="How long POST /v1/images/generations waits for its job (then 504, job canceled).")
+    timeout_s: float = Field(300.0, gt=0, description="How long POST /v1/images/generations waits for its "
+                             "job (then 504, and the job is canceled).")
     poll_s: float = Field(0.25, gt=0, description="How often a waiting POST /v1/images/generations re-reads its job.")
 
 
@@ -198,6 +199,7 @@ def create_router(settings: OpenAISettings | None = None) -> APIRouter:
             return OpenAIError.from_api_error(exc).response()
         except RedisError as exc:
             log.warning("redis unavailable: %s", exc)
-            return OpenAIError(503, f"the job store (Redis) is unavailable: {exc}", code=RedisUnavailable.code).response()
+            return OpenAIError(503, f"the job store (Redis) is unavailable: {exc}",
+                               code=RedisUnavailable.code).response()
 
     return router

@@ -2,7 +2,6 @@
 server failures that a healthy stack cannot produce (in-process, mock transport)."""
 from __future__ import annotations
 
-import io
 import os
 import re
 import signal
