@@ -2,6 +2,7 @@
 server failures that a healthy stack cannot produce (in-process, mock transport)."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -138,3 +140,19 @@ def test_output_names():
     assert paths("shots/fox", "p", 1) == [Path("shots/fox.png")]
     assert paths("shots/", "A red fox!", 1) == [Path("shots/a-red-fox.png")]
     assert paths(None, "???", 1) == [Path("star.png")]
+
+
+def test_on_a_terminal_the_progress_is_one_line_redrawn_in_place():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    line = cli_generate.ProgressLine(stream)
+    for job in (SimpleNamespace(status="queued", queue_position=2, progress=None),
+                SimpleNamespace(status="running", queue_position=None, progress=SimpleNamespace(scale=5, scales=10)),
+                SimpleNamespace(status="running", queue_position=None, progress=SimpleNamespace(scale=10, scales=10))):
+        line.update(job)
+    line.end()
+    assert stream.getvalue().split("\r")[1:] == [
+        "queued: 2 jobs ahead", "[############............] scale 5/10", "[########################] scale 10/10\n"]
