@@ -38,5 +38,15 @@ class KVCache:
         self.v[layer, :B, :, begin:end] = v_BHlc
         return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
 
+    def slots(self, layer: int, begin: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of positions [begin, begin + length) of the first rows rows, to be written in place
+        (the attention writes rotated K straight into its slot: no temporary, no copy)."""
+        end = begin + length
+        return self.k[layer, :rows, :, begin:end], self.v[layer, :rows, :, begin:end]
+
+    def prefix(self, layer: int, rows: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of positions [0, end) of the first rows rows (what a scale attends to)."""
+        return self.k[layer, :rows, :, :end], self.v[layer, :rows, :, :end]
+
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

@@ -21,12 +21,15 @@ class RowParams:
     top_k_N: torch.Tensor        # int64, 0 = off
     top_p_N: torch.Tensor        # float64, 0 = off
     temperature_N: torch.Tensor  # float64, > 0
+    top_k_max: int | None = None  # largest top_k on the host (0 if any row has top-k off); None: unknown
 
     @classmethod
     def build(cls, cfg, top_k, top_p, temperature, device) -> "RowParams":
         f64 = dict(dtype=torch.float64, device=device)
+        host_k = torch.as_tensor(top_k, dtype=torch.int64).flatten().tolist()
         params = cls(torch.as_tensor(cfg, **f64), torch.as_tensor(top_k, dtype=torch.int64, device=device),
-                     torch.as_tensor(top_p, **f64), torch.as_tensor(temperature, **f64))
+                     torch.as_tensor(top_p, **f64), torch.as_tensor(temperature, **f64),
+                     0 if not host_k or min(host_k) <= 0 else max(host_k))
         params.validate()
         return params
 
@@ -83,15 +86,55 @@ def filter_top_k_top_p_(logits_NlV: torch.Tensor, top_k_N: torch.Tensor, top_p_N
 
 def gumbel_noise(shape: tuple[int, int], gens: list[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
     """[N, l, V] Gumbel(0, 1) noise, row n drawn from gens[n] only."""
-    tiny = torch.finfo(dtype).tiny
-    u = torch.stack([torch.rand(shape, generator=g, device=device, dtype=dtype) for g in gens])
-    return -torch.log(-torch.log(u.clamp_(min=tiny)))
+    return _gumbel_(uniform_noise(shape, gens, device, dtype))
+
+
+def uniform_noise(shape: tuple[int, int], gens: list[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
+    """[N, l, V] uniform [0, 1) noise, row n drawn from gens[n] only (written in place, no stack)."""
+    u = torch.empty((len(gens), *shape), device=device, dtype=dtype)
+    for n, g in enumerate(gens):
+        torch.rand(shape, generator=g, device=device, dtype=dtype, out=u[n])
+    return u
+
+
+def _gumbel_(u: torch.Tensor) -> torch.Tensor:
+    tiny = torch.finfo(u.dtype).tiny
+    return u.clamp_(min=tiny).log_().neg_().log_().neg_()
 
 
 def sample_rows(logits_NlV: torch.Tensor, params: RowParams, gens: list[torch.Generator]) -> torch.Tensor:
-    """Filter, apply temperature and draw one token per position: idx [N, l] int64."""
+    """Filter, apply temperature and draw one token per position: idx [N, l] int64.
+
+    When every row has top-k on (the default), only the k largest logits of a position can be drawn,
+    so the work runs on those candidates (`torch.topk`) instead of sorting and filtering all V
+    logits; the noise is the same draw from each image's generator, so both paths pick the same
+    token (up to rounding of the top-p sums, and exact ties at the k-th logit beyond k candidates).
+    """
     N, l, V = logits_NlV.shape
+    k_cap = params.top_k_max
+    if k_cap is None:
+        k_cap = int(params.top_k_N.min()) and int(params.top_k_N.max())
+    if 0 < k_cap < V:
+        return _sample_candidates(logits_NlV, params, gens, k_cap)
     logits = filter_top_k_top_p_(logits_NlV, params.top_k_N, params.top_p_N)
     logits = logits / params.temperature_N.to(logits.dtype).view(N, 1, 1)
     noise = gumbel_noise((l, V), gens, logits.device, logits.dtype)
     return (logits + noise).argmax(dim=-1)
+
+
+def _sample_candidates(logits_NlV: torch.Tensor, params: RowParams, gens: list[torch.Generator],
+                       k_cap: int) -> torch.Tensor:
+    """sample_rows on the k_cap largest logits of each position (every row's top_k <= k_cap)."""
+    N, l, V = logits_NlV.shape
+    vals_NlK, idx_NlK = logits_NlV.topk(k_cap, dim=-1)              # descending
+    kth_pos = (params.top_k_N - 1).clamp(max=k_cap - 1).view(N, 1, 1).expand(N, l, 1)
+    vals_NlK = vals_NlK.masked_fill(vals_NlK < vals_NlK.gather(-1, kth_pos), -torch.inf)  # ties kept
+    # top-p as VAR: cumulative probability from the smallest kept logit up, drop where <= 1 - p
+    cum_asc = vals_NlK.softmax(dim=-1).flip(-1).cumsum_(dim=-1).flip(-1)
+    drop = cum_asc <= (1 - params.top_p_N).to(cum_asc.dtype).view(N, 1, 1)
+    drop[..., 0] = False
+    drop &= (params.top_p_N > 0).view(N, 1, 1)
+    vals_NlK = vals_NlK.masked_fill_(drop, -torch.inf).div_(params.temperature_N.to(vals_NlK.dtype).view(N, 1, 1))
+    u_NlV = uniform_noise((l, V), gens, logits_NlV.device, logits_NlV.dtype)
+    pick = vals_NlK.add_(_gumbel_(u_NlV.gather(-1, idx_NlK))).argmax(dim=-1, keepdim=True)
+    return idx_NlK.gather(-1, pick).squeeze(-1)

@@ -21,9 +21,41 @@ SAMPLER_HEAD_PREFIXES = ("word_embed_head.", "feat_extract_blocks.", "pos_start_
                          "encoder_proj2.", "head_proj.", "lvl_embed_2.")
 
 
-def _l2norm_scaled_q(q: torch.Tensor, scale_mul_1H11: torch.Tensor, max_log: float) -> torch.Tensor:
-    scale = scale_mul_1H11.float().clamp_max(max_log).exp().to(q.dtype)
-    return F.normalize(q, dim=-1).mul(scale)
+def head_scale(scale_mul_1H11: torch.Tensor, max_log: float) -> torch.Tensor:
+    """exp(min(scale_mul, max_log)) per head, [1, H, 1, 1] float32 (computed once per request)."""
+    return scale_mul_1H11.float().clamp_max(max_log).exp()
+
+
+def rope_normalize(x_BHlc: torch.Tensor, freqs_lc: torch.Tensor, scale_1H11: torch.Tensor | None = None,
+                   out_BHlc: torch.Tensor | None = None) -> torch.Tensor:
+    """x / |x| (times a per-head scale), rotated by RoPE; computed in float32 (at least).
+
+    Rotation first, one complex multiply (freqs = cos + i sin of the interleaved pairs), then the
+    normalisation on the rotated vector (a rotation keeps the norm), so a head vector is touched by
+    three kernels instead of about a dozen. `out_BHlc` (e.g. the KV cache's slot) receives the
+    result when given; otherwise a new tensor in x's dtype is returned.
+    """
+    compute = torch.promote_types(x_BHlc.dtype, torch.float32)
+    x = x_BHlc if x_BHlc.dtype == compute else x_BHlc.to(compute)
+    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    freqs = freqs_lc if freqs_lc.dtype == xc.dtype else freqs_lc.to(xc.dtype)
+    direct = out_BHlc is not None and out_BHlc.dtype == compute and not x.requires_grad
+    if direct:
+        r = out_BHlc
+        torch.mul(xc, freqs, out=torch.view_as_complex(r.unflatten(-1, (-1, 2))))
+    else:
+        r = torch.view_as_real(xc * freqs).flatten(-2)
+    norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True).clamp_min(1e-12)
+    factor = norm.reciprocal() if scale_1H11 is None else scale_1H11.to(compute) / norm
+    if r.requires_grad:
+        r = r * factor
+    else:
+        r.mul_(factor)
+    if direct:
+        return r
+    if out_BHlc is not None:
+        return out_BHlc.copy_(r)
+    return r.to(x_BHlc.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -40,15 +72,27 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x_BlC: torch.Tensor, cos_lc: torch.Tensor, sin_lc: torch.Tensor, cache: KVCache,
-                layer: int, begin: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def qkv_bias(self) -> torch.Tensor:
+        return torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+
+    def forward(self, x_BlC: torch.Tensor, rope, cache, layer: int, begin: int,
+                attn_mask: torch.Tensor | None = None, consts: "LayerConsts | None" = None) -> torch.Tensor:
+        """rope: the complex RoPE table of these tokens [l, c/2] (or a (cos, sin) pair);
+        consts: per-request constants of this layer (bias, head scale), else computed here."""
         B, l, C = x_BlC.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        bias = consts.qkv_bias if consts is not None else self.qkv_bias()
+        scale = consts.sa_scale if consts is not None else head_scale(self.scale_mul_1H11, self.max_log_scale)
+        freqs = rope if isinstance(rope, torch.Tensor) else torch.complex(rope[0].float(), rope[1].float())
         qkv = F.linear(x_BlC, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
         q_BHlc, k_BHlc, v_BHlc = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q_BHlc = apply_rope(_l2norm_scaled_q(q_BHlc, self.scale_mul_1H11, self.max_log_scale), cos_lc, sin_lc)
-        k_BHlc = apply_rope(F.normalize(k_BHlc, dim=-1), cos_lc, sin_lc)
-        k_BHLc, v_BHLc = cache.write_kv_(layer, begin, k_BHlc, v_BHlc)
+        q_BHlc = rope_normalize(q_BHlc, freqs, scale)
+        if isinstance(cache, KVCache) and not x_BlC.requires_grad:
+            k_slot, v_slot = cache.slots(layer, begin, B, l)
+            rope_normalize(k_BHlc, freqs, None, out_BHlc=k_slot)
+            v_slot.copy_(v_BHlc)
+            k_BHLc, v_BHLc = cache.prefix(layer, B, begin + l)
+        else:
+            k_BHLc, v_BHLc = cache.write_kv_(layer, begin, rope_normalize(k_BHlc, freqs), v_BHlc)
         o_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, attn_mask=attn_mask, scale=1.0)
         return self.proj(o_BHlc.transpose(1, 2).reshape(B, l, C))
 
@@ -77,10 +121,15 @@ class CrossAttention(nn.Module):
         return F.normalize(k_NHTc, dim=-1), v_NHTc
 
     def forward(self, x_NlC: torch.Tensor, k_NHTc: torch.Tensor, v_NHTc: torch.Tensor,
-                mask_N11T: torch.Tensor) -> torch.Tensor:
+                mask_N11T: torch.Tensor, scale_1H11: torch.Tensor | None = None) -> torch.Tensor:
+        """mask_N11T: additive (0 / -inf, in the query's dtype) or boolean (True = attend)."""
         N, l, C = x_NlC.shape
         q = F.linear(x_NlC, self.mat_q.weight, self.q_bias).view(N, l, self.num_heads, self.head_dim)
-        q_NHlc = _l2norm_scaled_q(q.transpose(1, 2), self.scale_mul_1H11, self.max_log_scale)
+        if scale_1H11 is None:
+            scale_1H11 = head_scale(self.scale_mul_1H11, self.max_log_scale)
+        q = q.transpose(1, 2)
+        norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
+        q_NHlc = q * (scale_1H11.to(q.dtype) / norm)
         o_NHlc = F.scaled_dot_product_attention(q_NHlc, k_NHTc, v_NHTc, attn_mask=mask_N11T, scale=1.0)
         return self.proj(o_NHlc.transpose(1, 2).reshape(N, l, C))
 
@@ -108,21 +157,36 @@ class Block(nn.Module):
     def _ln(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
-    def forward(self, x_BlC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
-                layer: int, begin: int, text: "TextKV", attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x_BlC = x_BlC + self.attn(self._ln(x_BlC), rope[0], rope[1], cache, layer, begin, attn_mask)
+    def forward(self, x_BlC: torch.Tensor, rope, cache: KVCache, layer: int, begin: int, text: "TextKV",
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """rope: complex RoPE table [l, c/2] of these tokens, or a (cos, sin) pair."""
+        consts = text.consts[layer] if text.consts is not None else None
+        x_BlC = x_BlC + self.attn(self._ln(x_BlC), rope, cache, layer, begin, attn_mask, consts)
         k_NHTc, v_NHTc = text.kv[layer]
         N = k_NHTc.shape[0]
-        ca_NlC = self.cross_attn(self._ln(x_BlC[:N]), k_NHTc, v_NHTc, text.mask_N11T)
+        ca_NlC = self.cross_attn(self._ln(x_BlC[:N]), k_NHTc, v_NHTc, text.mask_N11T,
+                                 consts.ca_scale if consts is not None else None)
         x_BlC = (x_BlC.unflatten(0, (-1, N)) + ca_NlC).flatten(0, 1)  # image n's output to rows n and N + n
         return x_BlC + self.ffn(self._ln(x_BlC))
 
 
-class TextKV:
-    """Per-request text conditioning of every layer: K/V of the conditional prompt and its mask."""
+class LayerConsts:
+    """What one layer needs on every scale but computes once per request: the fused QKV bias and
+    the per-head scales of self- and cross-attention (float32, [1, H, 1, 1])."""
 
-    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask_N11T: torch.Tensor):
-        self.kv, self.mask_N11T = kv, mask_N11T
+    def __init__(self, blk: Block):
+        self.qkv_bias = blk.attn.qkv_bias()
+        self.sa_scale = head_scale(blk.attn.scale_mul_1H11, blk.attn.max_log_scale)
+        self.ca_scale = head_scale(blk.cross_attn.scale_mul_1H11, blk.cross_attn.max_log_scale)
+
+
+class TextKV:
+    """Per-request conditioning of every layer: K/V of the conditional prompt, its mask (additive,
+    in the model's dtype, or boolean) and the per-layer constants (None: computed per call)."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask_N11T: torch.Tensor,
+                 consts: list[LayerConsts] | None = None):
+        self.kv, self.mask_N11T, self.consts = kv, mask_N11T, consts
 
 
 class StarTransformer(nn.Module):
@@ -147,13 +211,19 @@ class StarTransformer(nn.Module):
             cos_Lc, sin_Lc = rope_tables(cfg.patch_nums, cfg.head_dim, cfg.rope_theta, cfg.rope_norm)
         self.register_buffer("rope_cos_Lc", cos_Lc.to(device), persistent=False)
         self.register_buffer("rope_sin_Lc", sin_Lc.to(device), persistent=False)
+        # the same table as complex numbers (cos + i sin), float32 whatever the weights' dtype; a plain
+        # attribute, so Module.to(dtype) never casts it to real (rope_freqs follows the device)
+        self.rope_freqs_Lc = torch.complex(cos_Lc, sin_Lc).to(device)
 
     # ---- pieces of one scale step -------------------------------------------------------------
     def text_kv(self, ctx_NTD: torch.Tensor, mask_NT: torch.Tensor) -> TextKV:
         """Text K/V of every layer, once per request (not per scale, not for unconditional rows)."""
-        ctx_NTD = ctx_NTD.to(self.pos_start.dtype)
+        dtype = self.pos_start.dtype
+        ctx_NTD = ctx_NTD.to(dtype)
         kv = [blk.cross_attn.text_kv(ctx_NTD) for blk in self.blocks]
-        return TextKV(kv, mask_NT.to(torch.bool)[:, None, None, :])
+        keep_N11T = mask_NT.to(torch.bool)[:, None, None, :]
+        mask_N11T = torch.zeros(keep_N11T.shape, dtype=dtype, device=ctx_NTD.device).masked_fill_(~keep_N11T, -torch.inf)
+        return TextKV(kv, mask_N11T, [LayerConsts(blk) for blk in self.blocks])
 
     def start_tokens(self, pooled_BD: torch.Tensor) -> torch.Tensor:
         """Scale-0 input: encoder_proj(pooled text) + pos_start + lvl_embed[0], [B, 1, C]."""
@@ -167,9 +237,15 @@ class StarTransformer(nn.Module):
     def rope(self, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos_Lc[begin:end], self.rope_sin_Lc[begin:end]
 
+    def rope_freqs(self, begin: int, end: int) -> torch.Tensor:
+        """Complex RoPE table of tokens [begin, end) (float32 pairs) on the model's device."""
+        if self.rope_freqs_Lc.device != self.pos_start.device:
+            self.reset_buffers_(self.pos_start.device)
+        return self.rope_freqs_Lc[begin:end]
+
     def blocks_forward(self, x_BlC: torch.Tensor, si: int, cache: KVCache, text: TextKV) -> torch.Tensor:
         begin, end = self.cfg.begin_ends[si]
-        rope = self.rope(begin, end)
+        rope = self.rope_freqs(begin, end)
         for layer, blk in enumerate(self.blocks):
             x_BlC = blk(x_BlC, rope, cache, layer, begin, text)
         return x_BlC
@@ -196,7 +272,7 @@ class StarTransformer(nn.Module):
         x_BLC = x_BLC + torch.cat((torch.zeros_like(self.lvl_embed.weight[:1]), self.lvl_embed(lvl_L[1:])))
         mask_LL = lvl_L[:, None] >= lvl_L[None, :]
         cache = KVCache.for_config(cfg, x_BLC.shape[0], x_BLC.dtype, x_BLC.device)
-        rope = self.rope(0, cfg.L)
+        rope = self.rope_freqs(0, cfg.L)
         for layer, blk in enumerate(self.blocks):
             x_BLC = blk(x_BLC, rope, cache, layer, 0, text, attn_mask=mask_LL)
         return self.logits(x_BLC)
