@@ -61,8 +61,7 @@ def sample_scales(model: StarTransformer, vae: VQVAE, cond: Conditioning, params
     idx_per_scale: list[torch.Tensor] = []
     canceled = [False] * N
     for si in range(S):
-        x_BlC = model.blocks_forward(x_BlC, si, cache, text)
-        logits_BlV = model.logits(x_BlC)
+        logits_BlV = model.scale_logits(x_BlC, si, cache, text)
         if on_logits is not None:
             on_logits(si, logits_BlV)
         logits_NlV = guide(logits_BlV, params.guidance_t(si, S))

@@ -26,19 +26,26 @@ def head_scale(scale_mul_1H11: torch.Tensor, max_log: float) -> torch.Tensor:
     return scale_mul_1H11.float().clamp_max(max_log).exp()
 
 
-def rope_normalize(x_BHlc: torch.Tensor, freqs_lc: torch.Tensor, scale_1H11: torch.Tensor | None = None,
+def rope_normalize(x_BHlc: torch.Tensor, rope, scale_1H11: torch.Tensor | None = None,
                    out_BHlc: torch.Tensor | None = None) -> torch.Tensor:
     """x / |x| (times a per-head scale), rotated by RoPE; computed in float32 (at least).
 
-    Rotation first, one complex multiply (freqs = cos + i sin of the interleaved pairs), then the
-    normalisation on the rotated vector (a rotation keeps the norm), so a head vector is touched by
-    three kernels instead of about a dozen. `out_BHlc` (e.g. the KV cache's slot) receives the
-    result when given; otherwise a new tensor in x's dtype is returned.
+    rope is the complex table [l, c/2] (cos + i sin of the interleaved pairs): rotation first, one
+    complex multiply, then the normalisation of the rotated vector (a rotation keeps the norm), so a
+    head vector is touched by three kernels instead of about a dozen. rope may also be a (cos, sin)
+    pair: the same math in real arithmetic (for autograd and torch.compile, which fuses it anyway).
+    `out_BHlc` (e.g. the KV cache's slot) receives the result when given; otherwise a new tensor in
+    x's dtype is returned.
     """
     compute = torch.promote_types(x_BHlc.dtype, torch.float32)
     x = x_BHlc if x_BHlc.dtype == compute else x_BHlc.to(compute)
+    if not isinstance(rope, torch.Tensor):
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+        factor = norm.reciprocal() if scale_1H11 is None else scale_1H11.to(compute) / norm
+        r = apply_rope(x * factor, rope[0], rope[1])
+        return r.to(x_BHlc.dtype) if out_BHlc is None else out_BHlc.copy_(r)
     xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-    freqs = freqs_lc if freqs_lc.dtype == xc.dtype else freqs_lc.to(xc.dtype)
+    freqs = rope if rope.dtype == xc.dtype else rope.to(xc.dtype)
     direct = out_BHlc is not None and out_BHlc.dtype == compute and not x.requires_grad
     if direct:
         r = out_BHlc
@@ -47,15 +54,10 @@ def rope_normalize(x_BHlc: torch.Tensor, freqs_lc: torch.Tensor, scale_1H11: tor
         r = torch.view_as_real(xc * freqs).flatten(-2)
     norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True).clamp_min(1e-12)
     factor = norm.reciprocal() if scale_1H11 is None else scale_1H11.to(compute) / norm
-    if r.requires_grad:
-        r = r * factor
-    else:
-        r.mul_(factor)
+    r = r * factor if r.requires_grad else r.mul_(factor)
     if direct:
         return r
-    if out_BHlc is not None:
-        return out_BHlc.copy_(r)
-    return r.to(x_BHlc.dtype)
+    return r.to(x_BHlc.dtype) if out_BHlc is None else out_BHlc.copy_(r)
 
 
 class SelfAttention(nn.Module):
@@ -77,22 +79,21 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BlC: torch.Tensor, rope, cache, layer: int, begin: int,
                 attn_mask: torch.Tensor | None = None, consts: "LayerConsts | None" = None) -> torch.Tensor:
-        """rope: the complex RoPE table of these tokens [l, c/2] (or a (cos, sin) pair);
-        consts: per-request constants of this layer (bias, head scale), else computed here."""
+        """rope: the RoPE table of these tokens (complex [l, c/2] or a (cos, sin) pair, see
+        rope_normalize); consts: per-request constants of this layer, else computed here."""
         B, l, C = x_BlC.shape
         bias = consts.qkv_bias if consts is not None else self.qkv_bias()
         scale = consts.sa_scale if consts is not None else head_scale(self.scale_mul_1H11, self.max_log_scale)
-        freqs = rope if isinstance(rope, torch.Tensor) else torch.complex(rope[0].float(), rope[1].float())
         qkv = F.linear(x_BlC, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
         q_BHlc, k_BHlc, v_BHlc = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q_BHlc = rope_normalize(q_BHlc, freqs, scale)
+        q_BHlc = rope_normalize(q_BHlc, rope, scale)
         if isinstance(cache, KVCache) and not x_BlC.requires_grad:
             k_slot, v_slot = cache.slots(layer, begin, B, l)
-            rope_normalize(k_BHlc, freqs, None, out_BHlc=k_slot)
+            rope_normalize(k_BHlc, rope, None, out_BHlc=k_slot)
             v_slot.copy_(v_BHlc)
             k_BHLc, v_BHLc = cache.prefix(layer, B, begin + l)
         else:
-            k_BHLc, v_BHLc = cache.write_kv_(layer, begin, rope_normalize(k_BHlc, freqs), v_BHlc)
+            k_BHLc, v_BHLc = cache.write_kv_(layer, begin, rope_normalize(k_BHlc, rope), v_BHlc)
         o_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, attn_mask=attn_mask, scale=1.0)
         return self.proj(o_BHlc.transpose(1, 2).reshape(B, l, C))
 
@@ -245,10 +246,16 @@ class StarTransformer(nn.Module):
 
     def blocks_forward(self, x_BlC: torch.Tensor, si: int, cache: KVCache, text: TextKV) -> torch.Tensor:
         begin, end = self.cfg.begin_ends[si]
-        rope = self.rope_freqs(begin, end)
+        # under torch.compile the real (cos, sin) form: inductor fuses it and has no complex kernels
+        rope = self.rope(begin, end) if torch.compiler.is_compiling() else self.rope_freqs(begin, end)
         for layer, blk in enumerate(self.blocks):
             x_BlC = blk(x_BlC, rope, cache, layer, begin, text)
         return x_BlC
+
+    def scale_logits(self, x_BlC: torch.Tensor, si: int, cache: KVCache, text: TextKV) -> torch.Tensor:
+        """One scale step: the blocks (writing this scale's K/V into the cache), then the head's
+        float32 logits [B, l, V]. The unit that model/compile.py compiles."""
+        return self.logits(self.blocks_forward(x_BlC, si, cache, text))
 
     def logits(self, x_BlC: torch.Tensor) -> torch.Tensor:
         """LayerNorm without affine, then head_logits, in the wider of x's and the head's dtype;
