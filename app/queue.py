@@ -9,6 +9,10 @@
   running one stops at its next scale boundary when the worker sees the flag.
 - Worker registry: `star:worker:<name>` (JSON, TTL'd heartbeat) indexed by the set `star:workers`.
 - Finished-job timings for the API's histograms: the list `star:metrics:job_timings`.
+- Admission: `star:admit:<queue>` (sorted set of POSTs between the limit check and the push), so
+  that queue depth + reservations never exceed the queue limit however many POSTs race.
+- Per-key active jobs: `star:active:<key name>` (app.auth), left by `job_ended` on every ending.
+- Ownership of running jobs, re-queueing of abandoned ones: app.recovery.
 """
 from __future__ import annotations
 
@@ -16,11 +20,14 @@ import json
 import math
 import re
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from redis import Redis, WatchError
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
@@ -36,14 +43,22 @@ CANCEL_KEY = "star:cancel:{}"
 CANCEL_FLAG_TTL_S = 86400
 TIMINGS_KEY = "star:metrics:job_timings"
 TIMINGS_CAP = 10000
+ADMIT_KEY = "star:admit:{}"
+ADMIT_HOLD_S = 30          # a reservation left by a crashed API process lapses after this
+ACTIVE_KEY = "star:active:{}"
 JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ACCEPTING_STATES = ("starting", "ready", "busy")   # a POST may be queued for these workers
 READY_STATES = ("ready", "busy")                    # /readyz needs one of these
 WAITING = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED)
 
 
-def connect(url: str, socket_timeout: float | None = 5.0) -> Redis:
-    return Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=socket_timeout)
+def connect(url: str, socket_timeout: float | None = 5.0, retries: int | None = None) -> Redis:
+    """A client; `retries` bounds redis-py's reconnect attempts (the API answers 503 quickly
+    while Redis is down instead of retrying for seconds)."""
+    options = {}
+    if retries is not None:
+        options["retry"] = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries)
+    return Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=socket_timeout, **options)
 
 
 def queue_name(model: str) -> str:
@@ -129,20 +144,61 @@ def all_queue_depths(conn: Redis) -> dict[str, int]:
     return {q.name[len(QUEUE_PREFIX):]: q.count for q in queues}
 
 
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+if redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return 1
+"""
+
+
+def admit(conn: Redis, queue: Queue, job_id: str, limit: int) -> bool:
+    """Reserve a place for job_id if the queue holds fewer than `limit` jobs, counting places
+    reserved by concurrent POSTs (atomic: a burst of POSTs never overshoots the limit)."""
+    now_s = time.time()
+    return bool(conn.eval(_ADMIT, 2, queue.key, ADMIT_KEY.format(queue.name), limit, now_s,
+                          now_s - ADMIT_HOLD_S, job_id, ADMIT_HOLD_S))
+
+
 def enqueue(conn: Redis, params: dict, model: str, *, deadline_s: float, result_ttl: int,
-            failure_ttl: int) -> tuple[Job, int | None]:
-    """Put one request on its model's queue; returns the job and its queue position."""
+            failure_ttl: int, queue_limit: int | None = None, job_id: str | None = None,
+            api_key: str | None = None) -> tuple[Job, int | None] | None:
+    """Put one request on its model's queue; returns the job and its queue position, or None when
+    the queue already holds `queue_limit` jobs."""
     queue = get_queue(conn, model)
+    job_id = job_id or str(uuid.uuid4())
+    if queue_limit is not None and not admit(conn, queue, job_id, queue_limit):
+        return None
     meta = {"model": model, "images": params["n"], "deadline_at": time.time() + deadline_s}
-    job = queue.enqueue_call(
-        JOB_FUNC, kwargs=params, meta=meta, result_ttl=result_ttl, failure_ttl=failure_ttl,
-        # The worker enforces no RQ timeout (batches run in-process); a never-started job's
-        # record expires result_ttl after its deadline.
-        timeout=-1, ttl=math.ceil(deadline_s) + result_ttl,
-        description=f"star {model}: {params['n']} image(s) of {params['size']}px",
-    )
+    if api_key:
+        meta["api_key"] = api_key
+    with conn.pipeline() as pipe:
+        job = queue.enqueue_call(
+            JOB_FUNC, kwargs=params, meta=meta, result_ttl=result_ttl, failure_ttl=failure_ttl, job_id=job_id,
+            # The worker enforces no RQ timeout (batches run in-process); a never-started job's
+            # record expires result_ttl after its deadline.
+            timeout=-1, ttl=math.ceil(deadline_s) + result_ttl, pipeline=pipe,
+            description=f"star {model}: {params['n']} image(s) of {params['size']}px",
+        )
+        pipe.zrem(ADMIT_KEY.format(queue.name), job_id)
+        pipe.execute()
     position = queue.get_job_position(job.id)
     return job, 0 if position is None else position   # None: a worker has already taken it
+
+
+def job_ended(conn: Redis, job: Job) -> None:
+    """Bookkeeping of any ending (succeeded, failed, canceled, expired): free the job's slot of
+    its API key's concurrent jobs."""
+    name = (job.meta or {}).get("api_key")
+    if name:
+        conn.srem(ACTIVE_KEY.format(name), job.id)
+
+
+def public_statuses(conn: Redis, job_ids: list[str]) -> list[str]:
+    """Public status of each id ('gone' when its record no longer exists)."""
+    jobs = Job.fetch_many(job_ids, connection=conn, serializer=SERIALIZER) if job_ids else []
+    return [public_status(job) if job is not None else "gone" for job in jobs]
 
 
 @dataclass
@@ -220,16 +276,20 @@ def read_job(conn: Redis, job_id: str) -> JobState | None:
         state.images = result.get("images", [])
         state.prompt_truncated = result.get("prompt_truncated")
     elif state.status == "failed" and not state.error:
-        state.error = {"code": "job_failed", "message": _last_line(job)}
+        state.error = _failure(job)
     elif state.status == "expired":
         state.error = state.error or {"code": "expired", "message": "the job waited past its deadline"}
     return state
 
 
-def _last_line(job: Job) -> str:
+def _failure(job: Job) -> dict:
+    """The error of a job failed outside our own failure path (RQ's cleanup, a stock worker)."""
     result = job.latest_result()
-    text = (result.exc_string if result else "") or "the job failed"
-    return text.strip().splitlines()[-1]
+    text = ((result.exc_string if result else "") or "the job failed").strip()
+    if "AbandonedJobError" in text:
+        return {"code": "worker_lost", "message": "its worker stopped while running it and the job was not "
+                "re-queued in time (RQ's cleanup failed it)"}
+    return {"code": "job_failed", "message": text.splitlines()[-1]}
 
 
 def request_cancel(conn: Redis, job_id: str) -> str | None:
@@ -253,6 +313,7 @@ def request_cancel(conn: Redis, job_id: str) -> str | None:
                 pipe.hset(job.key, "ended_at", utcformat(now()))
                 pipe.expire(job.key, job.result_ttl or CANCEL_FLAG_TTL_S)
                 pipe.execute()
+                job_ended(conn, job)
                 return "canceled"
             except WatchError:
                 continue
@@ -262,18 +323,6 @@ def request_cancel(conn: Redis, job_id: str) -> str | None:
 
 def job_images(job: Job) -> int:
     return int((job.meta or {}).get("images") or job.kwargs.get("n", 1))
-
-
-def scale_boundary(conn: Redis, jobs: list[Job], k: int, scales: int) -> set[str]:
-    """Record progress k/S on each job and return the ids whose cancel flag is set."""
-    with conn.pipeline() as pipe:
-        for job in jobs:
-            job.meta["progress"] = {"scale": k, "scales": scales}
-            pipe.hset(job.key, "meta", SERIALIZER.dumps(job.meta))
-        for job in jobs:
-            pipe.exists(CANCEL_KEY.format(job.id))
-        flags = pipe.execute()[len(jobs):]
-    return {job.id for job, flag in zip(jobs, flags) if flag}
 
 
 def clear_cancel_flag(conn: Redis, job_id: str) -> None:

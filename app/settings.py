@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,18 @@ class ApiSettings(CommonSettings):
     queue_limit: int = Field(1000, ge=1, description="Queued jobs per model above which POST /generate answers 429.")
     retry_after_s: int = Field(5, ge=1, description="`Retry-After` seconds sent with a 429 (queue full).")
     image_max_age_s: int = Field(31536000, ge=0, description="`Cache-Control: max-age` of served PNGs (they never change).")
+    api_keys: SecretStr | None = Field(None, description="API keys, comma-separated: plaintext keys, or `NAME:SHA256HEX` "
+                                       "entries (see docs/reliability.md). No keys anywhere: no authentication.")
+    api_keys_file: Path | None = Field(None, description="File of API keys, one per line (`NAME:SHA256HEX` or a "
+                                       "plaintext key; `#` comments).")
+    rate_limit_per_min: int = Field(0, ge=0, description="Requests per minute per API key (0: no limit); "
+                                    "counted in Redis, so it holds across API replicas.")
+    max_concurrent_jobs_per_key: int = Field(0, ge=0, description="Queued plus running jobs per API key (0: no limit).")
+    max_body_bytes: int = Field(65536, ge=1024, description="Largest request body; a larger one is refused with 413.")
+    max_prompt_chars: int = Field(2000, ge=1, le=2000, description="Longest prompt (and negative prompt), in characters.")
+    url_signing_key: SecretStr | None = Field(None, description="Secret that signs image URLs (`?expires=&sig=`); "
+                                              "unset: plain unguessable URLs.")
+    url_ttl_s: int = Field(3600, ge=60, description="How long a signed image URL stays valid (seconds).")
 
 
 class WorkerSettings(CommonSettings):
@@ -50,3 +62,16 @@ class WorkerSettings(CommonSettings):
     warmup: bool = Field(True, description="Run one small generation after loading, before taking jobs.")
     encode_threads: int = Field(2, ge=1, description="Threads encoding and storing PNGs off the model's critical path.")
     trust_pickle: bool = Field(False, description="Allow loading pickled checkpoints (only files you trust).")
+    worker_deadline_s: float = Field(30.0, gt=0, description="A worker silent this long is presumed dead: its registry "
+                                     "entry expires and its running jobs are re-queued (must exceed STAR_HEARTBEAT_S).")
+    max_requeues: int = Field(2, ge=0, description="How many times a job whose worker died is re-queued before it "
+                              "fails with `worker_lost`.")
+    drain_grace_s: float = Field(90.0, gt=0, description="After SIGTERM, how long the batch in progress may run "
+                                 "before its jobs are put back on the queue and the worker exits.")
+
+    @model_validator(mode="after")
+    def _deadline_after_heartbeat(self) -> "WorkerSettings":
+        if self.worker_deadline_s <= self.heartbeat_s:
+            raise ValueError(f"worker_deadline_s ({self.worker_deadline_s}) must exceed "
+                             f"heartbeat_s ({self.heartbeat_s})")
+        return self

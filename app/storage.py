@@ -35,6 +35,9 @@ class Storage(Protocol):
     def url(self, image_id: str) -> str:
         """Public URL of an image id."""
 
+    def delete(self, image_id: str) -> None:
+        """Remove a stored PNG (one never published); no error if absent."""
+
 
 class LocalStorage:
     """PNGs in a directory shared by the API and the workers, fanned out by id prefix."""
@@ -71,6 +74,12 @@ class LocalStorage:
             return self.path(image_id).read_bytes()
         except (ValueError, FileNotFoundError):
             return None
+
+    def delete(self, image_id: str) -> None:
+        try:
+            self.path(image_id).unlink(missing_ok=True)
+        except ValueError:
+            pass
 
     def find(self, image_id: str) -> Path | None:
         """Path of a stored image (for streaming it), or None."""

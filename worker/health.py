@@ -1,6 +1,10 @@
 """Worker health: a state (starting, ready, busy, draining, failed) published in the Redis worker
 registry (app.queue) and in the worker's metrics, by a heartbeat thread that also keeps RQ's
-heartbeats of in-flight jobs alive while the main thread is inside a long model call.
+heartbeats of in-flight jobs alive while the main thread is inside a long model call, runs the
+reaper of dead workers' jobs (hooks), and watches the drain grace period after SIGTERM.
+
+The registry entry lives `deadline_s` (STAR_WORKER_DEADLINE_S) after each beat: a worker silent
+that long is presumed dead and its running jobs are re-queued (app.recovery).
 """
 from __future__ import annotations
 
@@ -20,13 +24,18 @@ log = logging.getLogger(__name__)
 class Health:
     """Owns the worker's registry entry; `beat()` runs every `period_s` on its own thread."""
 
-    def __init__(self, conn: Redis, entry: q.WorkerEntry, period_s: float, metrics: WorkerMetrics):
+    def __init__(self, conn: Redis, entry: q.WorkerEntry, period_s: float, metrics: WorkerMetrics,
+                 deadline_s: float | None = None, grace_s: float = float("inf")):
         self.conn = conn
         self.entry = entry
         self.period_s = period_s
+        self.deadline_s = deadline_s or max(3 * period_s, 2.0)
+        self.grace_s = grace_s
         self.metrics = metrics
-        self.hooks: list[Callable[[], None]] = []
+        self.hooks: list[Callable[[], None]] = []         # every beat
+        self.grace_hooks: list[Callable[[], None]] = []   # once, when the drain grace is over
         self.drain_requested = False   # set from a signal handler: a plain attribute, no locks
+        self._drain_since: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="star-heartbeat", daemon=True)
 
@@ -45,7 +54,7 @@ class Health:
 
     def publish(self) -> None:
         try:
-            q.publish_worker(self.conn, self.entry, ttl_s=max(3 * self.period_s, 2.0))
+            q.publish_worker(self.conn, self.entry, ttl_s=self.deadline_s)
         except Exception as exc:  # Redis hiccup: the next beat retries
             log.warning("worker %s: could not publish its heartbeat: %s", self.entry.name, exc)
 
@@ -73,8 +82,21 @@ class Health:
     def _run(self) -> None:
         next_beat = 0.0
         while not self._stop.wait(0.1):
-            if self.drain_requested and self.entry.state not in ("draining", "failed"):
-                self.set_state("draining")
+            if self.drain_requested:
+                self._watch_drain()
             if time.monotonic() >= next_beat:
                 self.beat()
                 next_beat = time.monotonic() + self.period_s
+
+    def _watch_drain(self) -> None:
+        if self.entry.state not in ("draining", "failed"):
+            self.set_state("draining")
+        if self._drain_since is None:
+            self._drain_since = time.monotonic()
+        elif time.monotonic() - self._drain_since > self.grace_s:
+            self.grace_s = float("inf")   # once
+            for hook in self.grace_hooks:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("worker %s: drain grace hook failed", self.entry.name)

@@ -1,8 +1,10 @@
 """`worker.main:main` (`star worker`, `python -m worker`): load the model once, warm up, then take
-jobs from the model's queue in batches until SIGTERM/SIGINT (finish the batch, exit 0).
+jobs from the model's queue in batches until SIGTERM/SIGINT: take no more jobs, finish the batch
+within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0.
 
 States: starting (loading, warming up) -> ready <-> busy -> draining -> gone; `failed` if the
-model cannot be loaded (exit 1).
+model cannot be loaded (exit 1) or a device error left the device unusable (its jobs go back to
+the queue; exit 3, for the supervisor to start a fresh process).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from worker.rq_worker import BatchWorker
 from worker.runner import BatchRunner
 
 log = logging.getLogger("worker")
+EXIT_DEVICE_FAILURE = 3
 
 OPTIONS = {  # flag -> setting (each overrides its STAR_* variable)
     "--model": "model", "--redis-url": "redis_url", "--device": "device", "--dtype": "dtype",
@@ -67,7 +70,8 @@ def run(settings: WorkerSettings, pipeline=None, burst: bool = False) -> int:
     name = settings.name or f"{socket.gethostname()}.{os.getpid()}"
     entry = q.WorkerEntry(name=name, model=settings.model, state="starting", max_batch=settings.max_batch,
                           max_wait_ms=settings.max_wait_ms, host=socket.gethostname(), pid=os.getpid())
-    health = Health(conn, entry, settings.heartbeat_s, metrics)
+    health = Health(conn, entry, settings.heartbeat_s, metrics, deadline_s=settings.worker_deadline_s,
+                    grace_s=settings.drain_grace_s)
     health.start()
     previous = _drain_on_signals(health)   # until RQ installs its own handlers
     try:
@@ -90,6 +94,8 @@ def _serve(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetric
         return 0
     health.set_state("ready")
     worker.work(burst=burst, logging_level=settings.log_level.upper())
+    if worker.fatal is not None:
+        return EXIT_DEVICE_FAILURE
     return 0 if (health.drain_requested or burst) else 1
 
 
@@ -110,7 +116,8 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
              settings.max_batch, settings.max_wait_ms)
     return BatchWorker(entry.queue, connection=conn, name=entry.name, runner=runner, health=health,
                        max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                       result_ttl=settings.result_ttl_s)
+                       result_ttl=settings.result_ttl_s, deadline_s=settings.worker_deadline_s,
+                       max_requeues=settings.max_requeues)
 
 
 def _drain_on_signals(health: Health) -> dict:

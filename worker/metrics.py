@@ -33,6 +33,9 @@ class WorkerMetrics:
                                        "Images per second of model time in the last batch.", registry=r)
         self.images = Counter("star_worker_images", "Images generated and stored.", registry=r)
         self.jobs = Counter("star_worker_jobs", "Jobs finished, by outcome.", ["outcome"], registry=r)
+        self.requeues = Counter("star_worker_requeues", "Running jobs this worker gave back to the queue or "
+                                "failed as worker_lost (reaper of dead workers' jobs, drain, device error).",
+                                ["reason"], registry=r)
         self.gpu_memory = Gauge("star_worker_gpu_memory_bytes", "CUDA memory of this process.", ["kind"], registry=r)
         self.state.state("starting")
 

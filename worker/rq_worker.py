@@ -2,15 +2,18 @@
 
 RQ's own loop (`work()`: registration, suspension, maintenance, signals) dequeues one job and
 calls `execute_job`; we then collect more jobs of the same queue (worker.batcher), mark each one
-started the way RQ does (execution record, StartedJobRegistry, status), run them as one model
-call (worker.runner), and end each job through RQ's own success/failure handling. So every
-request stays a real RQ job: `rq info` and the registries tell the truth, results keep their TTLs.
+started the way RQ does (execution record, StartedJobRegistry, status) plus an owner token
+(app.recovery), run them as one model call (worker.runner), and end each job through RQ's own
+success/failure handling once its owner token is claimed. So every request stays a real RQ job:
+`rq info` and the registries tell the truth, results keep their TTLs, and a job re-queued away
+from this worker (presumed dead) is never recorded twice.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis import WatchError
@@ -19,11 +22,14 @@ from rq.exceptions import DequeueTimeout, InvalidJobOperation
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.utils import now, utcformat
-from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker import WorkerStatus
 
 from app import queue as q
+from app import recovery
 from worker.batcher import Collector
 from worker.health import Health
+from worker.resilience import REDIS_DOWN, RedisTolerant, retry_redis
+from worker.runner import DeviceFailure
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +47,32 @@ class Running:
     execution: Execution
     params: dict
     images: int
+    token: str = ""          # owner token (app.recovery)
+    stage: str = "model"     # model -> encode (its images are being stored)
+    ending: bool = False     # an outcome is being recorded (or it was released)
 
 
-class BatchWorker(SimpleWorker):
+class BatchWorker(RedisTolerant):
     def __init__(self, queue_name: str, *, connection, name: str, runner, health: Health,
-                 max_batch: int, max_wait_ms: int, result_ttl: int):
+                 max_batch: int, max_wait_ms: int, result_ttl: int, deadline_s: float = 30.0,
+                 max_requeues: int = 2):
         super().__init__([queue_name], name=name, connection=connection, serializer=q.SERIALIZER,
                          default_result_ttl=result_ttl)
         self.runner = runner
         self.health = health
         self.model = runner.model_name
+        self.deadline_s = deadline_s
+        self.max_requeues = max_requeues
+        self.fatal: BaseException | None = None   # a device error: the process must be replaced
+        self.released = False                      # the drain grace passed: the batch was put back
         self._lock = threading.RLock()   # RQ bookkeeping from the encode threads and the heartbeat
         self._inflight: dict[str, Running] = {}   # started and not yet ended (any batch)
         self._batch: list[Running] = []            # started in the current batch
         self.collector = Collector(images_of=q.job_images, pull=self._pull, start=self._start,
                                    give_back=self._give_back, max_images=max_batch,
                                    max_wait_s=max_wait_ms / 1000.0)
-        health.hooks.append(self.beat_jobs)
+        health.hooks += [self.beat_jobs, self.reap]
+        health.grace_hooks.append(self.release_after_grace)
 
     # ------------------------------------------------------------ RQ hooks
 
@@ -69,18 +84,36 @@ class BatchWorker(SimpleWorker):
             batch = self.collector.collect(job)
             if batch:
                 self.runner.run(batch, self)
+        except DeviceFailure as exc:
+            self._fail_worker(exc)
+        except REDIS_DOWN as exc:
+            log.warning("batch interrupted by a Redis outage (%s); its jobs go back to the queue", exc)
         except Exception as exc:
             log.exception("batch failed outside the model call")
             for running in self._batch:     # jobs already ended are skipped by finish_failed
                 self.finish_failed(running, "internal_error", f"worker error: {exc}",
                                    (type(exc), exc, exc.__traceback__))
         finally:
+            self._release([r for r in self._batch if r.stage == "model"], count=False, reason="batch abandoned")
             self.set_state(WorkerStatus.IDLE)
-            self.health.set_state("ready")
+            if self.fatal is None:
+                self.health.set_state("ready")
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        """Jobs stay 'started' while heartbeats arrive; a dead worker's jobs are abandoned soon."""
-        return max(60, int(6 * self.health.period_s))
+        """RQ fails a started job whose execution heartbeat is older than this; the reaper acts
+        well before (app.recovery.rq_execution_ttl)."""
+        return recovery.rq_execution_ttl(self.deadline_s)
+
+    def run_maintenance_tasks(self) -> None:
+        """Our reaper first: RQ's own cleanup would fail abandoned jobs that we re-queue."""
+        try:
+            self.reap()
+            if int(self.connection.info("server").get("uptime_in_seconds", 0)) < self.deadline_s:
+                return   # Redis just restarted: let live workers re-register before RQ judges them
+        except REDIS_DOWN as exc:
+            log.warning("maintenance skipped (Redis unavailable): %s", exc)
+            return
+        super().run_maintenance_tasks()
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():   # tests run workers in threads
@@ -92,7 +125,10 @@ class BatchWorker(SimpleWorker):
 
     def teardown(self) -> None:
         self.runner.close()   # finish encoding and recording the last batch first
+        self._release(list(self._inflight.values()), count=False, reason="worker stopped")
         super().teardown()
+
+    # ------------------------------------------------------------ heartbeat thread
 
     def beat_jobs(self) -> None:
         """RQ heartbeats (worker, execution, job) for every job started and not yet finished."""
@@ -100,27 +136,55 @@ class BatchWorker(SimpleWorker):
             for running in list(self._inflight.values()):
                 self.maintain_heartbeats(running.job, running.execution)
 
+    def reap(self) -> None:
+        """Re-queue the jobs of dead workers (at most one reaper acts per heartbeat period)."""
+        for outcome in recovery.reap(self.connection, max_requeues=self.max_requeues,
+                                     deadline_s=self.deadline_s, lock_s=self.health.period_s):
+            self.runner.metrics.requeues.labels(f"reaper_{outcome.action}").inc()
+
+    def release_after_grace(self) -> None:
+        """The drain grace is over and the batch still runs: put its jobs back and stop it."""
+        stuck = [r for r in list(self._inflight.values()) if r.stage == "model"]
+        if stuck:
+            log.warning("drain grace over; putting %d running job(s) back on the queue", len(stuck))
+            self.released = True
+            self._release(stuck, count=False, reason="drain grace over")
+
     # ------------------------------------------------------------ collecting a batch
 
     def _pull(self, timeout_s: float) -> Job | None:
+        if self.health.drain_requested:
+            return None   # a draining worker takes nothing more
         try:
             result = self.queue_class.dequeue_any(
                 self.queues, timeout_s if timeout_s >= 0.01 else None, connection=self.connection,
                 job_class=self.job_class, serializer=self.serializer)
-        except DequeueTimeout:
+        except (DequeueTimeout, *REDIS_DOWN):
             return None
         return result[0] if result else None
 
     def _give_back(self, job: Job) -> None:
-        q.return_to_queue(self.connection, self.queues[0], job.id)
+        retry_redis(lambda: q.return_to_queue(self.connection, self.queues[0], job.id), f"job {job.id}: give back")
 
     def _start(self, job: Job) -> Running | None:
-        """Mark a dequeued job started, atomically with respect to a cancel from the API; a job
-        canceled meanwhile is dropped, one past its deadline ends as expired."""
-        queue = self.queues[0]
+        try:
+            running = retry_redis(lambda: self._start_once(job), f"job {job.id}: start")
+        except REDIS_DOWN:
+            return None   # left in RQ's intermediate list: the reaper puts it back
+        if running is not None:
+            self._batch.append(running)
+        return running
+
+    def _start_once(self, job: Job) -> Running | None:
+        """Mark a dequeued job started, atomically with respect to a cancel from the API and to
+        the reaper; a job canceled meanwhile is dropped, one past its deadline ends as expired."""
+        queue, token = self.queues[0], recovery.new_token()
         with self.connection.pipeline() as pipe:
             try:
                 pipe.watch(job.key)
+                if self.connection.lpos(queue.intermediate_queue_key, job.id) is None:
+                    pipe.unwatch()
+                    return None   # the reaper put it back on the queue meanwhile
                 if job.get_status(refresh=True) != JobStatus.QUEUED:
                     pipe.multi()
                     pipe.lrem(queue.intermediate_queue_key, 1, job.id)
@@ -136,51 +200,43 @@ class BatchWorker(SimpleWorker):
                 self.heartbeat(ttl, pipeline=pipe)
                 job.heartbeat(now(), ttl, pipeline=pipe)
                 job.prepare_for_execution(self.name, pipeline=pipe)
+                recovery.own(pipe, job, token)
                 pipe.persist(job.key)
                 pipe.lrem(queue.intermediate_queue_key, 1, job.id)
                 pipe.execute()
             except WatchError:
-                return self._start(job)   # the API touched it: look again
-        running = Running(job, queue, execution, dict(job.kwargs), q.job_images(job))
+                return self._start_once(job)   # the API or the reaper touched it: look again
+        running = Running(job, queue, execution, dict(job.kwargs), q.job_images(job), token)
         with self._lock:
             self.executions[execution.id] = execution
             self._inflight[job.id] = running
-        self._batch.append(running)
         return running
 
     # ------------------------------------------------------------ ending jobs (any thread)
     # Each ends a started job once: the first call wins, later ones for the same job do nothing.
+    # The outcome is recorded only after this worker's owner token is claimed in Redis.
 
-    def _claim(self, running: Running) -> bool:
-        return self._inflight.pop(running.job.id, None) is not None
+    def finish_succeeded(self, running: Running, result: dict) -> bool:
+        def record() -> None:
+            running.job.meta.update(model_s=result.get("model_s"), progress=None)
+            running.job.save_meta()
+            self._finalize_success(running.job, running.queue, running.execution, result)
+        return self._end(running, "succeeded", record)
 
-    def finish_succeeded(self, running: Running, result: dict) -> None:
-        job = running.job
-        with self._lock:
-            if not self._claim(running):
-                return
-            job.meta.update(model_s=result.get("model_s"), progress=None)
-            job.save_meta()
-            self._finalize_success(job, running.queue, running.execution, result)
-        self._after(job, "succeeded")
-
-    def finish_failed(self, running: Running, code: str, message: str, exc_info=None) -> None:
-        job = running.job
+    def finish_failed(self, running: Running, code: str, message: str, exc_info=None) -> bool:
         exc_info = exc_info or (JobFailed, JobFailed(f"{code}: {message}"), None)
-        with self._lock:
-            if not self._claim(running):
-                return
-            job.meta.update(error={"code": code, "message": message}, progress=None)
-            job.save_meta()
-            self._finalize_failure(job, running.queue, running.execution, exc_info)
-        self._after(job, "failed")
 
-    def finish_canceled(self, running: Running) -> None:
+        def record() -> None:
+            running.job.meta.update(error={"code": code, "message": message}, progress=None)
+            running.job.save_meta()
+            self._finalize_failure(running.job, running.queue, running.execution, exc_info)
+        return self._end(running, "failed", record)
+
+    def finish_canceled(self, running: Running) -> bool:
         """A running job canceled at a scale boundary: end its execution and mark it canceled."""
         job = running.job
-        with self._lock:
-            if not self._claim(running):
-                return
+
+        def record() -> None:
             job.ended_at = now()
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=running.execution)
@@ -191,8 +247,32 @@ class BatchWorker(SimpleWorker):
             except InvalidJobOperation:
                 pass   # already canceled
             job.cleanup(job.result_ttl or self.default_result_ttl)
-        log.info("job %s canceled while running", job.id)
-        self._after(job, "canceled")
+        return self._end(running, "canceled", record)
+
+    def _end(self, running: Running, status: str, record: Callable[[], None]) -> bool:
+        job = running.job
+        with self._lock:
+            if running.ending or job.id not in self._inflight:
+                return False
+            running.ending = True
+        try:
+            owned = retry_redis(lambda: recovery.claim(self.connection, job, running.token), f"job {job.id}: claim")
+            if owned:
+                retry_redis(lambda: self._locked(record), f"job {job.id}: record {status}")
+        finally:
+            with self._lock:
+                self._inflight.pop(job.id, None)
+        if not owned:
+            log.warning("job %s was re-queued away from this worker; its %s outcome here is dropped", job.id, status)
+            return False
+        if status == "canceled":
+            log.info("job %s canceled while running", job.id)
+        self._after(job, status)
+        return True
+
+    def _locked(self, action: Callable[[], None]) -> None:
+        with self._lock:
+            action()
 
     def finish_expired(self, job: Job, queue: Queue) -> None:
         """A job dequeued past its deadline: never run, recorded as a failure with code expired."""
@@ -209,8 +289,41 @@ class BatchWorker(SimpleWorker):
 
     def _after(self, job: Job, status: str) -> None:
         q.clear_cancel_flag(self.connection, job.id)
+        q.job_ended(self.connection, job)
         ended, enqueued, started = job.ended_at, job.enqueued_at, job.started_at
         latency = (ended - enqueued).total_seconds() if ended and enqueued else None
         wait = (started - enqueued).total_seconds() if started and enqueued and status != "expired" else None
         q.record_finished(self.connection, self.model, status, latency, wait)
         self.runner.metrics.jobs.labels(status).inc()
+
+    # ------------------------------------------------------------ giving jobs back
+
+    def _release(self, runnings: list[Running], *, count: bool, reason: str) -> None:
+        """Put started jobs that will not finish here back at the front of their queue (or fail
+        them as `worker_lost` past STAR_MAX_REQUEUES when `count`)."""
+        for running in runnings:
+            with self._lock:
+                if running.ending or running.job.id not in self._inflight:
+                    continue
+                running.ending = True
+            try:
+                action = retry_redis(lambda: recovery.release(
+                    self.connection, running.job, running.token, [running.execution], count=count,
+                    max_requeues=self.max_requeues, reason=reason), f"job {running.job.id}: release", give_up_s=30)
+            except REDIS_DOWN:
+                action = None   # the reaper re-queues it once this worker's heartbeat is gone
+            with self._lock:
+                self._inflight.pop(running.job.id, None)
+                self.executions.pop(running.execution.id, None)
+            log.warning("job %s: %s (%s)", running.job.id, action or "left for the reaper", reason)
+            if action:
+                self.runner.metrics.requeues.labels(reason.replace(" ", "_")).inc()
+
+    def _fail_worker(self, exc: DeviceFailure) -> None:
+        """A device error that leaves the device unusable: give the batch back, report `failed`
+        and stop, so the supervisor starts a fresh process."""
+        log.critical("device error; this worker cannot go on: %s", exc)
+        self.fatal = exc
+        self.health.set_state("failed")
+        self._release([r for r in self._batch if r.stage == "model"], count=True, reason="device error")
+        self._stop_requested = True

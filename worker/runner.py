@@ -2,7 +2,10 @@
 PNGs on a thread pool (off the model's critical path) and end each job on its own.
 
 A failing request never fails its batch-mates: if the batched call raises, each job is run again
-alone, so only the request that fails alone is marked failed.
+alone, so only the request that fails alone is marked failed. Out of device memory, the call is
+split in halves and retried (worker.devices); a device error that leaves the device unusable
+(illegal memory access, device-side assert) raises DeviceFailure: the worker gives its batch back
+and exits.
 """
 from __future__ import annotations
 
@@ -13,12 +16,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from app import queue as q
+from app import recovery
 from app.storage import Storage, new_image_id
+from worker.devices import DeviceFailure, DoesNotFit, free_device_memory, is_fatal_device_error, is_oom
 from worker.metrics import WorkerMetrics
 from worker.png import encode_png, png_text
+from worker.resilience import REDIS_DOWN
 
 log = logging.getLogger(__name__)
+__all__ = ["BatchRunner", "BatchReleased", "DeviceFailure"]
+
+
+class BatchReleased(Exception):
+    """Raised at a scale boundary once the drain grace is over: the batch's jobs are requeued."""
 
 
 def request_class(pipeline: object) -> type:
@@ -86,11 +96,15 @@ class BatchRunner:
         for running in batch:
             rows[running.job.id] = range(len(requests), len(requests) + running.images)
             requests += image_requests(self.make_request, running.params)
-        canceled: set[str] = set()
+        stopped: set[str] = set()
         t0 = time.perf_counter()
         try:
-            results = self.pipeline.generate(requests, on_scale=self._on_scale(batch, rows, canceled))
+            results = self._generate(requests, self._on_scale(batch, rows, stopped, finisher))
+        except BatchReleased:
+            return   # the drain grace ran out: the jobs are back on the queue
         except Exception as exc:
+            if is_fatal_device_error(exc):
+                raise DeviceFailure(f"{type(exc).__name__}: {exc}") from exc
             error = exc
         else:
             error = None
@@ -98,26 +112,67 @@ class BatchRunner:
             self._after_model_error(batch, finisher, error)
             return
         model_s = time.perf_counter() - t0
-        if len(results) != len(requests):
+        if len(results) != len(requests):   # a bug outside any one request: nothing is published
             raise RuntimeError(f"the pipeline returned {len(results)} results for {len(requests)} requests")
-        self.metrics.observe_batch(len(batch), len(requests), model_s)
+        self._dispatch(batch, rows, results, stopped, model_s, finisher)
+
+    def _dispatch(self, batch: list, rows: dict, results: list, stopped: set[str], model_s: float,
+                  finisher) -> None:
+        self.metrics.observe_batch(len(batch), len(results), model_s)
         self.metrics.observe_gpu_memory(getattr(self.pipeline, "device", "cpu"))
-        report = BatchReport([r.job.id for r in batch], len(requests), [_queue_wait(r.job) for r in batch],
+        report = BatchReport([r.job.id for r in batch], len(results), [_queue_wait(r.job) for r in batch],
                              model_s, pending=len(batch))
         for running in batch:
             mine = [results[i] for i in rows[running.job.id]]
-            if running.job.id in canceled or any(result.canceled for result in mine):
+            too_large = next((r for r in mine if isinstance(r, DoesNotFit)), None)
+            if running.job.id in stopped or any(getattr(r, "canceled", False) for r in mine):
                 finisher.finish_canceled(running)
                 report.done()
+            elif too_large is not None:
+                finisher.finish_failed(running, "out_of_memory", too_large.message)
+                report.done()
             else:
+                running.stage = "encode"
                 self.pool.submit(self._store, running, mine, model_s, finisher, report)
 
-    def _on_scale(self, batch: list, rows: dict, canceled: set[str]):
+    def _generate(self, requests: list, on_scale, start: int = 0) -> list:
+        """The model call; out of device memory, the requests are split in halves and each half
+        retried (images do not depend on their batch); one image that still does not fit alone
+        gets a DoesNotFit result."""
+        try:
+            return self.pipeline.generate(requests, on_scale=_window(on_scale, start, len(requests)))
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+        free_device_memory()   # outside the except block: the traceback no longer pins tensors
+        if len(requests) == 1:
+            device = getattr(self.pipeline, "device", "the device")
+            size = getattr(self.pipeline, "image_size", "?")
+            log.error("one %spx image does not fit in the memory of %s", size, device)
+            return [DoesNotFit(f"out of device memory: one {size}x{size} image does not fit on {device} even "
+                               f"alone (in a batch of one); this worker cannot make it at that size")]
+        half = len(requests) // 2
+        log.warning("out of device memory with %d images in one call; retrying as %d + %d",
+                    len(requests), half, len(requests) - half)
+        return (self._generate(requests[:half], on_scale, start)
+                + self._generate(requests[half:], on_scale, start + half))
+
+    def _on_scale(self, batch: list, rows: dict, stopped: set[str], finisher):
+        """Progress and cancel flags at each scale boundary; returns every row to stop so far
+        (canceled, or re-queued away from this worker)."""
+        tokens = {r.job.id: r.token for r in batch}
+
         def on_scale(k: int, scales: int) -> list[int]:
-            live = [r.job for r in batch if r.job.id not in canceled]
-            newly = q.scale_boundary(self.conn, live, k, scales)
-            canceled.update(newly)
-            return [i for job_id in newly for i in rows[job_id]]
+            if finisher.released:
+                raise BatchReleased()
+            live = [r.job for r in batch if r.job.id not in stopped]
+            try:
+                canceled, lost = recovery.scale_boundary(self.conn, live, tokens, k, scales)
+            except REDIS_DOWN as exc:   # progress is best-effort; the batch goes on
+                log.warning("scale %d/%d: progress not recorded (Redis unavailable: %s)", k, scales, exc)
+                canceled = lost = set()
+            stopped.update(canceled, lost)
+            return [i for job_id in stopped for i in rows[job_id]]
         return on_scale
 
     def _after_model_error(self, batch: list, finisher, exc: Exception) -> None:
@@ -131,7 +186,8 @@ class BatchRunner:
             self.run([running], finisher)
 
     def _store(self, running, results: list, model_s: float, finisher, report: BatchReport) -> None:
-        """Encode + store one job's PNGs, then mark it finished (runs on the encode pool)."""
+        """Encode + store one job's PNGs, then mark it finished (runs on the encode pool). If the
+        job was taken away from this worker meanwhile, its PNGs are deleted unpublished."""
         t0 = time.perf_counter()
         try:
             images = [self._store_one(running.params, running.params["seed"] + i, result.image)
@@ -144,9 +200,12 @@ class BatchRunner:
             encode_s = time.perf_counter() - t0
             self.metrics.encode_seconds.observe(encode_s)
             self.metrics.images.inc(len(images))
-            self._guarded(finisher.finish_succeeded, running, {
+            published = self._guarded(finisher.finish_succeeded, running, {
                 "images": images, "prompt_truncated": any(r.prompt_truncated for r in results),
                 "model_s": round(model_s, 4), "encode_s": round(encode_s, 4)})
+            if not published:
+                for image in images:
+                    self.storage.delete(image["id"])
         report.done(time.perf_counter() - t0)
 
     def _store_one(self, params: dict, seed: int, image) -> dict:
@@ -156,11 +215,19 @@ class BatchRunner:
         return {"id": image_id, "seed": seed, "width": width, "height": height}
 
     @staticmethod
-    def _guarded(finish, running, *args) -> None:
+    def _guarded(finish, running, *args) -> bool:
         try:
-            finish(running, *args)
+            return finish(running, *args) is not False
         except Exception:
             log.exception("job %s: could not record its outcome", running.job.id)
+            return False
+
+
+def _window(on_scale, start: int, length: int):
+    """on_scale of the full request list, seen from the sub-list [start, start + length)."""
+    def inner(k: int, scales: int) -> list[int]:
+        return [i - start for i in on_scale(k, scales) if start <= i < start + length]
+    return inner
 
 
 def _queue_wait(job) -> float:

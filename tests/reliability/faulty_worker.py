@@ -1,0 +1,46 @@
+"""`python tests/reliability/faulty_worker.py`: the real worker (`worker.main.run`) serving the
+noop pipeline (STAR_MODEL=noop:SIZE), wrapped by fault injection set from the environment:
+
+- TEST_SCALE_DELAY_MS: sleep after every scale (a test can act mid-batch);
+  TEST_SLOW_PROMPT: if set, only calls with a prompt containing this word are slowed;
+- TEST_OOM_ABOVE=K: torch.OutOfMemoryError for a call of more than K images, and
+  TEST_OOM_PROMPT: for any call holding a prompt with this word (an image that never fits);
+- TEST_DEVICE_ERROR=1: every call raises CUDA's "illegal memory access" RuntimeError.
+"""
+import logging
+import os
+import sys
+import time
+
+from worker.main import load_pipeline, parse_settings, run
+
+settings = parse_settings([])
+logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+pipeline = load_pipeline(settings)
+generate = pipeline.generate
+delay_s = float(os.environ.get("TEST_SCALE_DELAY_MS", "0")) / 1000
+slow_word = os.environ.get("TEST_SLOW_PROMPT")
+oom_above = int(os.environ.get("TEST_OOM_ABOVE", "0"))
+oom_word = os.environ.get("TEST_OOM_PROMPT")
+device_error = os.environ.get("TEST_DEVICE_ERROR") == "1"
+if oom_above or oom_word:
+    import torch
+
+
+def faulty_generate(requests, *, on_scale=None):
+    prompts = [r.prompt for r in requests]
+    logging.getLogger("faulty").info("model call with %d images: %s", len(requests), prompts)
+    if device_error:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    if (oom_above and len(requests) > oom_above) or (oom_word and any(oom_word in p for p in prompts)):
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(requests)} GiB (injected)")
+    slow = delay_s if slow_word is None or any(slow_word in p for p in prompts) else 0.0
+
+    def slowed(k, scales):
+        time.sleep(slow)
+        return on_scale(k, scales) if on_scale else None
+    return generate(requests, on_scale=slowed)
+
+
+pipeline.generate = faulty_generate
+sys.exit(run(settings, pipeline=pipeline))
