@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.schemas import GenerateRequest, allowed_range
 
 log = logging.getLogger(__name__)
+REDIS_RETRY_AFTER_S = 2
 
 
 class ApiError(Exception):
@@ -48,8 +49,32 @@ class JobConflict(ApiError):
     code = "conflict"
 
 
+class IdempotencyConflict(JobConflict):
+    code = "idempotency_conflict"
+
+
 class QueueFull(ApiError):
     code = "queue_full"
+
+
+class RateLimited(QueueFull):
+    code = "rate_limited"
+
+
+class TooManyJobs(QueueFull):
+    code = "too_many_jobs"
+
+
+class Unauthorized(ApiError):
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    code = "forbidden"
+
+
+class PayloadTooLarge(ApiError):
+    code = "payload_too_large"
 
 
 class NoWorker(ApiError):
@@ -61,6 +86,9 @@ class RedisUnavailable(ApiError):
 
 
 STATUS_BY_ERROR: dict[type[ApiError], int] = {
+    Unauthorized: 401,
+    Forbidden: 403,
+    PayloadTooLarge: 413,
     InvalidRequest: 422,
     JobNotFound: 404,
     JobConflict: 409,
@@ -116,10 +144,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:   # FastAPI could not parse the body (e.g. not UTF-8): as invalid JSON
+            return error_response(422, InvalidRequest.code, "the body must be a JSON object in UTF-8, "
+                                  "e.g. {\"prompt\": \"a red fox\"}")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None))
 
     @app.exception_handler(redis.RedisError)
     async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:
-        log.warning("redis unavailable: %s", exc)
-        return error_response(503, RedisUnavailable.code, f"the job store (Redis) is unavailable: {exc}")
+        connection = isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+        log.warning("redis unavailable: %s", exc, exc_info=None if connection else exc)   # details stay here
+        return error_response(503, RedisUnavailable.code, "the job store (Redis) is unavailable; retry later",
+                              headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal_error", "internal error (logged on the server)")

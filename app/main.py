@@ -1,42 +1,55 @@
 """The HTTP API: `create_app(settings)` builds the FastAPI app (uvicorn --factory app.main:create_app).
 
-Request path: validate (app.schemas) -> enqueue (app.queue) -> 202; a worker runs the job;
-GET /jobs/{id} reads it back (app.queue.read_job) with image URLs from app.storage.
+Request path: body size (app.guards) -> API key and rate limit (app.guards, app.auth) -> validate
+(app.schemas) -> Idempotency-Key (app.idempotency) -> per-key job slot (app.auth) -> admit and
+enqueue (app.queue) -> 202; a worker runs the job; GET /jobs/{id} reads it back
+(app.queue.read_job) with image URLs from app.storage (signed by app.signing when configured).
 Never imports torch, `model` or `worker`.
 """
 from __future__ import annotations
 
 import logging
 import secrets
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis import Redis
 
-from app import events, openai_compat
+from app import auth, events, idempotency, openai_compat
 from app import queue as q
-from app.errors import (ImageNotFound, JobConflict, JobNotFound, NoWorker, QueueFull,
-                        SizeNotServed, install_error_handlers)
+from app.errors import (Forbidden, ImageNotFound, JobConflict, JobNotFound, NoWorker, QueueFull,
+                        SizeNotServed, TooManyJobs, install_error_handlers)
+from app.guards import BodySizeLimit, check_prompt_length, require_key
 from app.metrics import ApiMetrics
 from app.schemas import (ErrorBody, GenerateRequest, ImageOut, JobAccepted, JobParameters, JobView, ModelOut,
                          ModelsOut, Progress, Timings)
 from app.settings import ApiSettings
+from app.signing import SignedStorage, UrlSigner
 from app.storage import LocalStorage
 
 log = logging.getLogger("app")
-ERRORS = {code: {"model": ErrorBody} for code in (404, 409, 422, 429, 503)}
+AUTH = [Depends(require_key)]
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI responses: the common error body for each status code."""
+    return {code: {"model": ErrorBody} for code in codes}
 
 
 @dataclass
 class Context:
     settings: ApiSettings
     redis: Redis
-    storage: LocalStorage
+    storage: LocalStorage | SignedStorage
     metrics: ApiMetrics
+    keys: auth.ApiKeys
+    signer: UrlSigner | None = None
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -45,18 +58,40 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app = FastAPI(title="STAR image generation", version="0.1.0",
                   description="Text-to-image with STAR (scale-wise autoregressive). Jobs are queued "
                               "and run in batches by GPU workers; poll GET /jobs/{id}.")
-    ctx = Context(settings, q.connect(settings.redis_url),
-                  LocalStorage(settings.storage_dir, settings.public_base_url), ApiMetrics())
+    ctx = _context(settings)
     app.state.ctx = ctx
     install_error_handlers(app)
-    ctx.metrics.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    ctx.metrics.install(app)   # outermost: refused requests are counted too
     _add_job_routes(app, ctx)
     _add_image_route(app, ctx)
     _add_service_routes(app, ctx)
-    app.include_router(events.create_router())         # GET /jobs/{id}/events (SSE)
-    app.include_router(openai_compat.create_router())  # POST /v1/images/generations
+    app.include_router(events.create_router(), dependencies=AUTH, responses=errors(401, 429, 503))
+    app.include_router(openai_compat.create_router(), dependencies=AUTH,
+                       responses={**errors(401, 413, 429, 503), **OPENAI_ERRORS})
     _add_web_page(app)
     return app
+
+
+# POST /v1/images/generations answers in OpenAI's error shape (app.openai_compat).
+OPENAI_ERRORS = {code: {"description": "An error in OpenAI's shape", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "object"}}}}}}
+    for code in (400, 404, 409, 500, 504)}
+
+
+def _context(settings: ApiSettings) -> Context:
+    keys = auth.ApiKeys.load(settings.api_keys.get_secret_value() if settings.api_keys else None,
+                             settings.api_keys_file)
+    if keys.enabled:
+        log.info("API keys: %d configured; requests without a valid key get 401", len(keys.hashes))
+    else:
+        log.warning("no API keys configured (STAR_API_KEYS, STAR_API_KEYS_FILE): authentication is off")
+    storage = LocalStorage(settings.storage_dir, settings.public_base_url)
+    signer = None
+    if settings.url_signing_key:
+        signer = UrlSigner(settings.url_signing_key.get_secret_value(), settings.url_ttl_s)
+        storage = SignedStorage(storage, signer)
+    return Context(settings, q.connect(settings.redis_url, retries=2), storage, ApiMetrics(), keys, signer)
 
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -74,25 +109,30 @@ def _add_web_page(app: FastAPI) -> None:
 def _add_job_routes(app: FastAPI, ctx: Context) -> None:
     base = ctx.settings.public_base_url.rstrip("/")
 
-    @app.post("/generate", status_code=202, response_model=JobAccepted, responses=ERRORS, tags=["jobs"])
-    def generate(body: GenerateRequest, response: Response) -> JobAccepted:
+    @app.post("/generate", status_code=202, response_model=JobAccepted, tags=["jobs"], dependencies=AUTH,
+              responses=errors(401, 409, 413, 422, 429, 503))
+    def generate(body: GenerateRequest, response: Response,
+                 idempotency_key: Annotated[str | None, Header(
+                     alias="Idempotency-Key", min_length=1, max_length=idempotency.MAX_KEY_CHARS,
+                     description="Makes retries safe: a POST repeated with the same key and body returns "
+                                 "the first one's job; another body with the same key is 409.")] = None,
+                 ) -> JobAccepted:
         """Queue a generation request; poll `status_url` (also the `Location` header)."""
-        model, size = _choose_model(ctx, body.size)
-        if q.queue_depth(ctx.redis, model) >= ctx.settings.queue_limit:
-            raise QueueFull(f"the queue of model {model} is full ({ctx.settings.queue_limit} jobs); retry later",
-                            headers={"Retry-After": str(ctx.settings.retry_after_s)})
-        params = body.model_dump()
-        params["size"] = size
-        if params["seed"] is None:
-            params["seed"] = secrets.randbelow(2**31)
-        job, position = q.enqueue(ctx.redis, params, model, deadline_s=ctx.settings.job_deadline_s,
-                                  result_ttl=ctx.settings.result_ttl_s, failure_ttl=ctx.settings.failure_ttl_s)
-        status_url = f"{base}/jobs/{job.id}"
+        check_prompt_length(body, ctx.settings.max_prompt_chars)
+        job_id, position = _submit(ctx, body, idempotency_key)
+        status_url = f"{base}/jobs/{job_id}"
         response.headers["Location"] = status_url
-        log.info("queued job %s on %s (%d x %dpx)", job.id, model, params["n"], size)
-        return JobAccepted(id=job.id, status_url=status_url, queue_position=position)
+        state = None
+        if position is None:   # the job of an earlier request with this Idempotency-Key
+            response.headers["Idempotent-Replayed"] = "true"
+            state = q.read_job(ctx.redis, job_id)
+        if state is not None:
+            return JobAccepted(id=job_id, status=state.status, status_url=status_url,
+                               queue_position=state.queue_position)
+        return JobAccepted(id=job_id, status_url=status_url, queue_position=position or 0)
 
-    @app.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS, tags=["jobs"])
+    @app.get("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 429, 503), tags=["jobs"],
+             dependencies=AUTH)
     def get_job(job_id: str) -> JobView:
         """Status, progress, timings, parameters and (on success) image URLs of a job."""
         state = q.read_job(ctx.redis, job_id)
@@ -100,7 +140,8 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
             raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
         return _job_view(state, ctx.storage)
 
-    @app.delete("/jobs/{job_id}", response_model=JobView, responses=ERRORS, tags=["jobs"])
+    @app.delete("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 409, 413, 429, 503),
+                tags=["jobs"], dependencies=AUTH)
     def cancel_job(job_id: str, response: Response) -> JobView:
         """Cancel: a queued job at once (200, also for a job already canceled); a running one at
         its next scale boundary (202, poll until `canceled`). 409 for finished jobs."""
@@ -113,16 +154,70 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
         return get_job(job_id)
 
 
+def _submit(ctx: Context, body: GenerateRequest, idempotency_key: str | None) -> tuple[str, int | None]:
+    """(job id, queue position); the position is None for the job of an earlier request with the
+    same Idempotency-Key."""
+    name, job_id = auth.current_key.get(), str(uuid.uuid4())
+    if idempotency_key is not None:
+        earlier = idempotency.claim(ctx.redis, name, idempotency_key, idempotency.fingerprint(body), job_id,
+                                    ctx.settings.result_ttl_s)
+        if earlier is not None:
+            return earlier, None
+    try:
+        return job_id, _enqueue_new(ctx, body, job_id, name)
+    except BaseException:
+        if idempotency_key is not None:
+            idempotency.forget(ctx.redis, name, idempotency_key, job_id)
+        raise
+
+
+def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) -> int:
+    """Admit and enqueue a new job (per-key slot, then the queue limit); its queue position."""
+    settings = ctx.settings
+    model, size = _choose_model(ctx, body.size)
+    params = body.model_dump()
+    params["size"] = size
+    if params["seed"] is None:
+        params["seed"] = secrets.randbelow(2**31)
+    limit = settings.max_concurrent_jobs_per_key if ctx.keys.enabled else 0
+    hold_s = int(settings.job_deadline_s) + settings.result_ttl_s
+    if limit and not auth.reserve_job(ctx.redis, name, job_id, limit, hold_s):
+        raise TooManyJobs(f"this API key already has {limit} jobs queued or running "
+                          "(STAR_MAX_CONCURRENT_JOBS_PER_KEY); retry when one ends",
+                          headers={"Retry-After": str(settings.retry_after_s)})
+    try:
+        accepted = q.enqueue(ctx.redis, params, model, deadline_s=settings.job_deadline_s,
+                             result_ttl=settings.result_ttl_s, failure_ttl=settings.failure_ttl_s,
+                             queue_limit=settings.queue_limit, job_id=job_id,
+                             api_key=name if ctx.keys.enabled else None)
+    except BaseException:
+        auth.release_job(ctx.redis, name, job_id)
+        raise
+    if accepted is None:
+        auth.release_job(ctx.redis, name, job_id)
+        raise QueueFull(f"the queue of model {model} is full ({settings.queue_limit} jobs); retry later",
+                        headers={"Retry-After": str(settings.retry_after_s)})
+    log.info("queued job %s on %s (%d x %dpx)", job_id, model, params["n"], size)
+    return accepted[1]
+
+
 def _add_image_route(app: FastAPI, ctx: Context) -> None:
     @app.get("/images/{image_id}.png", tags=["images"], response_class=FileResponse,
-             responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}})
-    def get_image(image_id: str, request: Request) -> Response:
-        """A stored PNG; its text chunks carry the prompt, seed and parameters."""
+             responses={200: {"content": {"image/png": {}}}, 304: {"description": "Not modified"},
+                        **errors(403, 404)})
+    def get_image(image_id: str, request: Request, expires: str | None = None, sig: str | None = None) -> Response:
+        """A stored PNG; its text chunks carry the prompt, seed and parameters. With URL signing on
+        (STAR_URL_SIGNING_KEY), `expires` and `sig` must be those of the URL GET /jobs/{id} gave."""
+        max_age = ctx.settings.image_max_age_s
+        if ctx.signer is not None:
+            problem = ctx.signer.check(image_id, expires, sig)
+            if problem:
+                raise Forbidden(problem)
+            max_age = min(max_age, ctx.signer.seconds_left(expires))
         path = ctx.storage.find(image_id)
         if path is None:
             raise ImageNotFound(f"no image {image_id}")
-        headers = {"Cache-Control": f"public, max-age={ctx.settings.image_max_age_s}, immutable",
-                   "ETag": f'"{image_id}"'}
+        headers = {"Cache-Control": f"public, max-age={max_age}, immutable", "ETag": f'"{image_id}"'}
         if request.headers.get("if-none-match") in (headers["ETag"], "*"):
             return Response(status_code=304, headers=headers)
         return FileResponse(path, media_type="image/png", headers=headers)
@@ -134,7 +229,7 @@ def _add_service_routes(app: FastAPI, ctx: Context) -> None:
         """The process is alive (checks nothing else)."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["service"], responses={503: {"model": ErrorBody}})
+    @app.get("/readyz", tags=["service"], responses=errors(503))
     def readyz() -> JSONResponse:
         """Redis answers and at least one worker is ready or busy."""
         ctx.redis.ping()
@@ -144,12 +239,13 @@ def _add_service_routes(app: FastAPI, ctx: Context) -> None:
         return JSONResponse({"status": "ready", "workers": len(ready),
                              "models": sorted({e.model for e in ready})})
 
-    @app.get("/models", response_model=ModelsOut, tags=["service"])
+    @app.get("/models", response_model=ModelsOut, tags=["service"], dependencies=AUTH,
+             responses=errors(401, 429, 503))
     def models() -> ModelsOut:
         """Models and sizes served by live workers; the default size is the largest."""
         return _models(ctx)
 
-    @app.get("/metrics", tags=["service"], response_class=Response)
+    @app.get("/metrics", tags=["service"], response_class=Response, responses=errors(503))
     def metrics() -> Response:
         """Prometheus exposition of the API process (see app/metrics.py)."""
         return Response(ctx.metrics.scrape(ctx.redis), media_type=CONTENT_TYPE_LATEST)
