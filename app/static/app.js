@@ -11,6 +11,23 @@ function show(element, text) {
   element.hidden = !text;
 }
 
+// API keys: when the server answers 401, ask for a key once, keep it in this browser
+// (localStorage) and send it as `Authorization: Bearer ...`. The event stream cannot carry the
+// header, so with keys on, jobs are followed by polling.
+const KEY_ITEM = "star-api-key";
+
+async function api(path, options = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const key = localStorage.getItem(KEY_ITEM);
+    const headers = { ...(options.headers || {}), ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+    const response = await fetch(path, { ...options, headers });
+    if (response.status !== 401 || attempt > 0) return response;
+    const entered = window.prompt("This server needs an API key:");
+    if (!entered) return response;
+    localStorage.setItem(KEY_ITEM, entered.trim());
+  }
+}
+
 async function errorMessage(response) {
   try {
     const body = await response.json();
@@ -22,7 +39,7 @@ async function errorMessage(response) {
 async function loadModels() {
   const service = $("#service");
   try {
-    const response = await fetch("/models");
+    const response = await api("/models");
     if (!response.ok) throw new Error(await errorMessage(response));
     const models = await response.json();
     const select = $("#size");
@@ -66,7 +83,7 @@ async function submit(body) {
   const button = $("#generate");
   button.disabled = true;
   try {
-    const response = await fetch("/generate", {
+    const response = await api("/generate", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
     if (!response.ok) {
@@ -88,7 +105,7 @@ function addJobCard(body, accepted) {
   $(".job-prompt", card).textContent = body.prompt;
   $(".cancel", card).addEventListener("click", async () => {
     $(".cancel", card).disabled = true;
-    await fetch(`/jobs/${accepted.id}`, { method: "DELETE" });
+    await api(`/jobs/${accepted.id}`, { method: "DELETE" });
   });
   $("#empty").hidden = true;
   $("#gallery").prepend(card);
@@ -171,7 +188,7 @@ function resultFigure(job, image) {
 }
 
 function follow(accepted, card) {
-  if (!("EventSource" in window)) return poll(accepted.id, card);
+  if (!("EventSource" in window) || localStorage.getItem(KEY_ITEM)) return poll(accepted.id, card);
   const source = new EventSource(`/jobs/${accepted.id}/events`);
   let done = false;
   for (const name of ["queued", "running"]) {
@@ -195,7 +212,7 @@ async function poll(jobId, card) {
   for (;;) {
     let job;
     try {
-      const response = await fetch(`/jobs/${jobId}`);
+      const response = await api(`/jobs/${jobId}`);
       if (response.status === 404) {
         finish(card, { status: "failed", error: { message: await errorMessage(response) } });
         return;
