@@ -1,0 +1,121 @@
+"""FLOPs of one generation, counted from the shapes (matmuls only: 2*m*n*k per product).
+
+What is counted, per image, guidance (CFG) included:
+  transformer, every scale si (l = pn*pn new tokens attending to the e = end of scale si prefix):
+    self-attention  QKV 2*B*l*C*3C, scores + AV 4*B*l*e*C, output projection 2*B*l*C*C
+    cross-attention q and projection 2*N*l*C*C each (conditional rows only, as the model runs it),
+                    scores + AV against all T text tokens 4*N*l*T*C
+    FFN             2 * 2*B*l*C*hidden
+    head            2*B*l*C*V
+    word_embed      2*N*l*Cvae*C for si > 0 (computed once, shared by both rows)
+  once per request: text K/V of every layer 2*N*T*D*2C*depth, start token 2*B*D*C
+  text encoder (CLIP), per distinct text: per layer 2*T*D*3D (QKV) + 2*T*D*D (out)
+    + 2*2*T*D*I (MLP) + 4*T*T*D (scores + AV)
+with B = 2N rows (conditional + unconditional) and N images. Elementwise work (norms, RoPE,
+softmax, sampling, VQ feature maps) is not counted. The same 2*m*n*k rule gives the FLOP/s of
+the reference matmul, so the two are comparable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def matmul_flops(m: int, n: int, k: int) -> int:
+    return 2 * m * n * k
+
+
+@dataclass(frozen=True)
+class TextEncoderShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    tokens: int = 77
+
+    @classmethod
+    def of(cls, hf_config, tokens: int = 77) -> "TextEncoderShape":
+        return cls(hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.intermediate_size, tokens)
+
+    def flops_per_text(self) -> int:
+        T, D, I = self.tokens, self.hidden, self.intermediate
+        per_layer = (matmul_flops(T, 3 * D, D) + matmul_flops(T, D, D) + 2 * matmul_flops(T, I, D)
+                     + 2 * matmul_flops(T, T, D))
+        return self.layers * per_layer
+
+
+def scale_flops(cfg, si: int, images: int = 1, guidance: bool = True) -> dict[str, int]:
+    """FLOPs of the transformer at scale si for `images` images, by part."""
+    N = images
+    B = 2 * N if guidance else N
+    C, V, T = cfg.embed_dim, cfg.vocab_size, cfg.text_len
+    hidden = round(C * cfg.mlp_ratio)
+    begin, end = cfg.begin_ends[si]
+    l = end - begin
+    depth = cfg.depth
+    return {
+        "self_attn_linear": depth * (matmul_flops(B * l, 3 * C, C) + matmul_flops(B * l, C, C)),
+        "self_attn_scores": depth * 2 * matmul_flops(B * l, end, C),
+        "cross_attn_linear": depth * 2 * matmul_flops(N * l, C, C),
+        "cross_attn_scores": depth * 2 * matmul_flops(N * l, T, C),
+        "ffn": depth * 2 * matmul_flops(B * l, hidden, C),
+        "head": matmul_flops(B * l, V, C),
+        "word_embed": matmul_flops(N * l, C, cfg.vae_channels) if si > 0 else 0,
+    }
+
+
+def request_flops(cfg, images: int = 1, guidance: bool = True) -> dict[str, int]:
+    """Once-per-request transformer FLOPs: text K/V of every layer and the start tokens."""
+    N = images
+    B = 2 * N if guidance else N
+    return {"text_kv": cfg.depth * matmul_flops(N * cfg.text_len, 2 * cfg.embed_dim, cfg.text_dim),
+            "start_tokens": matmul_flops(B, cfg.embed_dim, cfg.text_dim)}
+
+
+def generation_flops(cfg, images: int = 1, text: TextEncoderShape | None = None, texts: int | None = None,
+                     guidance: bool = True) -> dict:
+    """All token-stage FLOPs of one batch: {'total', 'per_image', 'per_scale': [...], 'parts': {...}}.
+
+    texts: distinct texts the text encoder runs on (default images + 1: every prompt and one shared
+    empty negative prompt); the text encoder is left out when `text` is None.
+    """
+    parts: dict[str, int] = dict(request_flops(cfg, images, guidance))
+    per_scale = []
+    for si in range(cfg.num_scales):
+        f = scale_flops(cfg, si, images, guidance)
+        per_scale.append(sum(f.values()))
+        for k, v in f.items():
+            parts[k] = parts.get(k, 0) + v
+    if text is not None:
+        parts["text_encoder"] = text.flops_per_text() * (images + 1 if texts is None else texts)
+    total = sum(parts.values())
+    return {"total": total, "per_image": total / images, "per_scale": per_scale, "parts": parts}
+
+
+def decoder_flops(cfg) -> int:
+    """FLOPs of the VQ-VAE decode of one image (post_quant_conv + decoder): every convolution
+    2 * out_elements * in_channels/groups * kh * kw, and the spatial attention's two matmuls,
+    found by running the decoder on the meta device (no memory, no compute)."""
+    import torch
+    from torch import nn
+
+    from model.vae_blocks import AttnBlock
+    from model.vqvae import VQVAE
+
+    total = [0]
+
+    def conv_hook(mod, inp, out):
+        kh, kw = mod.kernel_size
+        total[0] += 2 * out.numel() * (mod.in_channels // mod.groups) * kh * kw
+
+    def attn_hook(mod, inp, out):
+        B, C, H, W = inp[0].shape
+        total[0] += 2 * matmul_flops(B * H * W, H * W, C)
+
+    with torch.device("meta"):
+        vae = VQVAE(cfg)
+        hooks = [m.register_forward_hook(conv_hook) for m in vae.modules() if isinstance(m, nn.Conv2d)]
+        hooks += [m.register_forward_hook(attn_hook) for m in vae.modules() if isinstance(m, AttnBlock)]
+        side = cfg.patch_nums[-1]
+        vae.decoder(vae.post_quant_conv(torch.empty(1, cfg.vae_channels, side, side)))
+    for h in hooks:
+        h.remove()
+    return total[0]

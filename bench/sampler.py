@@ -1,0 +1,284 @@
+"""`python -m bench.sampler`: images per second, seconds per image, peak memory and FLOP efficiency
+of the model pipeline at several batch sizes, with a stage breakdown.
+
+    python -m bench.sampler --preset small --batch-sizes 1,8 --device cpu --dtype float32 --json
+    python -m bench.sampler --preset star-1024 --batch-sizes auto --device cuda --dtype bf16 --json
+
+Per batch size, every rep runs the stages the worker runs, timed one by one: text encoding
+(`encode_prompts`), token generation (`sample_tokens`: the scale loop), VQ decoding (`decode` and
+the uint8 conversion) and PNG encoding (`worker.png.encode_png`, which the worker does off the
+model's critical path). `s_per_image` / `images_per_s` cover text + tokens + decode (one
+`generate` call); PNG encoding is reported beside them. The best rep is reported (the machine may
+be shared), with the median next to it.
+
+The same run times one large dense matmul in the same dtype on the same device (before the first
+batch and after every batch size; the highest is used) as the machine's practical peak.
+`token_stage_fraction_of_matmul_peak` = FLOPs of the token stage (bench/flops.py: every matmul of
+the text encoder and the transformer, guidance rows included) / token stage seconds / that peak.
+
+One extra run per batch size synchronises at every scale for the per-scale breakdown (transformer
+step, sampling, VQ feature update); it is not part of the timed reps.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+from bench.common import PeakMemory, emit, machine_info, matmul_peak, parse_int_list, sync, timed
+
+PROMPT = "benchmark image {i}: a red fox standing in fresh snow at dawn, 35mm photograph"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.sampler", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="small", help="model preset (random weights) or model directory")
+    ap.add_argument("--size", type=int, default=None, help="image size in pixels (must match the preset)")
+    ap.add_argument("--batch-sizes", default="1,2,4,8",
+                    help="comma list, or 'auto': powers of two up to what fits in free CUDA memory (model/memory.py)")
+    ap.add_argument("--until-oom", action="store_true", help="after the list, keep doubling the batch until it does not fit")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--dtype", default="auto", help="transformer dtype: float32, bfloat16/bf16, float16/fp16, auto")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per batch size (best and median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
+    ap.add_argument("--no-decode", action="store_true", help="skip VQ decoding and PNG encoding")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-scale breakdown run")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the per-scale step (model/compile.py), "
+                    "buckets = the batch sizes, compiled and warmed up before timing")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--memory-margin", type=float, default=0.1, help="free-memory fraction kept for --batch-sizes auto")
+    ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    ap.add_argument("--plot", default=None, help="write a PNG plot (images/s and FLOP efficiency vs batch)")
+    return ap.parse_args(argv)
+
+
+def _requests(n: int):
+    from model.pipeline import ImageRequest
+
+    return [ImageRequest(prompt=PROMPT.format(i=i), seed=1000 + i) for i in range(n)]
+
+
+def run_once(pipe, requests, decode: bool) -> dict:
+    """One generation of `requests`, stage by stage; seconds per stage."""
+    from model.pipeline import images_to_uint8
+    from worker.png import encode_png
+
+    dev = pipe.device
+    (cond, _), t_text = timed(lambda: pipe.encode_prompts([r.prompt for r in requests],
+                                                          [r.negative_prompt for r in requests]), dev)
+    out, t_tok = timed(lambda: pipe.sample_tokens(cond, requests), dev)
+    times = {"text_encode_s": t_text, "token_s": t_tok, "decode_s": 0.0, "png_s": 0.0}
+    if decode:
+        images, times["decode_s"] = timed(lambda: images_to_uint8(pipe.decode(out.f_hat_NChw)), dev)
+        t0 = time.perf_counter()
+        for img in images:
+            encode_png(img, {"prompt": "benchmark"})
+        times["png_s"] = time.perf_counter() - t0
+    times["token_stage_s"] = t_text + t_tok
+    times["generate_s"] = t_text + t_tok + times["decode_s"]
+    return times
+
+
+def scale_breakdown(pipe, requests) -> tuple[list[dict], float]:
+    """Per-scale seconds of the transformer step, sampling (guidance + filtering + draw) and the VQ
+    feature update, from one run that synchronises around each (wrappers applied from outside)."""
+    import model.autoregress as ar
+
+    dev, tr, vae = pipe.device, pipe.transformer, pipe.vae
+    cfg = pipe.cfg
+    rows = [{"scale": si, "side": pn, "tokens": pn * pn, "transformer_s": 0.0, "sampling_s": 0.0, "vq_s": 0.0}
+            for si, pn in enumerate(cfg.patch_nums)]
+    state = {"si": 0}
+
+    def wrap(fn, key, scale_of=None):
+        def inner(*args, **kw):
+            si = scale_of(args) if scale_of else state["si"]
+            sync(dev)
+            t0 = time.perf_counter()
+            out = fn(*args, **kw)
+            sync(dev)
+            rows[si][key] += time.perf_counter() - t0
+            return out
+        return inner
+
+    saved = {"guide": ar.guide, "sample_rows": ar.sample_rows}
+    had_step = "scale_logits" in tr.__dict__
+    step = tr.scale_logits
+
+    def step_and_mark(x, si, cache, text):
+        state["si"] = si
+        return step(x, si, cache, text)
+
+    tr.scale_logits = wrap(step_and_mark, "transformer_s", scale_of=lambda a: a[1])
+    vae.add_scale_ = wrap(vae.add_scale_, "vq_s", scale_of=lambda a: a[2])
+    ar.guide = wrap(saved["guide"], "sampling_s")
+    ar.sample_rows = wrap(saved["sample_rows"], "sampling_s")
+    try:
+        cond, _ = pipe.encode_prompts([r.prompt for r in requests], [r.negative_prompt for r in requests])
+        _, total = timed(lambda: pipe.sample_tokens(cond, requests), dev)
+    finally:
+        ar.guide, ar.sample_rows = saved["guide"], saved["sample_rows"]
+        del vae.add_scale_
+        if had_step:
+            tr.scale_logits = step
+        else:
+            del tr.scale_logits
+    return rows, total
+
+
+def bench_batch(pipe, n: int, args, peak: dict, flops: dict) -> dict:
+    requests = _requests(n)
+    mem = PeakMemory(pipe.device)
+    decode = not args.no_decode
+    for _ in range(args.warmup):
+        run_once(pipe, requests, decode)
+    mem.reset()
+    reps = [run_once(pipe, requests, decode) for _ in range(max(1, args.reps))]
+    peak_mem = mem.peak()
+    best = min(reps, key=lambda r: r["generate_s"])
+    best_tok = min(r["token_stage_s"] for r in reps)
+    med = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+    after = matmul_peak(pipe.device, pipe.dtype)
+    ref = max(peak["matmul_flops_per_s"], after["matmul_flops_per_s"])
+    peak["matmul_flops_per_s"] = ref
+    tok_flops = flops["total"]
+    rec = {
+        "kind": "batch", "preset": args.preset, "size": pipe.image_size, "device": str(pipe.device),
+        "dtype": str(pipe.dtype).replace("torch.", ""), "compile": bool(args.compile), "batch_size": n,
+        "images_per_s": n / best["generate_s"], "s_per_image": best["generate_s"] / n,
+        "latency_s": best["generate_s"], "median_s_per_image": med["generate_s"] / n,
+        "peak_mem_bytes": peak_mem, "peak_mem_kind": mem.kind,
+        "flops_per_image": tok_flops / n, "decoder_flops_per_image": flops["decoder_per_image"],
+        "token_stage_s": best_tok, "token_stage_median_s": med["token_stage_s"],
+        "token_stage_flops_per_s": tok_flops / best_tok,
+        "matmul_flops_per_s": ref, "matmul_flops_per_s_after": after["matmul_flops_per_s"],
+        "token_stage_fraction_of_matmul_peak": tok_flops / best_tok / ref,
+        "token_stage_fraction_median": tok_flops / med["token_stage_s"] / ref,
+        "fraction_of_matmul_peak": (tok_flops + (flops["decoder_per_image"] * n if decode else 0))
+        / best["generate_s"] / ref,
+        "stages_s": {k: best[k] for k in ("text_encode_s", "token_s", "decode_s", "png_s")},
+        "png_s_per_image": best["png_s"] / n, "reps": len(reps),
+    }
+    if not args.no_breakdown:
+        rows, total = scale_breakdown(pipe, requests)
+        rec["per_scale"] = rows
+        rec["breakdown_token_s"] = total
+    return rec
+
+
+def batch_sizes(args, pipe) -> list[int]:
+    if args.batch_sizes != "auto":
+        return parse_int_list(args.batch_sizes)
+    from model.compile import default_buckets
+    from model.memory import free_device_bytes, plan_for_pipeline
+
+    free = free_device_bytes(pipe.device)
+    if free is None:
+        return [1, 2, 4, 8]
+    most = plan_for_pipeline(pipe).max_batch(free, args.memory_margin)
+    return list(default_buckets(max(1, most)))
+
+
+def flop_counts(pipe, n: int) -> dict:
+    from bench.flops import TextEncoderShape, decoder_flops, generation_flops
+
+    text = TextEncoderShape.of(pipe.text_encoder.model.config, pipe.cfg.text_len)
+    texts = len({PROMPT.format(i=i) for i in range(n)} | {""})
+    g = generation_flops(pipe.cfg, n, text, texts)
+    g["decoder_per_image"] = decoder_flops(pipe.cfg)
+    return g
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from model.pipeline import StarPipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = StarPipeline.load(args.preset, device=args.device, dtype=args.dtype)
+    if args.size is not None and args.size != pipe.image_size:
+        print(f"--size {args.size}: preset {args.preset} makes {pipe.image_size} px images", file=sys.stderr)
+        return 2
+    out_file = open(args.out, "a", encoding="utf-8") if args.out else None
+
+    def report(rec: dict) -> None:
+        emit(rec, args.json)
+        if out_file:
+            emit(rec, True, out_file)
+
+    peak = matmul_peak(pipe.device, pipe.dtype)
+    report({"kind": "machine", **machine_info(pipe.device), "preset": args.preset, "device": str(pipe.device),
+            "dtype": str(pipe.dtype).replace("torch.", ""), "threads": torch.get_num_threads(), **peak})
+    sizes = batch_sizes(args, pipe)
+    if args.compile:
+        from model.compile import compile_pipeline, warm_up
+
+        compile_pipeline(pipe, sizes, mode=args.compile_mode, backend=args.compile_backend)
+        report({"kind": "compile", "buckets": sizes, "warmup_s": warm_up(pipe, sizes)})
+    records = []
+    n, i = None, 0
+    while True:
+        if i < len(sizes):
+            n = sizes[i]
+        elif args.until_oom and n is not None:
+            n *= 2
+        else:
+            break
+        i += 1
+        try:
+            pipe.reserve(n)
+            rec = bench_batch(pipe, n, args, peak, flop_counts(pipe, n))
+        except Exception as exc:  # noqa: BLE001 - an OOM ends the sweep, anything else is re-raised
+            if not is_oom(exc):
+                raise
+            report({"kind": "oom", "batch_size": n, "error": str(exc).splitlines()[0][:200]})
+            pipe._cache = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            break
+        records.append(rec)
+        report(rec)
+    if records:
+        best = max(records, key=lambda r: r["images_per_s"])
+        report({"kind": "summary", "preset": args.preset, "device": str(pipe.device),
+                "dtype": str(pipe.dtype).replace("torch.", ""), "compile": bool(args.compile),
+                "s_per_image_batch1": next((r["s_per_image"] for r in records if r["batch_size"] == 1), None),
+                "best_images_per_s": best["images_per_s"], "best_batch_size": best["batch_size"],
+                "token_stage_fraction_at_best": best["token_stage_fraction_of_matmul_peak"],
+                "matmul_flops_per_s": peak["matmul_flops_per_s"]})
+    if args.plot and records:
+        plot(args.plot, records)
+    if out_file:
+        out_file.close()
+    return 0
+
+
+def plot(path: str, records: list[dict]) -> str:
+    from bench.plot import line_panels
+
+    r0 = records[0]
+    title = f"bench.sampler {r0['preset']} {r0['size']}px {r0['device']} {r0['dtype']}"
+    pts = lambda key: [(r["batch_size"], r[key]) for r in records]  # noqa: E731
+    return line_panels(path, title, [
+        {"title": "images per second", "x_label": "batch size", "series": {"images/s": pts("images_per_s")}},
+        {"title": "fraction of the matmul peak", "x_label": "batch size",
+         "series": {"token stage": pts("token_stage_fraction_of_matmul_peak"),
+                    "whole generation": pts("fraction_of_matmul_peak")}},
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""bench.sampler on the tiny preset: valid JSON lines with every key and sane values, and a plot."""
+from __future__ import annotations
+
+import json
+
+from bench import sampler
+
+KEYS = {"batch_size", "images_per_s", "s_per_image", "peak_mem_bytes", "flops_per_image",
+        "token_stage_fraction_of_matmul_peak", "fraction_of_matmul_peak", "matmul_flops_per_s",
+        "stages_s", "per_scale", "token_stage_s", "png_s_per_image"}
+
+
+def test_sampler_bench_on_tiny_emits_one_json_line_per_batch(capsys, tmp_path):
+    plot = tmp_path / "sampler.png"
+    out = tmp_path / "runs.jsonl"
+    assert sampler.main(["--preset", "tiny", "--batch-sizes", "1,2", "--device", "cpu", "--dtype", "float32",
+                         "--reps", "1", "--warmup", "0", "--json", "--plot", str(plot), "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kind"] for r in lines] == ["machine", "batch", "batch", "summary"]
+    machine = lines[0]
+    assert machine["matmul_flops_per_s"] > 1e8 and machine["torch"] and machine["cpu_count"] >= 1
+    batches = lines[1:3]
+    assert [b["batch_size"] for b in batches] == [1, 2]
+    for b in batches:
+        assert KEYS <= set(b), KEYS - set(b)
+        assert b["images_per_s"] > 0 and abs(b["s_per_image"] * b["images_per_s"] - 1) < 1e-9
+        assert 0 < b["token_stage_fraction_of_matmul_peak"] < 1.5     # a ratio, not a raw FLOP/s figure
+        assert b["peak_mem_bytes"] > 10 * 2**20
+        assert 1.5e9 < b["flops_per_image"] < 2.5e9                   # tiny: ~1.8 GFLOP of matmuls per image
+        assert set(b["stages_s"]) == {"text_encode_s", "token_s", "decode_s", "png_s"}
+        assert all(v > 0 for v in b["stages_s"].values())
+        assert [s["tokens"] for s in b["per_scale"]] == [p * p for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
+        assert all(s["transformer_s"] > 0 and s["sampling_s"] > 0 for s in b["per_scale"])
+    assert lines[-1]["best_batch_size"] in (1, 2)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(out.read_text().splitlines()) == 4
+
+
+def test_size_must_match_the_preset(capsys):
+    assert sampler.main(["--preset", "tiny", "--size", "512", "--batch-sizes", "1", "--device", "cpu"]) == 2
+    assert "256 px" in capsys.readouterr().err
