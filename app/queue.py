@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -25,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-from redis import Redis, WatchError
+from redis import Redis, RedisError, WatchError
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 from rq import Queue
@@ -173,16 +174,21 @@ def enqueue(conn: Redis, params: dict, model: str, *, deadline_s: float, result_
     meta = {"model": model, "images": params["n"], "deadline_at": time.time() + deadline_s}
     if api_key:
         meta["api_key"] = api_key
-    with conn.pipeline() as pipe:
-        job = queue.enqueue_call(
-            JOB_FUNC, kwargs=params, meta=meta, result_ttl=result_ttl, failure_ttl=failure_ttl, job_id=job_id,
-            # The worker enforces no RQ timeout (batches run in-process); a never-started job's
-            # record expires result_ttl after its deadline.
-            timeout=-1, ttl=math.ceil(deadline_s) + result_ttl, pipeline=pipe,
-            description=f"star {model}: {params['n']} image(s) of {params['size']}px",
-        )
-        pipe.zrem(ADMIT_KEY.format(queue.name), job_id)
-        pipe.execute()
+    try:
+        with conn.pipeline() as pipe:
+            job = queue.enqueue_call(
+                JOB_FUNC, kwargs=params, meta=meta, result_ttl=result_ttl, failure_ttl=failure_ttl, job_id=job_id,
+                # The worker enforces no RQ timeout (batches run in-process); a never-started job's
+                # record expires result_ttl after its deadline.
+                timeout=-1, ttl=math.ceil(deadline_s) + result_ttl, pipeline=pipe,
+                description=f"star {model}: {params['n']} image(s) of {params['size']}px",
+            )
+            pipe.zrem(ADMIT_KEY.format(queue.name), job_id)
+            pipe.execute()
+    except BaseException:
+        with contextlib.suppress(RedisError):   # else it lapses after ADMIT_HOLD_S
+            conn.zrem(ADMIT_KEY.format(queue.name), job_id)
+        raise
     position = queue.get_job_position(job.id)
     return job, 0 if position is None else position   # None: a worker has already taken it
 

@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from redis import Redis, WatchError
+from redis import Redis, ResponseError, WatchError
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.executions import Execution
@@ -125,6 +125,9 @@ def _requeue_front(conn: Redis, job: Job, executions: list[Execution], requeues:
     queue = Queue(job.origin, connection=conn, serializer=q.SERIALIZER)
     enqueued_at = job.enqueued_at
     job.meta.update(progress=None, requeues=requeues)
+    deadline_at = job.meta.get("deadline_at")
+    if deadline_at and enqueued_at:   # a fresh deadline: it was started in time, it must not expire now
+        job.meta["deadline_at"] = max(float(deadline_at), time.time() + float(deadline_at) - enqueued_at.timestamp())
     job.started_at = job.ended_at = None
     with conn.pipeline() as pipe:
         queue.enqueue_job(job, pipeline=pipe, at_front=True)   # first: it starts the transaction
@@ -180,7 +183,7 @@ def reap(conn: Redis, *, max_requeues: int, deadline_s: float, lock_s: float) ->
     """One pass over every star queue, by at most one process per `lock_s` (Redis lock)."""
     if not conn.set(REAPER_LOCK, uuid.uuid4().hex, nx=True, px=max(100, int(lock_s * 1000))):
         return []
-    if int(conn.info("server").get("uptime_in_seconds", 0)) < deadline_s:
+    if redis_uptime(conn) < deadline_s:
         return []   # Redis just (re)started: live workers have not re-registered yet
     outcomes: list[Outcome] = []
     for queue in Queue.all(connection=conn, serializer=q.SERIALIZER):
@@ -188,6 +191,14 @@ def reap(conn: Redis, *, max_requeues: int, deadline_s: float, lock_s: float) ->
             outcomes += _reap_started(conn, queue, max_requeues)
             outcomes += _rescue_stranded(conn, queue, deadline_s)
     return outcomes
+
+
+def redis_uptime(conn: Redis) -> float:
+    """Seconds since Redis started (infinite where INFO is not allowed, e.g. some managed Redis)."""
+    try:
+        return float(conn.info("server").get("uptime_in_seconds", 0))
+    except ResponseError:
+        return float("inf")
 
 
 def _reap_started(conn: Redis, queue: Queue, max_requeues: int) -> list[Outcome]:

@@ -108,7 +108,7 @@ class BatchWorker(RedisTolerant):
         """Our reaper first: RQ's own cleanup would fail abandoned jobs that we re-queue."""
         try:
             self.reap()
-            if int(self.connection.info("server").get("uptime_in_seconds", 0)) < self.deadline_s:
+            if recovery.redis_uptime(self.connection) < self.deadline_s:
                 return   # Redis just restarted: let live workers re-register before RQ judges them
         except REDIS_DOWN as exc:
             log.warning("maintenance skipped (Redis unavailable): %s", exc)

@@ -25,7 +25,7 @@ def registries_are_clean(redis_url: str, model: str = "noop-64") -> None:
 
 
 def test_a_worker_killed_mid_batch_loses_no_job(env_stack, h, redis_url, tmp_path):
-    api, start_worker = env_stack()
+    api, start_worker = env_stack(job_deadline_s=2.5)   # re-queued past it: the deadline starts afresh
     doomed = start_worker("doomed", TEST_SCALE_DELAY_MS="300")
     sizes = (1, 2, 1)
     ids = [h.post(api.client, f"a harbour, take {i}", n=n, seed=10 * i) for i, n in enumerate(sizes)]
@@ -38,7 +38,9 @@ def test_a_worker_killed_mid_batch_loses_no_job(env_stack, h, redis_url, tmp_pat
     for job_id, n in zip(ids, sizes):
         view = h.wait_job(api.client, job_id, timeout=30)
         assert view["status"] == "succeeded" and len(view["images"]) == n, view
-        assert job_meta(redis_url, job_id)["requeues"] == 1
+        job = Job.fetch(job_id, connection=q.connect(redis_url), serializer=q.SERIALIZER)
+        assert job.meta["requeues"] == 1
+        assert job.meta["deadline_at"] > job.enqueued_at.timestamp() + 2.5   # extended when re-queued
     assert len(h.stored_pngs(tmp_path / "images")) == sum(sizes)   # exactly one set per job
     registries_are_clean(redis_url)
 
