@@ -91,8 +91,8 @@ class BatchWorker(RedisTolerant):
         except Exception as exc:
             log.exception("batch failed outside the model call")
             for running in self._batch:     # jobs already ended are skipped by finish_failed
-                self.finish_failed(running, "internal_error", f"worker error: {exc}",
-                                   (type(exc), exc, exc.__traceback__))
+                self.finish_failed(running, "internal_error", f"worker error ({type(exc).__name__}; "
+                                   "details in the worker's log)", (type(exc), exc, exc.__traceback__))
         finally:
             self._release([r for r in self._batch if r.stage == "model"], count=False, reason="batch abandoned")
             self.set_state(WorkerStatus.IDLE)

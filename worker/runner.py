@@ -194,7 +194,8 @@ class BatchRunner:
                       for i, result in enumerate(results)]
         except Exception as exc:
             log.exception("job %s: storing its images failed", running.job.id)
-            self._guarded(finisher.finish_failed, running, "storage_error", f"{type(exc).__name__}: {exc}",
+            self._guarded(finisher.finish_failed, running, "storage_error",   # no paths in the answer
+                          f"the images could not be stored ({type(exc).__name__}; details in the worker's log)",
                           sys.exc_info())
         else:
             encode_s = time.perf_counter() - t0

@@ -61,7 +61,7 @@ def test_a_worker_presumed_dead_that_comes_back_publishes_nothing(env_stack, h, 
     h.wait_job(api.client, job_id, lambda v: "re-queued away from this worker" in stalled.tail(), timeout=20)
     assert h.view(api.client, job_id)["images"] == done["images"]
     assert len(h.stored_pngs(tmp_path / "images")) == 2
-    assert stalled.state() in ("ready", "busy")   # it goes on serving
+    h.wait_job(api.client, job_id, lambda v: stalled.state() in ("ready", "busy"), timeout=10)   # serving on
 
 
 def test_a_job_whose_workers_keep_dying_fails_as_worker_lost(env_stack, h, redis_url):
