@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# STAR speed on one CUDA GPU, every number in one output directory (JSON lines + PNG plots).
+#
+#   bash bench/gpu.sh                      # star-1024, random weights, bf16 and fp16
+#   OUT=/tmp/gpu-run bash bench/gpu.sh     # choose the output directory
+#
+# Steps (each writes OUT/<step>.jsonl):
+#   1. agreement-<dtype>   bf16 (and fp16) tokens against float32 on a small case (bench.agreement)
+#   2. sampler-<dtype>     bench.sampler eager: batch 1 up to the largest batch that fits
+#                          (model/memory.py from the free memory; GROW_UNTIL_OOM=1 also doubles on
+#                          until a batch does not fit): latency, images/s, peak memory, FLOP fraction
+#   3. sampler-<dtype>-compiled   the same with --compile (per-scale step, batch buckets 1 and the
+#                          eager run's best batch), for the dtypes in COMPILE_DTYPES
+#   4. report.md           one table of everything and the GPU targets, met or not
+#
+# Installs nothing: it uses PYTHON, else the project's .venv, else python3 (torch with CUDA must be
+# importable). Knobs (environment): OUT, PRESET (star-1024), DTYPES ("bfloat16 float16"),
+# BATCHES (auto), REPS (3), WARMUP (1), COMPILE (1), COMPILE_DTYPES (bfloat16), COMPILE_MODE,
+# COMPILE_BACKEND (inductor), AGREE_PRESET (small), AGREE_IMAGES (2), GROW_UNTIL_OOM (0),
+# SAMPLER_ARGS (more bench.sampler flags, e.g. --no-breakdown),
+# DEVICE (cuda; ALLOW_CPU=1 permits cpu, for the tests' dry run with small presets).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3; fi
+
+OUT=${OUT:-artifacts/gpu-bench-$(date -u +%Y%m%dT%H%M%SZ)}
+PRESET=${PRESET:-star-1024}
+DTYPES=${DTYPES:-"bfloat16 float16"}
+BATCHES=${BATCHES:-auto}
+REPS=${REPS:-3}
+WARMUP=${WARMUP:-1}
+COMPILE=${COMPILE:-1}
+COMPILE_DTYPES=${COMPILE_DTYPES:-bfloat16}
+COMPILE_MODE=${COMPILE_MODE:-}
+COMPILE_BACKEND=${COMPILE_BACKEND:-inductor}
+AGREE_PRESET=${AGREE_PRESET:-small}
+AGREE_IMAGES=${AGREE_IMAGES:-2}
+GROW_UNTIL_OOM=${GROW_UNTIL_OOM:-0}
+DEVICE=${DEVICE:-cuda}
+read -r -a sampler_args <<< "${SAMPLER_ARGS:-}"
+mkdir -p "$OUT"
+
+if [ "$DEVICE" != "cpu" ] || [ "${ALLOW_CPU:-0}" != "1" ]; then
+  "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)' || {
+    echo "bench/gpu.sh: no CUDA device visible to $PY (torch $("$PY" -c 'import torch; print(torch.__version__)'))" >&2
+    exit 3; }
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+fi
+echo "bench/gpu.sh: $PRESET on $DEVICE, dtypes [$DTYPES], results in $OUT" >&2
+
+for dt in $DTYPES; do
+  "$PY" -m bench.agreement --preset "$AGREE_PRESET" --device "$DEVICE" --dtype "$dt" \
+    --images "$AGREE_IMAGES" --json --out "$OUT/agreement-$dt.jsonl" > /dev/null
+done
+
+extra=()
+[ "$GROW_UNTIL_OOM" = "1" ] && extra+=(--until-oom)
+for dt in $DTYPES; do
+  "$PY" -m bench.sampler --preset "$PRESET" --device "$DEVICE" --dtype "$dt" --batch-sizes "$BATCHES" \
+    --reps "$REPS" --warmup "$WARMUP" ${extra[@]+"${extra[@]}"} ${sampler_args[@]+"${sampler_args[@]}"} --json \
+    --out "$OUT/sampler-$dt.jsonl" --plot "$OUT/sampler-$dt.png" > /dev/null
+done
+
+if [ "$COMPILE" = "1" ]; then
+  for dt in $COMPILE_DTYPES; do
+    best=$("$PY" - "$OUT/sampler-$dt.jsonl" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+summary = [r for r in rows if r.get("kind") == "summary"]
+print(summary[-1]["best_batch_size"] if summary else 1)
+PYEOF
+)
+    batches=1; [ "$best" != "1" ] && batches="1,$best"
+    mode=(); [ -n "$COMPILE_MODE" ] && mode=(--compile-mode "$COMPILE_MODE")
+    "$PY" -m bench.sampler --preset "$PRESET" --device "$DEVICE" --dtype "$dt" --batch-sizes "$batches" \
+      --reps "$REPS" --warmup "$WARMUP" --compile --compile-backend "$COMPILE_BACKEND" ${mode[@]+"${mode[@]}"} \
+      ${sampler_args[@]+"${sampler_args[@]}"} \
+      --json --out "$OUT/sampler-$dt-compiled.jsonl" --plot "$OUT/sampler-$dt-compiled.png" > /dev/null
+  done
+fi
+
+targets=gpu; [ "$DEVICE" = "cpu" ] && targets=cpu
+"$PY" -m bench.report "$OUT" --targets "$targets" | tee "$OUT/report.md"
+echo "bench/gpu.sh: done; $OUT/report.md" >&2
