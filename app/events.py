@@ -20,24 +20,17 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from app import queue as q
 from app.errors import JobNotFound
 from app.schemas import ErrorBody
+from app.settings import ApiSettings
+from app.views import job_view
 
 log = logging.getLogger(__name__)
 FINAL = ("succeeded", "failed", "canceled", "expired")
-
-
-class EventSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STAR_EVENTS_", extra="ignore")
-
-    poll_s: float = Field(0.5, gt=0, description="How often an event stream re-reads its job in Redis.")
-    heartbeat_s: float = Field(15.0, gt=0, description="Longest silence on an event stream before a `: ping` comment.")
 
 
 def sse(event: str, data: dict) -> str:
@@ -51,12 +44,10 @@ def job_event(state: q.JobState, storage) -> tuple[str, dict]:
     if state.status == "running":
         return "running", {"id": state.id, "status": "running", "progress": state.progress,
                            "cancel_requested": state.cancel_requested}
-    from app.main import _job_view   # the body of GET /jobs/{id} (imported late: app.main includes this router)
-
-    return state.status, _job_view(state, storage).model_dump(mode="json")
+    return state.status, job_view(state, storage).model_dump(mode="json")
 
 
-async def job_stream(ctx, state: q.JobState, settings: EventSettings) -> AsyncIterator[str]:
+async def job_stream(ctx, state: q.JobState, settings: ApiSettings) -> AsyncIterator[str]:
     yield "retry: 2000\n\n"   # EventSource: reconnect after 2 s if the connection drops
     job_id, last, last_write = state.id, None, time.monotonic()
     while True:
@@ -67,10 +58,10 @@ async def job_stream(ctx, state: q.JobState, settings: EventSettings) -> AsyncIt
                 last, last_write = event, time.monotonic()
             if state.status in FINAL:
                 return
-        if time.monotonic() - last_write >= settings.heartbeat_s:
+        if time.monotonic() - last_write >= settings.events_heartbeat_s:
             yield ": ping\n\n"
             last_write = time.monotonic()
-        await asyncio.sleep(settings.poll_s)
+        await asyncio.sleep(settings.events_poll_s)
         try:
             state = await run_in_threadpool(q.read_job, ctx.redis, job_id)
         except RedisError as exc:   # keep the stream; the next poll may succeed
@@ -82,8 +73,7 @@ async def job_stream(ctx, state: q.JobState, settings: EventSettings) -> AsyncIt
             return
 
 
-def create_router(settings: EventSettings | None = None) -> APIRouter:
-    settings = settings or EventSettings()
+def create_router(settings: ApiSettings | None = None) -> APIRouter:
     router = APIRouter(tags=["jobs"])
 
     @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,

@@ -27,11 +27,11 @@ from app.errors import (Forbidden, ImageNotFound, JobConflict, JobNotFound, NoWo
                         SizeNotServed, TooManyJobs, install_error_handlers)
 from app.guards import BodySizeLimit, check_prompt_length, require_key
 from app.metrics import ApiMetrics
-from app.schemas import (ErrorBody, GenerateRequest, ImageOut, JobAccepted, JobParameters, JobView, ModelOut,
-                         ModelsOut, Progress, Timings)
+from app.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView, ModelOut, ModelsOut
 from app.settings import ApiSettings
 from app.signing import SignedStorage, UrlSigner
 from app.storage import LocalStorage
+from app.views import job_view
 
 log = logging.getLogger("app")
 AUTH = [Depends(require_key)]
@@ -66,8 +66,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     _add_job_routes(app, ctx)
     _add_image_route(app, ctx)
     _add_service_routes(app, ctx)
-    app.include_router(events.create_router(), dependencies=AUTH, responses=errors(401, 429, 503))
-    app.include_router(openai_compat.create_router(), dependencies=AUTH,
+    app.include_router(events.create_router(settings), dependencies=AUTH, responses=errors(401, 429, 503))
+    app.include_router(openai_compat.create_router(settings), dependencies=AUTH,
                        responses={**errors(401, 413, 429, 503), **OPENAI_ERRORS})
     _add_web_page(app)
     return app
@@ -138,7 +138,7 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
         state = q.read_job(ctx.redis, job_id)
         if state is None:
             raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
-        return _job_view(state, ctx.storage)
+        return job_view(state, ctx.storage)
 
     @app.delete("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 409, 413, 429, 503),
                 tags=["jobs"], dependencies=AUTH)
@@ -279,23 +279,3 @@ def _models(ctx: Context) -> ModelsOut:
                             max_batch=max(e.max_batch for e in entries)))
     sizes = q.served_sizes(e for es in groups.values() for e in es)
     return ModelsOut(models=out, sizes=sizes, default_size=max(sizes) if sizes else None)
-
-
-def _job_view(state: q.JobState, storage: LocalStorage) -> JobView:
-    def seconds(a, b):
-        return round((b - a).total_seconds(), 3) if a and b else None
-
-    images = None
-    if state.images is not None:
-        images = [ImageOut(url=storage.url(i["id"]), seed=i["seed"], width=i["width"], height=i["height"])
-                  for i in state.images]
-    return JobView(
-        id=state.id, status=state.status, model=state.model, queue_position=state.queue_position,
-        progress=Progress(**state.progress) if state.progress else None,
-        cancel_requested=state.cancel_requested and state.status in ("queued", "running"),
-        timings=Timings(queued_at=state.queued_at, started_at=state.started_at, finished_at=state.finished_at,
-                        queue_wait_s=seconds(state.queued_at, state.started_at), model_s=state.model_s,
-                        total_s=seconds(state.queued_at, state.finished_at)),
-        request=JobParameters(**state.params), images=images, prompt_truncated=state.prompt_truncated,
-        error=state.error,
-    )

@@ -25,27 +25,19 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError
 from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from app import queue as q
 from app.errors import ApiError, RedisUnavailable, status_for, validation_message
 from app.schemas import GenerateRequest
+from app.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
 STAR_FIELDS = ("negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "temperature")
 NO_RETRY = {"x-should-retry": "false"}   # the SDK would otherwise resend (and queue again)
-
-
-class OpenAISettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STAR_OPENAI_", extra="ignore")
-
-    timeout_s: float = Field(300.0, gt=0, description="How long POST /v1/images/generations waits for its "
-                             "job (then 504, and the job is canceled).")
-    poll_s: float = Field(0.25, gt=0, description="How often a waiting POST /v1/images/generations re-reads its job.")
 
 
 class OpenAIError(Exception):
@@ -129,9 +121,9 @@ def _generate_endpoint(app):
     raise RuntimeError("the app has no POST /generate route")
 
 
-async def wait_for_job(ctx, job_id: str, settings: OpenAISettings) -> q.JobState:
-    """The job once finished; OpenAIError 504 (job canceled) after settings.timeout_s."""
-    deadline = time.monotonic() + settings.timeout_s
+async def wait_for_job(ctx, job_id: str, settings: ApiSettings) -> q.JobState:
+    """The job once finished; OpenAIError 504 (job canceled) after settings.openai_timeout_s."""
+    deadline = time.monotonic() + settings.openai_timeout_s
     while True:
         state = await run_in_threadpool(q.read_job, ctx.redis, job_id)
         if state is None:
@@ -140,12 +132,12 @@ async def wait_for_job(ctx, job_id: str, settings: OpenAISettings) -> q.JobState
             return state
         if time.monotonic() >= deadline:
             await run_in_threadpool(q.request_cancel, ctx.redis, job_id)
-            raise OpenAIError(504, f"job {job_id} did not finish within {settings.timeout_s:g}s; it was "
+            raise OpenAIError(504, f"job {job_id} did not finish within {settings.openai_timeout_s:g}s; it was "
                               "canceled", code="timeout", headers=NO_RETRY)
-        await asyncio.sleep(settings.poll_s)
+        await asyncio.sleep(settings.openai_poll_s)
 
 
-async def wait_unless_disconnected(ctx, job_id: str, settings: OpenAISettings, request: Request) -> q.JobState | None:
+async def wait_unless_disconnected(ctx, job_id: str, settings: ApiSettings, request: Request) -> q.JobState | None:
     """wait_for_job, but None (and the job canceled) if the client goes away first."""
     waiter = asyncio.ensure_future(wait_for_job(ctx, job_id, settings))
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -166,8 +158,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_router(settings: OpenAISettings | None = None) -> APIRouter:
-    settings = settings or OpenAISettings()
+def create_router(settings: ApiSettings | None = None) -> APIRouter:
     router = APIRouter(tags=["openai"])
 
     @router.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {

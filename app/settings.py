@@ -46,6 +46,14 @@ class ApiSettings(CommonSettings):
                                               "unset: plain unguessable URLs.")
     url_ttl_s: int = Field(3600, ge=60, description="How long a signed image URL stays valid (seconds).")
 
+    events_poll_s: float = Field(0.5, gt=0, description="How often an event stream (GET /jobs/{id}/events) re-reads "
+                                 "its job in Redis.")
+    events_heartbeat_s: float = Field(15.0, gt=0, description="Longest silence on an event stream before a "
+                                      "`: ping` comment.")
+    openai_timeout_s: float = Field(300.0, gt=0, description="How long POST /v1/images/generations waits for its "
+                                    "job (then 504, and the job is canceled).")
+    openai_poll_s: float = Field(0.25, gt=0, description="How often a waiting POST /v1/images/generations re-reads "
+                                 "its job.")
 
 class WorkerSettings(CommonSettings):
     """Settings of `star worker`."""

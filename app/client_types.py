@@ -1,0 +1,268 @@
+"""Types of the STAR HTTP client: response records, errors and the retry policy (httpx + stdlib)."""
+from __future__ import annotations
+
+import email.utils
+import os
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+DEFAULT_SERVER = "http://localhost:8000"
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------ response types
+
+def _parse(cls: type[T], data: dict[str, Any] | None) -> T | None:
+    """A dataclass from a JSON object: known fields only (newer servers may add fields)."""
+    if data is None:
+        return None
+    return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+@dataclass(frozen=True)
+class Progress:
+    scale: int    # scales sampled so far (k of S)
+    scales: int   # scales in the model's schedule (S)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    url: str
+    seed: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    queue_wait_s: float | None = None
+    model_s: float | None = None
+    total_s: float | None = None
+
+
+@dataclass(frozen=True)
+class JobParameters:
+    prompt: str
+    negative_prompt: str
+    size: int
+    n: int
+    seed: int
+    guidance_scale: float
+    top_k: int
+    top_p: float
+    temperature: float
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """`GET /jobs/{id}`: status, queue position or progress, timings, parameters, images or error."""
+
+    id: str
+    status: str                  # queued, running, succeeded, failed, canceled, expired
+    model: str
+    request: JobParameters
+    timings: Timings
+    queue_position: int | None = None
+    progress: Progress | None = None
+    cancel_requested: bool = False
+    images: tuple[ImageRef, ...] = ()
+    prompt_truncated: bool | None = None
+    error: JobError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Job":
+        timings = {k: _time(v) if k.endswith("_at") else v for k, v in (data.get("timings") or {}).items()}
+        return cls(id=data["id"], status=data["status"], model=data.get("model", ""),
+                   request=_parse(JobParameters, data["request"]), timings=_parse(Timings, timings),
+                   queue_position=data.get("queue_position"), progress=_parse(Progress, data.get("progress")),
+                   cancel_requested=bool(data.get("cancel_requested")),
+                   images=tuple(_parse(ImageRef, i) for i in data.get("images") or ()),
+                   prompt_truncated=data.get("prompt_truncated"), error=_parse(JobError, data.get("error")))
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """`POST /generate` (202): the job is queued."""
+
+    id: str
+    status_url: str
+    status: str = "queued"
+    queue_position: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    size: int
+    queue: str
+    queue_depth: int
+    workers: int
+    states: dict[str, int]
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class Models:
+    models: tuple[ModelInfo, ...]
+    sizes: tuple[int, ...]
+    default_size: int | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Models":
+        return cls(models=tuple(_parse(ModelInfo, m) for m in data.get("models", ())),
+                   sizes=tuple(data.get("sizes", ())), default_size=data.get("default_size"))
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    url: str
+    seed: int
+    width: int
+    height: int
+    png: bytes
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_bytes(self.png)
+        return path
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What `generate` returns: the finished job and its PNGs, in seed order."""
+
+    job: Job
+    images: tuple[GeneratedImage, ...]
+
+
+# ------------------------------------------------------------------------------ errors
+
+class StarError(Exception):
+    """Base of every error this client raises."""
+
+
+class StarConnectionError(StarError):
+    """The server could not be reached (refused, DNS, network, read timeout)."""
+
+    def __init__(self, server: str, reason: str):
+        super().__init__(f"cannot reach the STAR server at {server}: {reason}")
+        self.server, self.reason = server, reason
+
+
+class StarHTTPError(StarError):
+    """The server answered with an error status; `code`, `message` and `field` come from its body."""
+
+    def __init__(self, status: int, code: str, message: str, *, field: str | None = None,
+                 retry_after: float | None = None, server: str = ""):
+        super().__init__(f"{status} {code}: {message}" + (f" (server {server})" if server else ""))
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.retry_after, self.server = retry_after, server
+
+
+class StarRequestError(StarHTTPError):
+    """4xx other than 429: fix the request (never retried)."""
+
+
+class StarBusyError(StarHTTPError):
+    """429: the queue stayed full through every retry."""
+
+
+class StarServerError(StarHTTPError):
+    """5xx: the server failed or is unavailable (503 after every retry)."""
+
+
+class StarTimeout(StarError):
+    """`wait`/`generate` gave up before the job finished (the last view is `job`)."""
+
+    def __init__(self, job: Job, timeout: float):
+        super().__init__(f"job {job.id} still {job.status} after {timeout:g}s")
+        self.job, self.timeout = job, timeout
+
+
+class JobFailed(StarError):
+    """`generate`: the job ended failed, canceled or expired."""
+
+    def __init__(self, job: Job):
+        detail = f": {job.error.code}: {job.error.message}" if job.error else ""
+        super().__init__(f"job {job.id} {job.status}{detail}")
+        self.job = job
+
+
+def error_from_response(response: httpx.Response, server: str) -> StarHTTPError:
+    try:
+        body = response.json()
+        detail = body["error"] if isinstance(body.get("error"), dict) else {}
+    except (ValueError, AttributeError):
+        detail = {}
+    status = response.status_code
+    code = detail.get("code") or detail.get("type") or f"http_{status}"
+    message = detail.get("message") or response.text.strip()[:200] or response.reason_phrase
+    cls = StarBusyError if status == 429 else StarServerError if status >= 500 else StarRequestError
+    return cls(status, code, message, field=detail.get("field") or detail.get("param"),
+               retry_after=retry_after_seconds(response), server=server)
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """`Retry-After` as seconds (a number or an HTTP date), or None."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+# ------------------------------------------------------------------------------ retries
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5        # tries in all, the first one included
+    max_total_s: float = 120.0   # no retry is started (or slept towards) beyond this since the first try
+    backoff_s: float = 0.5       # without Retry-After: backoff_s * 2**(attempt-1), capped
+    max_backoff_s: float = 10.0
+    statuses: tuple[int, ...] = (429, 503)
+
+    def _delay(self, attempt: int, elapsed: float, suggested: float | None) -> float | None:
+        delay = suggested if suggested is not None else min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        if attempt >= self.max_attempts or elapsed + delay > self.max_total_s:
+            return None
+        return delay
+
+    def after_response(self, response: httpx.Response, attempt: int, elapsed: float) -> float | None:
+        """Seconds to sleep before trying again, or None to give up."""
+        if response.status_code not in self.statuses:
+            return None
+        return self._delay(attempt, elapsed, retry_after_seconds(response))
+
+    def after_error(self, method: str, attempt: int, elapsed: float) -> float | None:
+        if method.upper() not in ("GET", "HEAD", "DELETE"):
+            return None   # a POST may have been received: never resend it blindly
+        return self._delay(attempt, elapsed, None)

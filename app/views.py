@@ -1,0 +1,26 @@
+"""The job record as clients see it (GET /jobs/{id}, the final SSE event, the OpenAI route)."""
+from __future__ import annotations
+
+from app import queue as q
+from app.schemas import ImageOut, JobParameters, JobView, Progress, Timings
+from app.storage import LocalStorage
+
+
+def job_view(state: q.JobState, storage: LocalStorage) -> JobView:
+    def seconds(a, b):
+        return round((b - a).total_seconds(), 3) if a and b else None
+
+    images = None
+    if state.images is not None:
+        images = [ImageOut(url=storage.url(i["id"]), seed=i["seed"], width=i["width"], height=i["height"])
+                  for i in state.images]
+    return JobView(
+        id=state.id, status=state.status, model=state.model, queue_position=state.queue_position,
+        progress=Progress(**state.progress) if state.progress else None,
+        cancel_requested=state.cancel_requested and state.status in ("queued", "running"),
+        timings=Timings(queued_at=state.queued_at, started_at=state.started_at, finished_at=state.finished_at,
+                        queue_wait_s=seconds(state.queued_at, state.started_at), model_s=state.model_s,
+                        total_s=seconds(state.queued_at, state.finished_at)),
+        request=JobParameters(**state.params), images=images, prompt_truncated=state.prompt_truncated,
+        error=state.error,
+    )
