@@ -33,6 +33,7 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default=None, help="also append the JSON line to this file")
+    ap.add_argument("--plot", default=None, help="write a PNG plot of the agreement per scale")
     return ap.parse_args(argv)
 
 
@@ -118,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:
             emit(rec, True, f)
+    if args.plot:
+        from bench.plot import line_panels
+
+        ps = rec["per_scale"]
+        line_panels(args.plot, f"bench.agreement {rec['preset']} {rec['dtype']} vs {rec['ref_dtype']}", [
+            {"title": "agreement per scale", "x_label": "scale", "series": {
+                "teacher-forced top-1": [(p["scale"], p["top1_agreement"]) for p in ps],
+                "greedy tokens": list(enumerate(rec["greedy_per_scale"]))}}])
     return 0
 
 

@@ -13,8 +13,9 @@ from bench import agreement
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bf16_tokens_agree_with_float32_on_tiny(capsys):
-    assert agreement.main(["--preset", "tiny", "--device", "cpu", "--dtype", "bf16", "--images", "2", "--json"]) == 0
+def test_bf16_tokens_agree_with_float32_on_tiny(capsys, tmp_path):
+    assert agreement.main(["--preset", "tiny", "--device", "cpu", "--dtype", "bf16", "--images", "2", "--json",
+                           "--plot", str(tmp_path / "a.png")]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert (rec["kind"], rec["dtype"], rec["ref_dtype"]) == ("agreement", "bfloat16", "float32")
     assert rec["tokens_compared"] == 2 * sum(p * p for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
@@ -23,6 +24,7 @@ def test_bf16_tokens_agree_with_float32_on_tiny(capsys):
     assert 0 < rec["logits_rel_rms_err"] < 0.05                  # bf16 rounding, not a broken path
     assert rec["greedy_per_scale"][0] == 1.0 and 0 < rec["greedy_token_agreement"] <= 1
     assert len(rec["per_scale"]) == 10
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path):
