@@ -76,6 +76,12 @@ class WorkerSettings(CommonSettings):
                               "fails with `worker_lost`.")
     drain_grace_s: float = Field(90.0, gt=0, description="After SIGTERM, how long the batch in progress may run "
                                  "before its jobs are put back on the queue and the worker exits.")
+    max_batch_auto: bool = Field(False, description="On CUDA, size the max batch from the free GPU memory after "
+                                 "loading (model/memory.py) instead of STAR_MAX_BATCH, and reserve its KV cache.")
+    memory_margin: float = Field(0.1, ge=0, lt=1, description="Fraction of the free GPU memory that "
+                                 "STAR_MAX_BATCH_AUTO leaves unused.")
+    compile: bool = Field(False, description="torch.compile the per-scale step for batch-size buckets (powers of two "
+                          "up to the max batch) and compile them all at start (minutes; CUDA).")
 
     @model_validator(mode="after")
     def _deadline_after_heartbeat(self) -> "WorkerSettings":

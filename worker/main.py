@@ -22,6 +22,7 @@ from worker.metrics import WorkerMetrics
 from worker.noop import NoopPipeline
 from worker.rq_worker import BatchWorker
 from worker.runner import BatchRunner
+from worker.speed import prepare_model
 
 log = logging.getLogger("worker")
 EXIT_DEVICE_FAILURE = 3
@@ -102,6 +103,8 @@ def _serve(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetric
 def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetrics, pipeline) -> BatchWorker:
     pipeline = pipeline or load_pipeline(settings)
     entry = health.entry
+    settings = prepare_model(settings, pipeline)   # STAR_MAX_BATCH_AUTO, STAR_COMPILE (worker/speed.py)
+    entry.max_batch = settings.max_batch
     entry.model, entry.size, entry.queue = pipeline.name, pipeline.image_size, q.queue_name(pipeline.name)
     entry.device = str(getattr(pipeline, "device", ""))
     metrics.info.info({"model": pipeline.name, "size": str(pipeline.image_size), "device": entry.device,
