@@ -89,6 +89,9 @@ class StarPipeline:
         self.image_size, self.patch_nums = cfg.image_size, cfg.patch_nums
         self.transformer = place_transformer_(transformer, self.device, self.dtype, fp32_head)
         self.vae = vae.to(device=self.device, dtype=resolve_dtype(vae_dtype, self.device))
+        if self.device.type == "cpu":   # oneDNN convolutions run ~10% faster on channels-last maps
+            self.vae.decoder.to(memory_format=torch.channels_last)
+            self.vae.post_quant_conv.to(memory_format=torch.channels_last)
         self.text_encoder = text_encoder.to(self.device)
         self._cache: KVCache | None = None
 
@@ -175,7 +178,9 @@ class StarPipeline:
         chunk images per decoder call; the default 1 keeps every image bit-identical whatever the
         batch (convolutions round differently with the batch size) and bounds activation memory.
         """
-        parts = [self.vae.fhat_to_img(f_hat_NChw[i:i + chunk]) for i in range(0, f_hat_NChw.shape[0], chunk)]
+        fmt = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        parts = [self.vae.fhat_to_img(f_hat_NChw[i:i + chunk].contiguous(memory_format=fmt))
+                 for i in range(0, f_hat_NChw.shape[0], chunk)]
         return torch.cat(parts) if parts else f_hat_NChw.new_zeros(0, 3, self.image_size, self.image_size)
 
     def generate(self, requests: Sequence[ImageRequest], *,
