@@ -92,7 +92,11 @@ def compile_pipeline(pipe, buckets: Sequence[int] = (1, 2, 4, 8), *, mode: str |
     cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * graphs)
     step = CompiledStep(tr.scale_logits, buckets, mode=mode, backend=backend, fullgraph=fullgraph)
     tr.scale_logits = step            # instance attribute: shadows the method for this model only
-    pipe.reserve(max(step.buckets))
+    cache = pipe.reserve(max(step.buckets))
+    # the cache is written in place on every scale: a static address lets CUDA graphs
+    # (mode="reduce-overhead") replay those writes instead of copying the cache in and out
+    torch._dynamo.mark_static_address(cache.k)
+    torch._dynamo.mark_static_address(cache.v)
     return step
 
 
