@@ -132,6 +132,8 @@ def scale_breakdown(pipe, requests) -> tuple[list[dict], float]:
 
 
 def bench_batch(pipe, n: int, args, peak: dict, flops: dict) -> dict:
+    import torch
+
     requests = _requests(n)
     mem = PeakMemory(pipe.device)
     decode = not args.no_decode
@@ -162,7 +164,8 @@ def bench_batch(pipe, n: int, args, peak: dict, flops: dict) -> dict:
         "fraction_of_matmul_peak": (tok_flops + (flops["decoder_per_image"] * n if decode else 0))
         / best["generate_s"] / ref,
         "stages_s": {k: best[k] for k in ("text_encode_s", "token_s", "decode_s", "png_s")},
-        "png_s_per_image": best["png_s"] / n, "reps": len(reps),
+        "png_s_per_image": best["png_s"] / n, "reps": len(reps), "threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if not args.no_breakdown:
         rows, total = scale_breakdown(pipe, requests)
