@@ -1,15 +1,17 @@
 """Procedural "shapes" data: 128 px images of one flat shape on a flat background, with a caption.
 
-    "a red circle on a blue background", "an orange star on a white background", ...
+    "a red circle on a blue background", "a yellow star on a white background", ...
 
-Five shapes (circle, square, triangle, star, ring), eight named colours, object colour != background
+Five shapes (circle, square, triangle, star, ring), eight named colours (the corners of the RGB
+cube: red, green, blue, yellow, cyan, magenta, white, black), object colour != background
 colour: 5 * 8 * 7 = 280 (shape, colour, background) combinations. HELD_OUT (28 of them) never occur
 in training, so prompts built from them are "not used verbatim in training" while every word, and
 every pair of (shape, colour), (shape, background) and (colour, background), still does.
 
 Image i of a dataset is a pure function of (seed, i): `draw_example(seed, i)`. Shapes are drawn 4x
 supersampled and box-filtered down, so edges are anti-aliased. The geometry of every shape lives
-in `shape_outline` (normalised to its bounding box) and is shared with the scorer's templates.
+in `draw_outline` (normalised to its bounding box) and is shared with the scorer's templates.
+`latent(spec)` is the VQ-VAE latent the shapes model is fitted to (see model/train_vae.py).
 
 `write_shapes_clip_tokenizer(dir)` writes a CLIP BPE tokenizer (byte-level alphabet plus merges that
 make each caption word one token); `shapes_text_encoder(...)` pairs it with a small CLIPTextModel.
@@ -27,15 +29,17 @@ from PIL import Image, ImageDraw
 IMAGE_SIZE = 128
 SUPERSAMPLE = 4
 SHAPES = ("circle", "square", "triangle", "star", "ring")
+# The eight corners of the RGB cube: every colour component is 0 or 255, so the shapes VQ-VAE can
+# decode a colour exactly as three signs (see model/train_vae.py).
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 70),
-    "blue": (40, 90, 220),
-    "yellow": (240, 220, 50),
-    "orange": (245, 140, 30),
-    "purple": (140, 60, 180),
-    "white": (245, 245, 245),
-    "black": (25, 25, 25),
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
 }
 COLOUR_NAMES = tuple(COLOURS)
 RADIUS_RANGE = (20.0, 40.0)     # half the shape's extent, pixels
@@ -146,6 +150,54 @@ def render(spec: Spec, size: int = IMAGE_SIZE, supersample: int = SUPERSAMPLE) -
     if supersample > 1:
         img = img.resize((size, size), Image.Resampling.BOX)
     return np.asarray(img, dtype=np.uint8).copy()
+
+
+# ---- the fitted latent space of the VQ-VAE -------------------------------------------------------
+CELL = 16                       # pixels per latent position (the VQ-VAE downsamples 16x)
+LATENT_CHANNELS = 16            # signed colour maps, object coverage, coverage of 8 cell regions
+
+
+def object_mask(spec: Spec, size: int = IMAGE_SIZE, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """bool [size*ss, size*ss]: where the object is (a ring's hole is not), at the supersampled grid."""
+    big = size * supersample
+    img = Image.new("L", (big, big), 0)
+    box = tuple(v * supersample for v in bounding_box(spec.shape, spec.cx, spec.cy, spec.radius))
+    draw_outline(ImageDraw.Draw(img), spec.shape, box, 255, 0)
+    return np.asarray(img) >= 128
+
+
+def cell_regions(n: int) -> np.ndarray:
+    """[8, n, n] weights (each sums to 1) of 8 regions of a cell: quadrants TL, TR, BL, BR, then the
+    triangles cut by its diagonals: top, right, bottom, left."""
+    u = (np.arange(n) + 0.5) / n
+    x, y = np.meshgrid(u, u)
+    regions = [(x < .5) & (y < .5), (x >= .5) & (y < .5), (x < .5) & (y >= .5), (x >= .5) & (y >= .5),
+               (y < x) & (y < 1 - x), (x > y) & (x > 1 - y), (y > x) & (y > 1 - x), (x < y) & (x < 1 - y)]
+    w = np.stack(regions).astype(np.float32)
+    return w / w.sum(axis=(1, 2), keepdims=True)
+
+
+def colour_signs(name: str) -> np.ndarray:
+    """+1 / -1 per RGB component (255 / 0) of a named colour."""
+    return np.where(np.array(COLOURS[name]) > 127, 1.0, -1.0).astype(np.float32)
+
+
+def latent(spec: Spec, size: int = IMAGE_SIZE, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """float32 [16, size/16, size/16]: the VQ-VAE latent of the image of spec.
+
+    With m the fraction of each cell the object covers: channels 0-2 = m * (RGB signs of the object
+    colour), 3-5 = -m * (RGB signs of the background colour), 6 = m, 7 = 0, 8-15 = fraction of each
+    cell region (cell_regions) the object covers. Colour lives only in signs of non-flat maps."""
+    mask = object_mask(spec, size, supersample).astype(np.float32)
+    n, cells = CELL * supersample, size // CELL
+    blocks = mask.reshape(cells, n, cells, n)
+    cover = blocks.mean(axis=(1, 3))
+    out = np.zeros((LATENT_CHANNELS, cells, cells), np.float32)
+    out[0:3] = colour_signs(spec.colour)[:, None, None] * cover
+    out[3:6] = -colour_signs(spec.background)[:, None, None] * cover
+    out[6] = cover
+    out[8:] = np.einsum("iajb,rab->rij", blocks, cell_regions(n))
+    return out
 
 
 # ---- sampling -----------------------------------------------------------------------------------
