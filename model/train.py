@@ -1,0 +1,288 @@
+"""Train a small STAR on the procedural shapes data, on CPU, and export a model directory.
+
+    python -m model.train [--recipe shapes] [--work artifacts/shapes-train] [--export model/zoo/shapes]
+                          [--stages latents,quant,decoder,encoder,ar,export] [--set ar_steps=400 ...]
+
+Stages (each resumable; a finished stage is skipped, an interrupted one continues from its last
+checkpoint in --work; model/train_vae.py explains the VQ-VAE stages):
+    latents  fitted VQ-VAE latents of the N dataset images          -> latents.pt
+    quant    multi-scale residual quantizer fitted to the latents   -> quant.pt, tokens.pt
+    decoder  VQ-VAE decoder trained on quantized f_hat -> image     -> decoder.pt
+    encoder  VQ-VAE encoder trained to regress the latents          -> encoder.pt
+    ar       STAR transformer + small CLIP text encoder, teacher-forced on the tokens with the
+             block-causal mask, 10% of captions dropped to "" (for classifier-free guidance) -> ar.pt
+    export   model directory (same format as converted official weights) with sampling defaults
+Every optimisation step appends a line to <work>/log.jsonl: stage, step, loss, lr, seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import shapes
+from . import train_vae as tv
+from .config import StarConfig
+from .model_dir import write_model_dir
+from .train_ar import stage_ar, new_text_encoder
+from .vqvae import VQVAE
+
+STAGES = ("latents", "quant", "decoder", "encoder", "ar", "export")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    arch: StarConfig
+    text_layers: int = 2         # CLIPTextModel layers (its width is arch.text_dim)
+    data_seed: int = 0
+    images: int = 6000           # dataset images whose tokens the transformer learns
+    rq_steps: int = 600
+    rq_batch: int = 256
+    rq_lr: float = 3e-3
+    dec_steps: int = 400         # on full 128 px images (the decoder's instance norms see whole images)
+    dec_batch: int = 4
+    dec_lr: float = 4e-4
+    enc_steps: int = 200
+    enc_batch: int = 8
+    enc_cells: int = 4           # the encoder trains on crops of 4x4 latent cells (64 px)
+    enc_lr: float = 1e-3
+    ar_steps: int = 800
+    ar_batch: int = 32
+    ar_lr: float = 1e-3
+    ar_wd: float = 0.05
+    caption_dropout: float = 0.1
+    ckpt_every: int = 50
+    seed: int = 0                # initialisation and batch order
+    sampling: tuple = (("cfg", 3.0), ("top_k", 0), ("top_p", 0.0), ("temperature", 1.0))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["arch"], d["sampling"] = self.arch.to_dict(), dict(self.sampling)
+        return d
+
+
+SHAPES_ARCH = StarConfig(name="shapes", depth=3, patch_nums=(1, 2, 3, 4, 5, 6, 8), vocab_size=512, vae_channels=16,
+                         vae_ch=32, vae_ch_mult=(1, 1, 2, 2, 4), text_dim=64, num_classes=1)
+RECIPES = {
+    "shapes": Recipe(SHAPES_ARCH),
+    # seconds, for tests: the same pipeline end to end on a few images
+    "smoke": Recipe(SHAPES_ARCH.replace(name="shapes-smoke", depth=1, patch_nums=(1, 2, 4, 8), vocab_size=32,
+                                        vae_ch_mult=(1, 1, 1, 1, 1), text_dim=32),
+                    text_layers=1, images=8, rq_steps=3, rq_batch=8, dec_steps=2, dec_batch=2, enc_steps=2,
+                    enc_batch=2, ar_steps=3, ar_batch=4, ckpt_every=2),
+}
+
+
+# ---- bookkeeping -------------------------------------------------------------------------------------
+class Log:
+    """Append-only JSON lines, flushed per line."""
+
+    def __init__(self, path: Path):
+        self.path, self.t0 = path, time.perf_counter()
+
+    def write(self, **fields) -> None:
+        fields["seconds"] = round(time.perf_counter() - self.t0, 3)
+        with self.path.open("a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+
+def load_ckpt(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def save_ckpt(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def run_loop(stage: str, work: Path, total: int, ckpt: dict | None, modules: dict, opt, step_fn, log: Log,
+             every: int, progress: bool, extra: dict | None = None) -> None:
+    """Steps ckpt['step'] .. total-1 of step_fn(step) -> (loss, lr, info); checkpoint every `every`."""
+    start = ckpt["step"] if ckpt else 0
+    if ckpt:
+        for name, module in modules.items():
+            module.load_state_dict(ckpt[name])
+        opt.load_state_dict(ckpt["opt"])
+
+    def save(step: int) -> None:
+        save_ckpt(work / f"{stage}.pt", {**{k: m.state_dict() for k, m in modules.items()},
+                                         "opt": opt.state_dict(), "step": step, **(extra or {})})
+
+    bar = tqdm(range(start, total), desc=stage, initial=start, total=total, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        loss, lr, info = step_fn(step)
+        log.write(stage=stage, step=step, loss=round(loss, 6), lr=lr, **info)
+        bar.set_postfix(loss=f"{loss:.4f}", **{k: v for k, v in info.items() if not isinstance(v, float)})
+        if (step + 1) % every == 0 or step + 1 == total:
+            save(step + 1)
+    if start >= total and not ckpt:
+        save(total)
+
+
+def done(work: Path, stage: str, total: int) -> bool:
+    ckpt = load_ckpt(work / f"{stage}.pt")
+    return ckpt is not None and ckpt["step"] >= total
+
+
+# ---- VQ-VAE stages ---------------------------------------------------------------------------------
+def new_vae(recipe: Recipe) -> VQVAE:
+    if recipe.arch.vae_channels != shapes.LATENT_CHANNELS:
+        raise ValueError(f"the shapes latents have {shapes.LATENT_CHANNELS} channels, arch has {recipe.arch.vae_channels}")
+    torch.manual_seed(recipe.seed)
+    return VQVAE(recipe.arch)
+
+
+def vae_from(work: Path, recipe: Recipe, stage: str) -> VQVAE:
+    vae = new_vae(recipe)
+    vae.load_state_dict(load_ckpt(work / f"{stage}.pt")["vae"])
+    return vae
+
+
+def stage_latents(work: Path, recipe: Recipe, log: Log, progress: bool) -> None:
+    with tqdm(total=recipe.images, desc="latents", disable=not progress, dynamic_ncols=True) as bar:
+        f = tv.dataset_latents(recipe.data_seed, recipe.images, progress=bar)
+    save_ckpt(work / "latents.pt", {"f": f})
+    log.write(stage="latents", images=recipe.images)
+
+
+def stage_quant(work: Path, recipe: Recipe, log: Log, progress: bool) -> None:
+    f = load_ckpt(work / "latents.pt")["f"]
+    vae, ckpt = new_vae(recipe), load_ckpt(work / "quant.pt")
+    g = torch.Generator().manual_seed(recipe.seed + 3)
+    if ckpt is None:
+        tv.init_quantizer_(vae, f, g)
+    opt = torch.optim.Adam(tv.quantizer_params(vae), lr=recipe.rq_lr)
+
+    def step_fn(step):
+        lr = tv.lr_at(step, recipe.rq_steps, recipe.rq_lr, warmup=1)
+        tv.set_lr_(opt, lr)
+        restart = step % 20 == 0 and step < recipe.rq_steps * 3 // 4
+        loss, used = tv.quantizer_step(vae, opt, f, g, recipe.rq_batch, restart)
+        return loss, lr, {"codes_used": used}
+
+    run_loop("quant", work, recipe.rq_steps, ckpt, {"vae": vae}, opt, step_fn, log, recipe.ckpt_every, progress)
+    vae.load_state_dict(load_ckpt(work / "quant.pt")["vae"])
+    tokens, f_hat, hits = tv.tokens_and_fhat(vae, f)
+    vae.quantize.ema_vocab_hit_SV.copy_(hits / hits.sum(1, keepdim=True))
+    save_ckpt(work / "quant.pt", {**load_ckpt(work / "quant.pt"), "vae": vae.state_dict()})
+    save_ckpt(work / "tokens.pt", {"tokens": tokens, "f_hat": f_hat})
+    rel = float((f_hat - f).square().mean() / f.var())
+    log.write(stage="quant", relative_error=round(rel, 5), codes_used=int((hits.sum(0) > 0).sum()))
+
+
+def _vae_stage(work: Path, recipe: Recipe, log: Log, progress: bool, stage: str, source: str, init_fn,
+               params_fn, step, steps: int, lr_peak: float) -> None:
+    vae, ckpt = vae_from(work, recipe, source), load_ckpt(work / f"{stage}.pt")
+    if ckpt is None and init_fn is not None:
+        init_fn(vae)
+    opt = torch.optim.Adam(params_fn(vae), lr=lr_peak, betas=(0.9, 0.99))
+    g = torch.Generator()
+
+    def step_fn(i):
+        lr = tv.lr_at(i, steps, lr_peak, warmup=max(1, steps // 20))
+        tv.set_lr_(opt, lr)
+        g.manual_seed(recipe.seed * 7919 + i)
+        return step(vae, opt, g), lr, {}
+
+    run_loop(stage, work, steps, ckpt, {"vae": vae}, opt, step_fn, log, recipe.ckpt_every, progress)
+
+
+def stage_decoder(work: Path, recipe: Recipe, log: Log, progress: bool) -> None:
+    f_hat = load_ckpt(work / "tokens.pt")["f_hat"]
+    _vae_stage(work, recipe, log, progress, "decoder", "quant", tv.init_decoder_, tv.decoder_params,
+               lambda vae, opt, g: tv.decoder_step(vae, opt, f_hat, recipe.data_seed, g, recipe.dec_batch),
+               recipe.dec_steps, recipe.dec_lr)
+
+
+def stage_encoder(work: Path, recipe: Recipe, log: Log, progress: bool) -> None:
+    f = load_ckpt(work / "latents.pt")["f"]
+    _vae_stage(work, recipe, log, progress, "encoder", "decoder", None, tv.encoder_params,
+               lambda vae, opt, g: tv.encoder_step(vae, opt, f, recipe.data_seed, g, recipe.enc_batch, recipe.enc_cells),
+               recipe.enc_steps, recipe.enc_lr)
+
+
+# ---- export -----------------------------------------------------------------------------------------
+def stage_export(work: Path, recipe: Recipe, out: Path, log: Log, transformer_dtype=torch.float32) -> Path:
+    vae = vae_from(work, recipe, next(s for s in ("encoder", "decoder", "quant") if (work / f"{s}.pt").is_file()))
+    ar = load_ckpt(work / "ar.pt")
+    text = new_text_encoder(recipe)
+    text.model.load_state_dict(ar["text"])
+    source = {"trained_by": "python -m model.train", "recipe": recipe.to_dict(),
+              "data": "model/shapes.py", "held_out": [list(c) for c in shapes.HELD_OUT]}
+    write_model_dir(out, recipe.arch, ar["transformer"], vae.state_dict(), text, transformer_dtype=transformer_dtype,
+                    vae_dtype=torch.float32, source=source, sampling=dict(recipe.sampling))
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log.write(stage="export", out=str(out), bytes=size)
+    return out
+
+
+# ---- command line -----------------------------------------------------------------------------------
+def apply_overrides(recipe: Recipe, items: list[str]) -> Recipe:
+    """`key=value` pairs onto the recipe (values parsed as JSON, e.g. ar_steps=400, sampling=...)."""
+    changes = {}
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"arch"}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"unknown recipe field {key!r}; fields: {sorted(fields)}")
+        parsed = json.loads(value)
+        changes[key] = tuple(sorted(parsed.items())) if isinstance(parsed, dict) else parsed
+    return dataclasses.replace(recipe, **changes)
+
+
+def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_to: Path | None = None,
+          progress: bool = True) -> Path | None:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1) + "\n")
+    log = Log(work / "log.jsonl")
+    steps = {"quant": recipe.rq_steps, "decoder": recipe.dec_steps, "encoder": recipe.enc_steps, "ar": recipe.ar_steps}
+    runners = {"latents": stage_latents, "quant": stage_quant, "decoder": stage_decoder, "encoder": stage_encoder,
+               "ar": stage_ar}
+    for stage in stages:
+        if stage == "export":
+            return stage_export(work, recipe, export_to or work / "model", log)
+        finished = (work / "latents.pt").is_file() if stage == "latents" else done(work, stage, steps[stage])
+        if stage == "quant":
+            finished = finished and (work / "tokens.pt").is_file()
+        if not finished:
+            runners[stage](work, recipe, log, progress)
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", default="shapes", choices=sorted(RECIPES))
+    ap.add_argument("--work", default="artifacts/shapes-train", help="checkpoints, tokens and log.jsonl")
+    ap.add_argument("--export", default=None, help="model directory to write (default: <work>/model)")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    stages = tuple(s for s in args.stages.split(",") if s)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        print(f"unknown stages {unknown}; stages: {','.join(STAGES)}", file=sys.stderr)
+        return 2
+    recipe = apply_overrides(RECIPES[args.recipe], args.set)
+    out = train(recipe, Path(args.work), stages, Path(args.export) if args.export else None, not args.no_progress)
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
