@@ -16,7 +16,9 @@
 # Installs nothing: it uses PYTHON, else the project's .venv, else python3 (torch with CUDA must be
 # importable). Knobs (environment): OUT, PRESET (star-1024), DTYPES ("bfloat16 float16"),
 # BATCHES (auto), REPS (3), WARMUP (1), COMPILE (1), COMPILE_DTYPES (bfloat16), COMPILE_MODE,
-# COMPILE_BACKEND (inductor), AGREE_PRESET (small), AGREE_IMAGES (2), GROW_UNTIL_OOM (0),
+# COMPILE_BACKEND (inductor), COMPILE_DYNAMIC (0; 1 = one shape-generic graph per scale: compiles
+# faster; the static default compiles one graph per scale and bucket, which takes a while at d30),
+# AGREE_PRESET (small), AGREE_IMAGES (2), GROW_UNTIL_OOM (0),
 # SAMPLER_ARGS (more bench.sampler flags, e.g. --no-breakdown),
 # DEVICE (cuda; ALLOW_CPU=1 permits cpu, for the tests' dry run with small presets).
 set -euo pipefail
@@ -75,6 +77,7 @@ PYEOF
 )
     batches=1; [ "$best" != "1" ] && batches="1,$best"
     mode=(); [ -n "$COMPILE_MODE" ] && mode=(--compile-mode "$COMPILE_MODE")
+    [ "${COMPILE_DYNAMIC:-0}" = "1" ] && mode+=(--compile-dynamic)
     "$PY" -m bench.sampler --preset "$PRESET" --device "$DEVICE" --dtype "$dt" --batch-sizes "$batches" \
       --reps "$REPS" --warmup "$WARMUP" --compile --compile-backend "$COMPILE_BACKEND" ${mode[@]+"${mode[@]}"} \
       ${sampler_args[@]+"${sampler_args[@]}"} \

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "buckets = the batch sizes, compiled and warmed up before timing")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--compile-dynamic", action="store_true", help="shape-generic graphs (one per scale): less compile time")
     ap.add_argument("--memory-margin", type=float, default=0.1, help="free-memory fraction kept for --batch-sizes auto")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         from model.compile import compile_pipeline, warm_up
 
-        compile_pipeline(pipe, sizes, mode=args.compile_mode, backend=args.compile_backend)
+        compile_pipeline(pipe, sizes, mode=args.compile_mode, backend=args.compile_backend,
+                         dynamic=args.compile_dynamic)
         report({"kind": "compile", "buckets": sizes, "warmup_s": warm_up(pipe, sizes)})
     records = []
     n, i = None, 0

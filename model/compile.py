@@ -60,9 +60,9 @@ class CompiledStep:
     """Callable with scale_logits' signature: pads to a bucket, runs the compiled step, unpads."""
 
     def __init__(self, eager_step, buckets: Sequence[int], *, mode: str | None = None,
-                 backend: str = "inductor", fullgraph: bool = False):
+                 backend: str = "inductor", fullgraph: bool = False, dynamic: bool = False):
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
-        self.compiled = torch.compile(eager_step, dynamic=False, mode=mode, backend=backend, fullgraph=fullgraph)
+        self.compiled = torch.compile(eager_step, dynamic=dynamic, mode=mode, backend=backend, fullgraph=fullgraph)
         self._text_src: TextKV | None = None
         self._text_pad: TextKV | None = None
 
@@ -80,8 +80,11 @@ class CompiledStep:
 
 
 def compile_pipeline(pipe, buckets: Sequence[int] = (1, 2, 4, 8), *, mode: str | None = None,
-                     backend: str = "inductor", fullgraph: bool = False) -> CompiledStep:
-    """Compile pipe's per-scale step for these batch-size buckets (no warm-up; see warm_up)."""
+                     backend: str = "inductor", fullgraph: bool = False, dynamic: bool = False) -> CompiledStep:
+    """Compile pipe's per-scale step for these batch-size buckets (no warm-up; see warm_up).
+
+    dynamic=True compiles shape-generic graphs (one per scale whatever the bucket: less compile
+    time, somewhat slower kernels, no CUDA graphs)."""
     import torch._dynamo
 
     tr = pipe.transformer
@@ -90,7 +93,7 @@ def compile_pipeline(pipe, buckets: Sequence[int] = (1, 2, 4, 8), *, mode: str |
     cfg = torch._dynamo.config
     cfg.cache_size_limit = max(cfg.cache_size_limit, graphs)
     cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * graphs)
-    step = CompiledStep(tr.scale_logits, buckets, mode=mode, backend=backend, fullgraph=fullgraph)
+    step = CompiledStep(tr.scale_logits, buckets, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     tr.scale_logits = step            # instance attribute: shadows the method for this model only
     cache = pipe.reserve(max(step.buckets))
     # the cache is written in place on every scale: a static address lets CUDA graphs
