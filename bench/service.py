@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -50,6 +51,15 @@ def parse_args(argv):
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--plot", default=None, help="write a PNG plot of the latency percentiles per model")
     return ap.parse_args(argv)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), None where unknown."""
+    try:
+        fields = open(f"/proc/{pid}/stat", encoding="ascii").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -86,7 +96,12 @@ class Service:
         self.children.append(subprocess.Popen(star + ["api", "--host", "127.0.0.1", "--port", str(port)], env=env,
                                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
         self._wait_ready(180.0)
+        self.pids = {"worker": self.children[0].pid, "api": self.children[1].pid, "redis": self.redis.process.pid,
+                     "bench_client": os.getpid()}
         return self
+
+    def cpu(self) -> dict[str, float | None]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
 
     def _wait_ready(self, timeout: float) -> None:
         import httpx
@@ -120,23 +135,63 @@ class Service:
         self.redis.stop()
 
 
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: the load generator shares the
+    machine with the service, so it should cost as little CPU as possible (httpx costs ~2 ms of
+    CPU per request here, about what the API itself spends)."""
+
+    def __init__(self, url: str):
+        host_port = url.split("://", 1)[1].rstrip("/")
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.reader = self.writer = None
+
+    async def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = b"" if body is None else json.dumps(body).encode()
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode()
+        self.writer.write(head + data)
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length, close = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection" and value.strip().lower() == "close":
+                close = True
+        payload = await self.reader.readexactly(length) if length else b""
+        if close:
+            await self.close()
+        return status, (json.loads(payload) if payload.startswith(b"{") else {})
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
 async def load_phase(url: str, n: int, concurrency: int) -> dict:
     """n POSTs from `concurrency` clients; submit latencies, status counts, job ids."""
-    import httpx
-
     latencies, statuses, ids = [], {}, []
     counter = iter(range(n))
 
     async def client() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=1)) as http:
+        conn = Connection(url)
+        try:
             for i in counter:
                 body = {"prompt": f"benchmark request {i}: a red fox in the snow", "seed": i}
                 t0 = time.perf_counter()
-                r = await http.post("/generate", json=body)
+                status, rec = await conn.request("POST", "/generate", body)
                 latencies.append(time.perf_counter() - t0)
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if r.status_code == 202:
-                    ids.append(r.json()["id"])
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == 202:
+                    ids.append(rec["id"])
+        finally:
+            await conn.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -170,17 +225,16 @@ async def wait_all(url: str, ids: list[str], timeout: float) -> dict[str, dict]:
 
 async def sequential_phase(url: str, n: int, timeout: float) -> list[dict]:
     """n jobs one at a time: client end-to-end, server total and model time of each."""
-    import httpx
-
     out = []
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+    conn = Connection(url)
+    try:
         for i in range(n):
             t0 = time.perf_counter()
-            r = await http.post("/generate", json={"prompt": f"sequential {i}", "seed": i})
-            job_id = r.json()["id"]
+            _, accepted = await conn.request("POST", "/generate", {"prompt": f"sequential {i}", "seed": i})
+            job_id = accepted["id"]
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                rec = (await http.get(f"/jobs/{job_id}")).json()
+                _, rec = await conn.request("GET", f"/jobs/{job_id}")
                 if rec.get("status") in TERMINAL:
                     break
                 await asyncio.sleep(0.001)
@@ -188,6 +242,8 @@ async def sequential_phase(url: str, n: int, timeout: float) -> list[dict]:
             t = rec.get("timings") or {}
             out.append({"status": rec.get("status"), "e2e_s": e2e, "model_s": t.get("model_s") or 0.0,
                         "total_s": t.get("total_s")})
+    finally:
+        await conn.close()
     return out
 
 
@@ -202,7 +258,9 @@ def run_model(model: str, args, workdir: Path) -> dict:
     with Service(model, args, workdir) as svc:
         loop = asyncio.new_event_loop()
         try:
+            cpu0 = svc.cpu()
             load = loop.run_until_complete(load_phase(svc.url, n, args.concurrency))
+            cpu1 = svc.cpu()
             t_submitted = time.perf_counter()
             records = loop.run_until_complete(wait_all(svc.url, load["ids"], args.timeout))
             t_done = time.perf_counter()
@@ -224,6 +282,8 @@ def run_model(model: str, args, workdir: Path) -> dict:
         "submit_p50_ms": ms(pct(lat, 50)), "submit_p90_ms": ms(pct(lat, 90)), "submit_p99_ms": ms(pct(lat, 99)),
         "submit_max_ms": ms(max(lat, default=None)),
         "statuses": {str(k): v for k, v in sorted(load["statuses"].items())},
+        "cpu_s_during_posts": {k: None if cpu0[k] is None or cpu1[k] is None else round(cpu1[k] - cpu0[k], 2)
+                               for k in cpu0},
         "completed": len(records), "succeeded": sum(r.get("status") == "succeeded" for r in records.values()),
         "complete_per_s": len(records) / max(t_done - load["t0"], 1e-9), "drain_after_submit_s": t_done - t_submitted,
         "e2e_p50_ms": ms(pct(totals, 50)), "e2e_p90_ms": ms(pct(totals, 90)), "e2e_p99_ms": ms(pct(totals, 99)),

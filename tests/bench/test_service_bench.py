@@ -18,6 +18,7 @@ def test_service_bench_on_noop(capsys, tmp_path):
     assert rec["post_per_s"] > 0 and 0 < rec["submit_p50_ms"] <= rec["submit_p99_ms"] <= rec["submit_max_ms"]
     assert rec["e2e_p50_ms"] <= rec["e2e_p99_ms"]
     assert rec["sequential_jobs"] == 3 and rec["overhead_p50_ms"] > 0
+    assert set(rec["cpu_s_during_posts"]) == {"api", "worker", "redis", "bench_client"}
     assert rec["sequential_e2e_p50_ms"] >= rec["overhead_p50_ms"]
     assert json.loads(out.read_text()) == rec
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
