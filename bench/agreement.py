@@ -67,8 +67,6 @@ def _run(pipe, requests, forced=None):
 
 
 def compare(ref_pipe, test_pipe, images: int) -> dict:
-    import torch
-
     from model.sampler import RowParams, guide
 
     requests = _requests(images, greedy=False)

@@ -42,7 +42,8 @@ def _panel(draw, panel: dict, x0: int, y0: int, width: int, height: int) -> None
     y_lo, y_hi = 0.0, max(ys) * 1.1 if max(ys) > 0 else 1.0
 
     def at(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
+                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
 
     draw.text((left, y0 + 5), panel.get("title", ""), fill="black")
     draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")

@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=None, help="image size in pixels (must match the preset)")
     ap.add_argument("--batch-sizes", default="1,2,4,8",
                     help="comma list, or 'auto': powers of two up to what fits in free CUDA memory (model/memory.py)")
-    ap.add_argument("--until-oom", action="store_true", help="after the list, keep doubling the batch until it does not fit")
+    ap.add_argument("--until-oom", action="store_true",
+                    help="after the list, keep doubling the batch until it does not fit")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--dtype", default="auto", help="transformer dtype: float32, bfloat16/bf16, float16/fp16, auto")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "buckets = the batch sizes, compiled and warmed up before timing")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--compile-backend", default="inductor")
-    ap.add_argument("--compile-dynamic", action="store_true", help="shape-generic graphs (one per scale): less compile time")
+    ap.add_argument("--compile-dynamic", action="store_true",
+                    help="shape-generic graphs (one per scale): less compile time")
     ap.add_argument("--memory-margin", type=float, default=0.1, help="free-memory fraction kept for --batch-sizes auto")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,7 +91,8 @@ class Service:
                     "OMP_NUM_THREADS": str(self.args.worker_threads), "PYTHONPATH": str(ROOT)})
         log = open(self.workdir / f"{self.model.replace(':', '_')}.log", "ab")
         star = [sys.executable, "-m", "app.cli"]
-        self.children.append(subprocess.Popen(star + ["worker"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        self.children.append(subprocess.Popen(star + ["worker"], env=env, cwd=ROOT, stdout=log,
+                                              stderr=subprocess.STDOUT))
         self.children.append(subprocess.Popen(star + ["api", "--host", "127.0.0.1", "--port", str(port)], env=env,
                                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
         self._wait_ready(180.0)

@@ -223,7 +223,8 @@ class StarTransformer(nn.Module):
         ctx_NTD = ctx_NTD.to(dtype)
         kv = [blk.cross_attn.text_kv(ctx_NTD) for blk in self.blocks]
         keep_N11T = mask_NT.to(torch.bool)[:, None, None, :]
-        mask_N11T = torch.zeros(keep_N11T.shape, dtype=dtype, device=ctx_NTD.device).masked_fill_(~keep_N11T, -torch.inf)
+        mask_N11T = torch.zeros(keep_N11T.shape, dtype=dtype, device=ctx_NTD.device)
+        mask_N11T.masked_fill_(~keep_N11T, -torch.inf)
         return TextKV(kv, mask_N11T, [LayerConsts(blk) for blk in self.blocks])
 
     def start_tokens(self, pooled_BD: torch.Tensor) -> torch.Tensor:

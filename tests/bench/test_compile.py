@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from model.compile import bucket_for, compile_pipeline, default_buckets, pad_rows, uncompile_pipeline, unpad_rows, warm_up
+from model.compile import (bucket_for, compile_pipeline, default_buckets, pad_rows, uncompile_pipeline, unpad_rows,
+                           warm_up)
 from model.pipeline import ImageRequest, StarPipeline
 
 

@@ -52,5 +52,6 @@ def test_gpu_script_refuses_to_run_without_cuda_unless_allowed(tmp_path):
     if torch.cuda.is_available():
         return
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "x")}
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 3 and "no CUDA device" in done.stderr
