@@ -206,6 +206,34 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def sweep(pipe, sizes: list[int], args, peak: dict, report) -> list[dict]:
+    """bench_batch at every size (then doubling with --until-oom); an out-of-memory error ends it."""
+    import torch
+
+    records, n, i = [], None, 0
+    while True:
+        if i < len(sizes):
+            n = sizes[i]
+        elif args.until_oom and n is not None:
+            n *= 2
+        else:
+            return records
+        i += 1
+        try:
+            pipe.reserve(n)
+            rec = bench_batch(pipe, n, args, peak, flop_counts(pipe, n))
+        except Exception as exc:  # noqa: BLE001 - an OOM ends the sweep, anything else is re-raised
+            if not is_oom(exc):
+                raise
+            report({"kind": "oom", "batch_size": n, "error": str(exc).splitlines()[0][:200]})
+            pipe._cache = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return records
+        records.append(rec)
+        report(rec)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -235,29 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_pipeline(pipe, sizes, mode=args.compile_mode, backend=args.compile_backend,
                          dynamic=args.compile_dynamic)
         report({"kind": "compile", "buckets": sizes, "warmup_s": warm_up(pipe, sizes)})
-    records = []
-    n, i = None, 0
-    while True:
-        if i < len(sizes):
-            n = sizes[i]
-        elif args.until_oom and n is not None:
-            n *= 2
-        else:
-            break
-        i += 1
-        try:
-            pipe.reserve(n)
-            rec = bench_batch(pipe, n, args, peak, flop_counts(pipe, n))
-        except Exception as exc:  # noqa: BLE001 - an OOM ends the sweep, anything else is re-raised
-            if not is_oom(exc):
-                raise
-            report({"kind": "oom", "batch_size": n, "error": str(exc).splitlines()[0][:200]})
-            pipe._cache = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            break
-        records.append(rec)
-        report(rec)
+    records = sweep(pipe, sizes, args, peak, report)
     if records:
         best = max(records, key=lambda r: r["images_per_s"])
         report({"kind": "summary", "preset": args.preset, "device": str(pipe.device),
