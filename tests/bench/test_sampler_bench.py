@@ -39,3 +39,20 @@ def test_sampler_bench_on_tiny_emits_one_json_line_per_batch(capsys, tmp_path):
 def test_size_must_match_the_preset(capsys):
     assert sampler.main(["--preset", "tiny", "--size", "512", "--batch-sizes", "1", "--device", "cpu"]) == 2
     assert "256 px" in capsys.readouterr().err
+
+
+def test_until_oom_doubles_past_the_list_and_stops_at_the_first_oom(capsys, monkeypatch):
+    import torch
+
+    def fake_batch(pipe, n, args, peak, flops):
+        if n > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return {"kind": "batch", "batch_size": n, "images_per_s": float(n), "s_per_image": 1.0 / n,
+                "token_stage_fraction_of_matmul_peak": 0.5}
+
+    monkeypatch.setattr(sampler, "bench_batch", fake_batch)
+    assert sampler.main(["--preset", "tiny", "--batch-sizes", "1,2", "--until-oom", "--device", "cpu", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["kind"], r.get("batch_size")) for r in lines] == [
+        ("machine", None), ("batch", 1), ("batch", 2), ("batch", 4), ("oom", 8), ("summary", None)]
+    assert lines[-1]["best_batch_size"] == 4
