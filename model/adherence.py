@@ -8,8 +8,8 @@ The scorer is plain image analysis (no learned parts):
               component; its colour is the most common nearest named colour inside it;
   shape       the component's bounding box gets each shape's outline drawn into it (the same
               outlines the dataset draws, ring with its hole); the best intersection-over-union wins.
-Prompts are the held-out combinations of model/shapes.py (never captions of training images); prompt
-m is HELD_OUT_PROMPTS[m % 28]. Every (prompt, seed) pair is one image. Sampling parameters not given
+Prompts are the held-out combinations of model/shapes.py (never captions of training images), taken
+round-robin over the five shapes (`held_out_targets`). Every (prompt, seed) pair is one image. Sampling parameters not given
 on the command line come from the model directory's config.json ("sampling"), else the defaults
 of ImageRequest. Prints one JSON object.
 """
@@ -121,7 +121,11 @@ def score(verdicts: list[Verdict], targets: list[tuple[str, str, str]]) -> dict:
 
 
 def held_out_targets(m: int) -> list[tuple[str, str, str]]:
-    return [HELD_OUT[i % len(HELD_OUT)] for i in range(m)]
+    """m held-out combinations, round-robin over the shapes (so a small m still covers every shape);
+    past 28 the list repeats."""
+    by_shape = [[c for c in HELD_OUT if c[0] == s] for s in SHAPES]
+    order = [group[i] for i in range(max(map(len, by_shape))) for group in by_shape if i < len(group)]
+    return [order[i % len(order)] for i in range(m)]
 
 
 def evaluate(pipe, m: int, seeds: list[int], sampling: dict, batch: int = 8) -> tuple[dict, list]:

@@ -16,22 +16,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .adherence import classify
-from .shapes import HELD_OUT, SHAPES, caption
+from .adherence import classify, held_out_targets
+from .shapes import caption
 
 CELL, PAD, LABEL_H = 208, 8, 46
-
-
-def pick_prompts(count: int) -> list[tuple[str, str, str]]:
-    """Held-out combinations, round-robin over the shapes so every shape shows up."""
-    by_shape = {s: [c for c in HELD_OUT if c[0] == s] for s in SHAPES}
-    out, i = [], 0
-    while len(out) < min(count, len(HELD_OUT)):
-        for s in SHAPES:
-            if i < len(by_shape[s]) and len(out) < count:
-                out.append(by_shape[s][i])
-        i += 1
-    return out
 
 
 def make_grid(pipe, combos: list[tuple[str, str, str]], seed: int, sampling: dict, cols: int) -> Image.Image:
@@ -75,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = StarPipeline.load(args.model)
-    sheet = make_grid(pipe, pick_prompts(args.prompts), args.seed, sampling_defaults(args.model), args.cols)
+    sheet = make_grid(pipe, held_out_targets(min(args.prompts, 28)), args.seed, sampling_defaults(args.model), args.cols)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, optimize=True)
