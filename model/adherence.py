@@ -1,6 +1,7 @@
 """Prompt adherence of a shapes model: classify each generated image's shape and colours, report accuracy.
 
     python -m model.adherence MODEL_DIR --prompts 28 --seeds 0,1,2 [--cfg 3 --top-k 0 --top-p 0]
+    python -m model.adherence MODEL_DIR --seeds 100,101 --cfg 1.5,3,5 --top-k 0,20   # a sweep
 
 The scorer is plain image analysis (no learned parts):
   background  the named colour nearest to most pixels of the 3-pixel border;
@@ -11,7 +12,8 @@ The scorer is plain image analysis (no learned parts):
 Prompts are the held-out combinations of model/shapes.py (never captions of training images), taken
 round-robin over the five shapes (`held_out_targets`). Every (prompt, seed) pair is one image. Sampling parameters not given
 on the command line come from the model directory's config.json ("sampling"), else the defaults
-of ImageRequest. Prints one JSON object.
+of ImageRequest. Prints one JSON object; with several values for a sampling option (comma-separated)
+it scores every combination and prints a JSON list, best (shape + colour accuracy) first.
 """
 from __future__ import annotations
 
@@ -144,18 +146,27 @@ def evaluate(pipe, m: int, seeds: list[int], sampling: dict, batch: int = 8) -> 
     return report, rows
 
 
-def sampling_from(model_dir: str, args: argparse.Namespace) -> dict:
+SAMPLING_OPTIONS = ("cfg", "top_k", "top_p", "temperature")
+
+
+def samplings_from(model_dir: str, args: argparse.Namespace) -> list[dict]:
+    """Every combination of the sampling values given (each option may list several), over the
+    model directory's defaults."""
+    import itertools
+
     from .model_dir import sampling_defaults
 
-    sampling = sampling_defaults(model_dir)
-    for key in ("cfg", "top_k", "top_p", "temperature"):
-        if getattr(args, key) is not None:
-            sampling[key] = getattr(args, key)
-    return sampling
+    base = sampling_defaults(model_dir)
+    given = {k: getattr(args, k) for k in SAMPLING_OPTIONS if getattr(args, k) is not None}
+    return [{**base, **dict(zip(given, values))} for values in itertools.product(*given.values())]
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.replace(" ", "").split(",") if x]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,11 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("model", help="model directory or preset name (e.g. shapes)")
     ap.add_argument("--prompts", type=int, default=len(HELD_OUT), help=f"M held-out prompts (default {len(HELD_OUT)}: all)")
     ap.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--cfg", type=float)
-    ap.add_argument("--top-k", dest="top_k", type=int)
-    ap.add_argument("--top-p", dest="top_p", type=float)
-    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--cfg", type=_floats, help="guidance scale(s), e.g. 3 or 1.5,3,5")
+    ap.add_argument("--top-k", dest="top_k", type=_ints, help="top-k value(s) (0 = off)")
+    ap.add_argument("--top-p", dest="top_p", type=_floats, help="top-p value(s) (0 = off)")
+    ap.add_argument("--temperature", type=_floats, help="temperature(s)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda; default cpu)")
     ap.add_argument("--save", help="write every image as PNG into this folder (names: prompt index, seed)")
     return ap
 
@@ -179,10 +191,21 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = StarPipeline.load(args.model)
-    sampling = sampling_from(args.model, args)
-    report, rows = evaluate(pipe, args.prompts, args.seeds, sampling)
-    report.update(model=args.model, prompts=args.prompts, seeds=args.seeds, sampling=sampling)
+    settings = samplings_from(args.model, args)
+    if args.save and len(settings) > 1:
+        print("--save keeps the images of one setting; give one value per sampling option", file=sys.stderr)
+        return 2
+    pipe = StarPipeline.load(args.model, device=args.device)
+    reports = []
+    for sampling in settings:
+        report, rows = evaluate(pipe, args.prompts, args.seeds, sampling)
+        report.update(model=args.model, prompts=args.prompts, seeds=args.seeds, sampling=sampling,
+                      device=args.device)
+        reports.append(report)
+    if len(reports) > 1:
+        reports.sort(key=lambda r: -(r["shape_accuracy"] + r["colour_accuracy"]))
+        print(json.dumps(reports, indent=1))
+        return 0
     if args.save:
         from pathlib import Path
 

@@ -2,6 +2,7 @@
 
     python -m model.train [--recipe shapes] [--work artifacts/shapes-train] [--export model/zoo/shapes]
                           [--stages latents,quant,decoder,encoder,ar,export] [--set ar_steps=400 ...]
+                          [--device cpu|cuda] [--workers N] [--from-model model/zoo/shapes]
 
 Stages (each resumable; a finished stage is skipped, an interrupted one continues from its last
 checkpoint in --work; model/train_vae.py explains the VQ-VAE stages):
@@ -13,6 +14,12 @@ checkpoint in --work; model/train_vae.py explains the VQ-VAE stages):
              block-causal mask, 10% of captions dropped to "" (for classifier-free guidance) -> ar.pt
     export   model directory (same format as converted official weights) with sampling defaults
 Every optimisation step appends a line to <work>/log.jsonl: stage, step, loss, lr, seconds.
+
+--from-model DIR starts from an exported model's VQ-VAE (its quantizer, decoder and encoder count as
+trained), so only the data, the tokens and the transformer are (re)made: the way to retrain the
+transformer on more images, or on a GPU (--device cuda), without touching the VQ-VAE.
+--set ar_seconds=S trains the transformer for S seconds of wall clock instead of a step count (the
+learning-rate schedule follows elapsed time; ar_steps becomes a cap); the steps taken are logged.
 """
 from __future__ import annotations
 
@@ -22,7 +29,9 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -57,6 +66,7 @@ class Recipe:
     ar_batch: int = 32
     ar_lr: float = 1e-3
     ar_wd: float = 0.05
+    ar_seconds: float = 0.0      # > 0: train the transformer for this long (wall clock); ar_steps is a cap
     caption_dropout: float = 0.1
     ckpt_every: int = 50
     seed: int = 0                # initialisation and batch order
@@ -104,8 +114,11 @@ def save_ckpt(path: Path, obj: dict) -> None:
 
 
 def run_loop(stage: str, work: Path, total: int, ckpt: dict | None, modules: dict, opt, step_fn, log: Log,
-             every: int, progress: bool, extra: dict | None = None) -> None:
-    """Steps ckpt['step'] .. total-1 of step_fn(step) -> (loss, lr, info); checkpoint every `every`."""
+             every: int, progress: bool, extra: dict | Callable[[], dict] | None = None,
+             stop: Callable[[int], bool] | None = None) -> int:
+    """Steps ckpt['step'] .. total-1 of step_fn(step) -> (loss, lr, info); checkpoint every `every`.
+    extra (or extra(), read at each save) adds fields to the checkpoint. stop(step), if given, ends the
+    loop early after that step (checkpointed). Returns the steps done."""
     start = ckpt["step"] if ckpt else 0
     if ckpt:
         for name, module in modules.items():
@@ -114,17 +127,23 @@ def run_loop(stage: str, work: Path, total: int, ckpt: dict | None, modules: dic
 
     def save(step: int) -> None:
         save_ckpt(work / f"{stage}.pt", {**{k: m.state_dict() for k, m in modules.items()},
-                                         "opt": opt.state_dict(), "step": step, **(extra or {})})
+                                         "opt": opt.state_dict(), "step": step,
+                                         **((extra() if callable(extra) else extra) or {})})
 
     bar = tqdm(range(start, total), desc=stage, initial=start, total=total, disable=not progress, dynamic_ncols=True)
     for step in bar:
         loss, lr, info = step_fn(step)
         log.write(stage=stage, step=step, loss=round(loss, 6), lr=lr, **info)
         bar.set_postfix(loss=f"{loss:.4f}", **{k: v for k, v in info.items() if not isinstance(v, float)})
-        if (step + 1) % every == 0 or step + 1 == total:
+        ending = stop is not None and stop(step)
+        if (step + 1) % every == 0 or step + 1 == total or ending:
             save(step + 1)
+        if ending:
+            bar.close()
+            return step + 1
     if start >= total and not ckpt:
         save(total)
+    return max(start, total)
 
 
 def done(work: Path, stage: str, total: int) -> bool:
@@ -146,14 +165,14 @@ def vae_from(work: Path, recipe: Recipe, stage: str) -> VQVAE:
     return vae
 
 
-def stage_latents(work: Path, recipe: Recipe, log: Log, progress: bool) -> None:
+def stage_latents(work: Path, recipe: Recipe, log: Log, progress: bool, workers: int = 1) -> None:
     with tqdm(total=recipe.images, desc="latents", disable=not progress, dynamic_ncols=True) as bar:
-        f = tv.dataset_latents(recipe.data_seed, recipe.images, progress=bar)
+        f = tv.dataset_latents(recipe.data_seed, recipe.images, progress=bar, workers=workers)
     save_ckpt(work / "latents.pt", {"f": f})
     log.write(stage="latents", images=recipe.images)
 
 
-def stage_quant(work: Path, recipe: Recipe, log: Log, progress: bool) -> None:
+def stage_quant(work: Path, recipe: Recipe, log: Log, progress: bool, device: str = "cpu") -> None:
     f = load_ckpt(work / "latents.pt")["f"]
     vae, ckpt = new_vae(recipe), load_ckpt(work / "quant.pt")
     g = torch.Generator().manual_seed(recipe.seed + 3)
@@ -170,7 +189,7 @@ def stage_quant(work: Path, recipe: Recipe, log: Log, progress: bool) -> None:
 
     run_loop("quant", work, recipe.rq_steps, ckpt, {"vae": vae}, opt, step_fn, log, recipe.ckpt_every, progress)
     vae.load_state_dict(load_ckpt(work / "quant.pt")["vae"])
-    tokens, f_hat, hits = tv.tokens_and_fhat(vae, f)
+    tokens, f_hat, hits = tv.tokens_and_fhat(vae, f, device=device)
     vae.quantize.ema_vocab_hit_SV.copy_(hits / hits.sum(1, keepdim=True))
     save_ckpt(work / "quant.pt", {**load_ckpt(work / "quant.pt"), "vae": vae.state_dict()})
     save_ckpt(work / "tokens.pt", {"tokens": tokens, "f_hat": f_hat})
@@ -209,6 +228,30 @@ def stage_encoder(work: Path, recipe: Recipe, log: Log, progress: bool) -> None:
                recipe.enc_steps, recipe.enc_lr)
 
 
+def seed_from_model(work: Path, recipe: Recipe, model_dir: str) -> Path:
+    """Write quant/decoder/encoder checkpoints holding an exported model's VQ-VAE, marked finished,
+    so the next stages (tokens, transformer, export) build on it. Its VQ-VAE arch must be the recipe's."""
+    from safetensors.torch import load_file
+
+    from .model_dir import read_config, resolve_model_path
+
+    path = resolve_model_path(model_dir)
+    theirs = StarConfig.from_dict(read_config(path)["arch"])
+    keys = ("patch_nums", "vocab_size", "vae_channels", "vae_ch", "vae_ch_mult")
+    diff = {k: (getattr(theirs, k), getattr(recipe.arch, k)) for k in keys if getattr(theirs, k) != getattr(recipe.arch, k)}
+    if diff:
+        raise SystemExit(f"--from-model {path}: its VQ-VAE differs from the recipe's (model, recipe): {diff}")
+    vae = new_vae(recipe)
+    vae.load_state_dict({k: v.float() for k, v in load_file(path / "vae.safetensors").items()})
+    work.mkdir(parents=True, exist_ok=True)
+    quant_opt = torch.optim.Adam(tv.quantizer_params(vae), lr=recipe.rq_lr).state_dict()
+    steps = {"quant": recipe.rq_steps, "decoder": recipe.dec_steps, "encoder": recipe.enc_steps}
+    for stage, total in steps.items():
+        save_ckpt(work / f"{stage}.pt", {"vae": vae.state_dict(), "opt": quant_opt if stage == "quant" else None,
+                                         "step": total, "from_model": str(path)})
+    return path
+
+
 # ---- export -----------------------------------------------------------------------------------------
 def stage_export(work: Path, recipe: Recipe, out: Path, log: Log, transformer_dtype=torch.float32) -> Path:
     vae = vae_from(work, recipe, next(s for s in ("encoder", "decoder", "quant") if (work / f"{s}.pt").is_file()))
@@ -226,30 +269,45 @@ def stage_export(work: Path, recipe: Recipe, out: Path, log: Log, transformer_dt
 
 # ---- command line -----------------------------------------------------------------------------------
 def apply_overrides(recipe: Recipe, items: list[str]) -> Recipe:
-    """`key=value` pairs onto the recipe (values parsed as JSON, e.g. ar_steps=400, sampling=...)."""
-    changes = {}
+    """`key=value` pairs onto the recipe (values parsed as JSON, e.g. ar_steps=400, sampling=...);
+    `arch.FIELD=value` changes the transformer's architecture (e.g. arch.depth=4)."""
+    changes, arch = {}, {}
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"arch"}
+    arch_fields = {f.name for f in dataclasses.fields(StarConfig)} - {"embed_dim", "num_heads"}
     for item in items:
         key, _, value = item.partition("=")
+        if key.startswith("arch."):
+            if key[5:] not in arch_fields:
+                raise SystemExit(f"unknown arch field {key!r}; fields: {sorted(arch_fields)}")
+            parsed = json.loads(value)
+            arch[key[5:]] = tuple(parsed) if isinstance(parsed, list) else parsed
+            continue
         if key not in fields:
-            raise SystemExit(f"unknown recipe field {key!r}; fields: {sorted(fields)}")
+            raise SystemExit(f"unknown recipe field {key!r}; fields: {sorted(fields)} or arch.<field>")
         parsed = json.loads(value)
         changes[key] = tuple(sorted(parsed.items())) if isinstance(parsed, dict) else parsed
+    if arch:
+        changes["arch"] = recipe.arch.replace(**arch)
     return dataclasses.replace(recipe, **changes)
 
 
 def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_to: Path | None = None,
-          progress: bool = True) -> Path | None:
+          progress: bool = True, device: str = "cpu", workers: int = 1, from_model: str | None = None) -> Path | None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1) + "\n")
     log = Log(work / "log.jsonl")
+    if from_model is not None:
+        log.write(stage="from_model", path=str(seed_from_model(work, recipe, from_model)))
     steps = {"quant": recipe.rq_steps, "decoder": recipe.dec_steps, "encoder": recipe.enc_steps, "ar": recipe.ar_steps}
-    runners = {"latents": stage_latents, "quant": stage_quant, "decoder": stage_decoder, "encoder": stage_encoder,
-               "ar": stage_ar}
+    runners = {"latents": partial(stage_latents, workers=workers), "quant": partial(stage_quant, device=device),
+               "decoder": stage_decoder, "encoder": stage_encoder, "ar": partial(stage_ar, device=device)}
     for stage in stages:
         if stage == "export":
             return stage_export(work, recipe, export_to or work / "model", log)
         finished = (work / "latents.pt").is_file() if stage == "latents" else done(work, stage, steps[stage])
+        if stage == "ar" and recipe.ar_seconds > 0 and not finished:
+            ckpt = load_ckpt(work / "ar.pt")
+            finished = ckpt is not None and float(ckpt.get("elapsed", 0.0)) >= recipe.ar_seconds
         if stage == "quant":
             finished = finished and (work / "tokens.pt").is_file()
         if not finished:
@@ -265,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--device", default="cpu", help="where the quantizer's tokens and the transformer stage run "
+                    "(cpu, cuda, cuda:1; default cpu); the VQ-VAE stages run on the CPU")
+    ap.add_argument("--workers", type=int, default=1, help="processes drawing the dataset's latents (default 1)")
+    ap.add_argument("--from-model", default=None, metavar="DIR",
+                    help="take the VQ-VAE of this exported model (skip training one); e.g. model/zoo/shapes")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -278,7 +341,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown stages {unknown}; stages: {','.join(STAGES)}", file=sys.stderr)
         return 2
     recipe = apply_overrides(RECIPES[args.recipe], args.set)
-    out = train(recipe, Path(args.work), stages, Path(args.export) if args.export else None, not args.no_progress)
+    if args.device != "cpu":
+        if not torch.cuda.is_available() and args.device.startswith("cuda"):
+            print(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu",
+                  file=sys.stderr)
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = train(recipe, Path(args.work), stages, Path(args.export) if args.export else None, not args.no_progress,
+                device=args.device, workers=args.workers, from_model=args.from_model)
     if out is not None:
         print(f"wrote {out}")
     return 0

@@ -77,20 +77,27 @@ def new_text_encoder(recipe) -> TextEncoder:
                                       max_length=recipe.arch.text_len)
 
 
-def ar_data(work: Path, recipe, text: TextEncoder) -> dict:
-    """Targets, teacher-forcing inputs and tokenized captions of the dataset (+ the empty caption, last)."""
+def ar_data(work: Path, recipe, text: TextEncoder, device: str | torch.device = "cpu") -> dict:
+    """Targets, teacher-forcing inputs and tokenized captions of the dataset (+ the empty caption,
+    last), on `device`. Captions are tokenized once per distinct caption."""
     from .train import load_ckpt, vae_from
 
-    vae = vae_from(work, recipe, "quant")
-    tokens = load_ckpt(work / "tokens.pt")["tokens"]
+    device = torch.device(device)
+    vae = vae_from(work, recipe, "quant").to(device)
+    tokens = load_ckpt(work / "tokens.pt")["tokens"].to(device)
     per_scale = [tokens[:, b:e] for b, e in recipe.arch.begin_ends]
+    chunk = 256 if device.type == "cpu" else 8192
     with torch.no_grad():
-        x_in = torch.cat([vae.teacher_forcing_inputs([t[i:i + 256] for t in per_scale])
-                          for i in range(0, tokens.shape[0], 256)])
+        x_in = torch.cat([vae.teacher_forcing_inputs([t[i:i + chunk] for t in per_scale])
+                          for i in range(0, tokens.shape[0], chunk)])
     captions = [shapes.example_spec(recipe.data_seed, i).caption for i in range(tokens.shape[0])]
-    tok = text.tokenizer(captions + [""], padding="max_length", max_length=recipe.arch.text_len, truncation=True,
+    distinct = sorted(set(captions))
+    row = {c: i for i, c in enumerate(distinct)}
+    tok = text.tokenizer(distinct + [""], padding="max_length", max_length=recipe.arch.text_len, truncation=True,
                          return_tensors="pt")
-    return {"tokens": tokens, "x_in": x_in, "ids": tok["input_ids"], "mask": tok["attention_mask"]}
+    which = torch.tensor([row[c] for c in captions] + [len(distinct)])
+    return {"tokens": tokens, "x_in": x_in, "ids": tok["input_ids"][which].to(device),
+            "mask": tok["attention_mask"][which].to(device)}
 
 
 def ar_step(model, clip, opt, data: dict, idx: torch.Tensor, drop: torch.Tensor) -> tuple[float, float]:
@@ -107,28 +114,49 @@ def ar_step(model, clip, opt, data: dict, idx: torch.Tensor, drop: torch.Tensor)
     return float(loss.detach()), float((logits.argmax(-1) == target).float().mean())
 
 
-def stage_ar(work: Path, recipe, log, progress: bool) -> None:
+def stage_ar(work: Path, recipe, log, progress: bool, device: str = "cpu") -> None:
+    import time
+
     from .train import load_ckpt, run_loop
 
-    model = random_transformer(recipe.arch, recipe.seed).requires_grad_(True).train()
+    device = torch.device(device)
+    model = random_transformer(recipe.arch, recipe.seed).to(device)
+    model.reset_buffers_(device)
+    model.requires_grad_(True).train()
     text = new_text_encoder(recipe)
-    clip = text.model.requires_grad_(True).train()
-    data = ar_data(work, recipe, text)
+    clip = text.model.to(device).requires_grad_(True).train()
+    data = ar_data(work, recipe, text, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.ar_wd},
                              {"params": rest + list(clip.parameters()), "weight_decay": 0.0}],
                             lr=recipe.ar_lr, betas=(0.9, 0.95))
     N = data["tokens"].shape[0]
+    ckpt = load_ckpt(work / "ar.pt")
+    # With a time budget the schedule's position is the elapsed fraction of ar_seconds (carried over a
+    # resume in the checkpoint), expressed in ar_steps units; otherwise it is the step.
+    clock = {"t0": None, "before": float(ckpt.get("elapsed", 0.0)) if ckpt else 0.0}
+
+    def elapsed() -> float:
+        return clock["before"] + (time.perf_counter() - clock["t0"] if clock["t0"] is not None else 0.0)
+
+    def position(step: int) -> int:
+        if recipe.ar_seconds > 0:
+            return min(recipe.ar_steps - 1, int(elapsed() / recipe.ar_seconds * recipe.ar_steps))
+        return step
 
     def step_fn(step):
-        lr = tv.lr_at(step, recipe.ar_steps, recipe.ar_lr, warmup=max(1, recipe.ar_steps // 20))
+        if clock["t0"] is None:
+            clock["t0"] = time.perf_counter()
+        lr = tv.lr_at(position(step), recipe.ar_steps, recipe.ar_lr, warmup=max(1, recipe.ar_steps // 20))
         tv.set_lr_(opt, lr)
         g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-        idx = torch.randint(N, (recipe.ar_batch,), generator=g)
-        drop = torch.rand(recipe.ar_batch, generator=g) < recipe.caption_dropout
+        idx = torch.randint(N, (recipe.ar_batch,), generator=g).to(device)
+        drop = (torch.rand(recipe.ar_batch, generator=g) < recipe.caption_dropout).to(device)
         loss, acc = ar_step(model, clip, opt, data, idx, drop)
         return loss, lr, {"token_acc": round(acc, 4)}
 
-    run_loop("ar", work, recipe.ar_steps, load_ckpt(work / "ar.pt"), {"transformer": model, "text": clip}, opt,
-             step_fn, log, recipe.ckpt_every, progress)
+    stop = (lambda step: elapsed() >= recipe.ar_seconds) if recipe.ar_seconds > 0 else None
+    steps = run_loop("ar", work, recipe.ar_steps, ckpt, {"transformer": model, "text": clip}, opt, step_fn, log,
+                     recipe.ckpt_every, progress, extra=lambda: {"elapsed": round(elapsed(), 3)}, stop=stop)
+    log.write(stage="ar", steps_done=steps, train_seconds=round(elapsed(), 3), device=str(device))

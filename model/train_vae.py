@@ -58,14 +58,30 @@ def set_lr_(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 # ---- 1. latents ---------------------------------------------------------------------------------
-def dataset_latents(seed: int, count: int, progress=None) -> torch.Tensor:
-    """f of dataset images 0 .. count-1, [count, 16, 8, 8]."""
-    out = []
-    for i in range(count):
-        out.append(torch.from_numpy(shapes.latent(shapes.example_spec(seed, i))))
+def _latent_of(args: tuple[int, int]) -> np.ndarray:
+    return shapes.latent(shapes.example_spec(*args))
+
+
+def dataset_latents(seed: int, count: int, progress=None, workers: int = 1) -> torch.Tensor:
+    """f of dataset images 0 .. count-1, [count, 16, 8, 8]; `workers` processes draw them (same result)."""
+    jobs = [(seed, i) for i in range(count)]
+    out = np.empty((count, shapes.LATENT_CHANNELS, shapes.IMAGE_SIZE // shapes.CELL, shapes.IMAGE_SIZE // shapes.CELL),
+                   np.float32)
+    if workers <= 1:
+        results = map(_latent_of, jobs)
+    else:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap(_latent_of, jobs, chunksize=256)
+    for i, f in enumerate(results):
+        out[i] = f
         if progress is not None:
             progress.update(1)
-    return torch.stack(out)
+    if workers > 1:
+        pool.close()
+        pool.join()
+    return torch.from_numpy(out)
 
 
 # ---- 2. quantizer ---------------------------------------------------------------------------------
@@ -160,17 +176,26 @@ def quantizer_step(vae: VQVAE, opt, f_NChw: torch.Tensor, g: torch.Generator, ba
 
 
 @torch.no_grad()
-def tokens_and_fhat(vae: VQVAE, f_NChw: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens [N, L] int64, f_hat [N, Cvae, h, w], code hits per scale [S, V])."""
+def tokens_and_fhat(vae: VQVAE, f_NChw: torch.Tensor, chunk: int | None = None,
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [N, L] int64, f_hat [N, Cvae, h, w], code hits per scale [S, V]), on the CPU; the
+    quantization runs on `device` (the VAE is moved there and back)."""
     cfg = vae.cfg
     toks, fhats = [], []
     hits = torch.zeros(cfg.num_scales, cfg.vocab_size)
-    for i in range(0, f_NChw.shape[0], chunk):
-        idx_per_scale, f_hat = residual_quantize(vae, f_NChw[i:i + chunk])
-        for si, idx in enumerate(idx_per_scale):
-            hits[si] += torch.bincount(idx.flatten(), minlength=cfg.vocab_size).float()
-        toks.append(torch.cat(idx_per_scale, dim=1))
-        fhats.append(f_hat)
+    home = next(vae.parameters()).device
+    chunk = chunk or (256 if torch.device(device).type == "cpu" else 4096)
+    vae.to(device)
+    try:
+        with torch.no_grad():
+            for i in range(0, f_NChw.shape[0], chunk):
+                idx_per_scale, f_hat = residual_quantize(vae, f_NChw[i:i + chunk].to(device))
+                for si, idx in enumerate(idx_per_scale):
+                    hits[si] += torch.bincount(idx.flatten(), minlength=cfg.vocab_size).float().cpu()
+                toks.append(torch.cat(idx_per_scale, dim=1).cpu())
+                fhats.append(f_hat.cpu())
+    finally:
+        vae.to(home)
     return torch.cat(toks), torch.cat(fhats), hits
 
 

@@ -157,18 +157,78 @@ def test_smoke_training_runs_every_stage_resumes_and_exports_a_loadable_model(tm
     assert {r["stage"] for r in log} == {"latents", "quant", "decoder", "encoder", "ar", "export"}
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
     recipe = RECIPES["smoke"]
-    assert sum(r["stage"] == "ar" for r in log) == recipe.ar_steps
+    assert sum(r["stage"] == "ar" and "step" in r for r in log) == recipe.ar_steps
+    assert [r["steps_done"] for r in log if "steps_done" in r] == [recipe.ar_steps]
     # finished stages are skipped; more steps resume from the checkpoint
     assert main(["--recipe", "smoke", "--work", str(work), "--stages", "decoder,ar", "--no-progress",
                  "--set", f"ar_steps={recipe.ar_steps + 2}"]) == 0
     log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if r["stage"] == "ar"] == [*range(recipe.ar_steps), *range(recipe.ar_steps, recipe.ar_steps + 2)]
+    assert [r["step"] for r in log if r["stage"] == "ar" and "step" in r] == [*range(recipe.ar_steps), *range(recipe.ar_steps, recipe.ar_steps + 2)]
     assert sum(r["stage"] == "decoder" for r in log) == recipe.dec_steps
     config = read_config(out)
     assert config["sampling"] == dict(recipe.sampling) and config["arch"]["patch_nums"] == [1, 2, 4, 8]
     pipe = StarPipeline.load(str(out))
     result = pipe.generate([ImageRequest("a red circle on a blue background", seed=0, **sampling_defaults(out))])[0]
     assert result.image.shape == (128, 128, 3)
+
+
+def test_latents_drawn_by_worker_processes_equal_one_process():
+    one = tv.dataset_latents(3, 40)
+    assert torch.equal(tv.dataset_latents(3, 40, workers=2), one)
+    assert one.shape == (40, shapes.LATENT_CHANNELS, 8, 8)
+
+
+def test_recipe_overrides_reach_the_architecture_and_reject_unknown_fields():
+    from model.train import apply_overrides
+
+    recipe = apply_overrides(RECIPES["smoke"], ["arch.depth=2", "ar_batch=16", "arch.patch_nums=[1,2,8]"])
+    assert recipe.arch.depth == 2 and recipe.arch.embed_dim == 128 and recipe.arch.patch_nums == (1, 2, 8)
+    assert recipe.ar_batch == 16 and recipe.arch.vae_ch == RECIPES["smoke"].arch.vae_ch
+    with pytest.raises(SystemExit, match="unknown arch field"):
+        apply_overrides(RECIPES["smoke"], ["arch.widht=3"])
+    with pytest.raises(SystemExit, match="unknown recipe field"):
+        apply_overrides(RECIPES["smoke"], ["ar_stepz=3"])
+
+
+def test_time_budgeted_transformer_on_an_exported_vqvae(tmp_path):
+    """--from-model reuses an exported model's VQ-VAE (no VQ-VAE training), more images get tokens,
+    and ar_seconds stops the transformer on the clock (a finished budget is not re-run)."""
+    from safetensors.torch import load_file
+
+    from model.train import load_ckpt, main
+
+    first = tmp_path / "first"
+    assert main(["--recipe", "smoke", "--work", str(tmp_path / "w1"), "--export", str(first), "--no-progress"]) == 0
+    work, out = tmp_path / "w2", tmp_path / "second"
+    args = ["--recipe", "smoke", "--work", str(work), "--from-model", str(first), "--stages", "latents,quant,ar,export",
+            "--export", str(out), "--no-progress", "--workers", "2",
+            "--set", "images=24", "--set", "ar_seconds=1.5", "--set", "ar_steps=100000", "--set", "ckpt_every=1000"]
+    assert main(args) == 0
+    log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in log]
+    assert "decoder" not in stages and "encoder" not in stages and "from_model" in stages
+    assert load_ckpt(work / "tokens.pt")["tokens"].shape[0] == 24
+    ar = load_ckpt(work / "ar.pt")
+    steps = sum(r["stage"] == "ar" and "loss" in r for r in log)
+    assert 0 < steps == ar["step"] < 100000 and ar["elapsed"] >= 1.5
+    lrs = [r["lr"] for r in log if r["stage"] == "ar" and "loss" in r]
+    assert lrs[-1] < max(lrs)  # the schedule followed the clock to its end
+    vae_a, vae_b = load_file(first / "vae.safetensors"), load_file(out / "vae.safetensors")
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    assert main(args) == 0  # the budget is spent: nothing more is trained
+    assert load_ckpt(work / "ar.pt")["step"] == ar["step"]
+
+
+def test_adherence_command_sweeps_sampling_settings(capsys):
+    from model.adherence import main
+
+    assert main(["shapes", "--prompts", "1", "--seeds", "0", "--cfg", "1,3", "--top-k", "0"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert sorted(r["sampling"]["cfg"] for r in reports) == [1.0, 3.0]
+    assert all(r["images"] == 1 and r["sampling"]["top_k"] == 0 for r in reports)
+    keys = [r["shape_accuracy"] + r["colour_accuracy"] for r in reports]
+    assert keys == sorted(keys, reverse=True)
+    assert main(["shapes", "--prompts", "1", "--seeds", "0", "--cfg", "1,3", "--save", "x"]) == 2
 
 
 def test_model_dir_sampling_defaults_are_optional_and_checked(tmp_path):
