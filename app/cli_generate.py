@@ -38,10 +38,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", "-n", type=int, default=1, help="number of images, 1-4; image i uses seed + i")
     parser.add_argument("--seed", type=int, help="seed of the first image (default: chosen by the server)")
     parser.add_argument("--negative-prompt", help="what to steer away from")
-    parser.add_argument("--guidance-scale", "--guidance", type=float, help="classifier-free guidance (default 4)")
-    parser.add_argument("--top-k", type=int, help="top-k sampling (0 = off)")
-    parser.add_argument("--top-p", type=float, help="nucleus sampling (0 = off)")
-    parser.add_argument("--temperature", type=float, help="sampling temperature")
+    parser.add_argument("--guidance-scale", "--guidance", type=float,
+                        help="classifier-free guidance (default: the model's, see GET /models)")
+    parser.add_argument("--top-k", type=int, help="top-k sampling, 0 = off (default: the model's)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling, 0 = off (default: the model's)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default: the model's)")
     parser.add_argument("--server", help="base URL of the API (default: $STAR_SERVER or http://localhost:8000)")
     parser.add_argument("--api-key", help="API key, sent as a Bearer token (default: $STAR_API_KEY; "
                         "prefer the variable, command lines are visible to other users)")
@@ -157,9 +158,11 @@ def _generate(client, args: argparse.Namespace, paths: list[Path], progress: Pro
             print(f"{path} {image.seed} {image.width}x{image.height}", flush=True)
     except StarError as exc:
         return _report(exc, client.server)
-    t = job.timings
+    t, r = job.timings, job.request
+    ran = (f"; guidance {r.guidance_scale:g}, top-k {r.top_k}, top-p {r.top_p:g}, temperature {r.temperature:g}"
+           if None not in (r.guidance_scale, r.top_k, r.top_p, r.temperature) else "")
     _note(args, f"star generate: job {job.id} on {job.model}: queue wait {_s(t.queue_wait_s)}, model "
-                f"{_s(t.model_s)}, total {_s(t.total_s)} (with downloads {time.monotonic() - started:.2f}s)")
+                f"{_s(t.model_s)}, total {_s(t.total_s)} (with downloads {time.monotonic() - started:.2f}s){ran}")
     return EXIT_OK
 
 

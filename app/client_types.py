@@ -59,10 +59,12 @@ class JobParameters:
     size: int
     n: int
     seed: int
-    guidance_scale: float
-    top_k: int
-    top_p: float
-    temperature: float
+    # None while queued when the request left them out; once a worker starts the job, the values it
+    # uses (the model's defaults for fields the request left out)
+    guidance_scale: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class ModelInfo:
     workers: int
     states: dict[str, int]
     max_batch: int
+    sampling: dict[str, float] | None = None   # the model's defaults: guidance_scale, top_k, top_p, temperature
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,8 @@ def _add_service_routes(app: FastAPI, ctx: Context) -> None:
     @app.get("/models", response_model=ModelsOut, tags=["service"], dependencies=AUTH,
              responses=errors(401, 429, 503))
     def models() -> ModelsOut:
-        """Models and sizes served by live workers; the default size is the largest."""
+        """Models and sizes served by live workers (the default size is the largest), with each
+        model's sampling defaults: what a request that leaves those fields out runs with."""
         return _models(ctx)
 
     @app.get("/metrics", tags=["service"], response_class=Response, responses=errors(503))
@@ -274,8 +275,9 @@ def _models(ctx: Context) -> ModelsOut:
         states: dict[str, int] = {}
         for e in entries:
             states[e.state] = states.get(e.state, 0) + 1
+        sampling = next((e.sampling for e in entries if e.sampling), None)
         out.append(ModelOut(name=model, size=size, queue=q.queue_name(model), workers=len(entries),
                             queue_depth=q.queue_depth(ctx.redis, model), states=states,
-                            max_batch=max(e.max_batch for e in entries)))
+                            max_batch=max(e.max_batch for e in entries), sampling=sampling))
     sizes = q.served_sizes(e for es in groups.values() for e in es)
     return ModelsOut(models=out, sizes=sizes, default_size=max(sizes) if sizes else None)

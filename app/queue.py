@@ -3,11 +3,14 @@
 - One RQ queue per model: `star-<model>`; every request is one RQ job calling JOB_FUNC with the
   request parameters as kwargs (JSON serializer), so `rq info` shows queues, jobs and workers.
 - Job meta (written by the API at enqueue, then only by the worker): `model`, `images` (n),
-  `deadline_at` (unix time after which a still-queued job is `expired`), `progress`
-  ({scale, scales}), `model_s`, `error` ({code, message}).
+  `deadline_at` (unix time after which a still-queued job is `expired`), `sampling` (the
+  guidance_scale, top_k, top_p, temperature the worker runs it with: the request's, else the
+  model's defaults; written when the job starts), `progress` ({scale, scales}), `model_s`,
+  `error` ({code, message}).
 - Cancel flags: `star:cancel:<job id>`; a queued job is canceled at once with RQ's cancel, a
   running one stops at its next scale boundary when the worker sees the flag.
-- Worker registry: `star:worker:<name>` (JSON, TTL'd heartbeat) indexed by the set `star:workers`.
+- Worker registry: `star:worker:<name>` (JSON, TTL'd heartbeat) indexed by the set `star:workers`;
+  an entry carries its model's sampling defaults (`sampling`) for GET /models.
 - Finished-job timings for the API's histograms: the list `star:metrics:job_timings`.
 - Admission: `star:admit:<queue>` (sorted set of POSTs between the limit check and the push), so
   that queue depth + reservations never exceed the queue limit however many POSTs race.
@@ -23,7 +26,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 
 from redis import Redis, RedisError, WatchError
@@ -86,6 +89,10 @@ class WorkerEntry:
     pid: int = 0
     started_at: float = field(default_factory=time.time)
     heartbeat_at: float = 0.0
+    sampling: dict | None = None    # the model's sampling defaults (app.schemas), known once loaded
+
+
+_ENTRY_FIELDS = {f.name for f in fields(WorkerEntry)}
 
 
 def publish_worker(conn: Redis, entry: WorkerEntry, ttl_s: float) -> None:
@@ -114,7 +121,8 @@ def live_workers(conn: Redis) -> list[WorkerEntry]:
         if raw is None:
             stale.append(name)
         else:
-            entries.append(WorkerEntry(**json.loads(raw)))
+            data = json.loads(raw)   # fields of newer workers that this code does not know are ignored
+            entries.append(WorkerEntry(**{k: v for k, v in data.items() if k in _ENTRY_FIELDS}))
     if stale:
         conn.srem(WORKERS_SET, *stale)
     return entries
@@ -268,7 +276,8 @@ def read_job(conn: Redis, job_id: str) -> JobState | None:
         return None
     meta = job.meta or {}
     state = JobState(
-        id=job.id, status=public_status(job), model=meta.get("model", ""), params=dict(job.kwargs),
+        id=job.id, status=public_status(job), model=meta.get("model", ""),
+        params={**job.kwargs, **(meta.get("sampling") or {})},   # sampling: the values the worker used
         queued_at=job.enqueued_at, started_at=job.started_at, finished_at=job.ended_at,
         model_s=meta.get("model_s"), error=meta.get("error"),
         cancel_requested=bool(conn.exists(CANCEL_KEY.format(job.id))),

@@ -2,16 +2,31 @@
 
 The bounds declared here are the single source of the allowed ranges: validation uses them and
 `allowed_range()` turns them into the text of a 422 message.
+
+Sampling fields (guidance_scale, top_k, top_p, temperature) left out of a request are None: the
+worker that runs the job fills them from its model's defaults (`model_sampling_defaults`: the
+model directory's config.json "sampling" block over DEFAULT_SAMPLING), and the job then reports
+the values it used.
 """
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_SEED = 2**32 - 1
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
+
+SAMPLING_FIELDS = ("guidance_scale", "top_k", "top_p", "temperature")
+# The service's sampling defaults, for models whose directory recommends none (presets, older
+# directories, converted official weights): the official STAR sampling values (docs/model.md).
+# model.pipeline.ImageRequest's defaults are the same numbers (tests/worker/test_units.py).
+DEFAULT_SAMPLING: dict[str, float | int] = {"guidance_scale": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
+# A model directory's "sampling" block (model.model_dir.sampling_defaults) names guidance `cfg`,
+# as model.pipeline.ImageRequest does; the API names it guidance_scale.
+MODEL_SAMPLING_NAMES = {"cfg": "guidance_scale", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature"}
+MODEL_DEFAULT = " Default: the model's (GET /models), else {}."
 
 
 class GenerateRequest(BaseModel):
@@ -24,10 +39,14 @@ class GenerateRequest(BaseModel):
     size: int | None = Field(None, ge=64, le=4096, description="Image side in pixels; one of the sizes live workers serve (GET /models). Default: the largest served.")
     n: int = Field(1, ge=1, le=4, description="Number of images; image i uses seed + i.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; chosen by the server and reported when absent.")
-    guidance_scale: float = Field(4.0, ge=0.0, le=30.0, description="Classifier-free guidance scale (ramped over the scales).")
-    top_k: int = Field(600, ge=0, le=16384, description="Top-k sampling (0 = off).")
-    top_p: float = Field(0.8, ge=0.0, le=1.0, description="Nucleus sampling (0 = off).")
-    temperature: float = Field(1.0, gt=0.0, le=5.0, description="Sampling temperature.")
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="Classifier-free guidance scale (ramped "
+                                         "over the scales)." + MODEL_DEFAULT.format(DEFAULT_SAMPLING["guidance_scale"]))
+    top_k: int | None = Field(None, ge=0, le=16384, description="Top-k sampling (0 = off)."
+                              + MODEL_DEFAULT.format(DEFAULT_SAMPLING["top_k"]))
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus sampling (0 = off)."
+                                + MODEL_DEFAULT.format(DEFAULT_SAMPLING["top_p"]))
+    temperature: float | None = Field(None, gt=0.0, le=5.0, description="Sampling temperature."
+                                      + MODEL_DEFAULT.format(DEFAULT_SAMPLING["temperature"]))
 
     @field_validator("prompt")
     @classmethod
@@ -64,6 +83,31 @@ def _base_type(annotation: object) -> type | None:
     return None
 
 
+def model_sampling_defaults(model_sampling: dict | None) -> dict:
+    """A model's effective sampling defaults, in the API's names: its directory's "sampling" block
+    (`cfg`, `top_k`, `top_p`, `temperature`, any subset) over DEFAULT_SAMPLING, checked against the
+    request bounds (ValueError names the bad value)."""
+    values = dict(DEFAULT_SAMPLING)
+    for key, value in (model_sampling or {}).items():
+        if key not in MODEL_SAMPLING_NAMES:
+            raise ValueError(f"unknown sampling default {key!r}; known: {sorted(MODEL_SAMPLING_NAMES)}")
+        values[MODEL_SAMPLING_NAMES[key]] = value
+    try:
+        checked = GenerateRequest(prompt="-", **values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error.get("loc") else "?"
+        raise ValueError(f"the model's sampling default {name}={values.get(name)!r} is invalid: {error['msg']} "
+                         f"({allowed_range(name)})") from None
+    return {name: getattr(checked, name) for name in SAMPLING_FIELDS}
+
+
+def fill_sampling(params: dict, defaults: dict) -> dict:
+    """params with every sampling field that is absent or None taken from `defaults` (explicit
+    values win)."""
+    return {**params, **{name: defaults[name] for name in SAMPLING_FIELDS if params.get(name) is None}}
+
+
 class JobAccepted(BaseModel):
     id: str
     status: JobStatus = "queued"
@@ -71,14 +115,27 @@ class JobAccepted(BaseModel):
     queue_position: int | None = Field(None, description="Jobs ahead of this one in its queue (0 = next).")
 
 
+RESOLVED = "Null while the job is queued if the request left it out; once a worker starts the job, the value it uses."
+
+
 class JobParameters(BaseModel):
-    """The request as it will run: defaults applied, server-chosen seed and size filled in."""
+    """The request as it runs: server-chosen seed and size filled in at once; sampling fields the
+    request left out filled with the model's defaults when a worker starts the job."""
 
     prompt: str
     negative_prompt: str
     size: int
     n: int
     seed: int
+    guidance_scale: float | None = Field(None, description=RESOLVED)
+    top_k: int | None = Field(None, description=RESOLVED)
+    top_p: float | None = Field(None, description=RESOLVED)
+    temperature: float | None = Field(None, description=RESOLVED)
+
+
+class SamplingDefaults(BaseModel):
+    """What a request that leaves the sampling fields out gets from this model."""
+
     guidance_scale: float
     top_k: int
     top_p: float
@@ -143,6 +200,8 @@ class ModelOut(BaseModel):
     workers: int
     states: dict[str, int]
     max_batch: int
+    sampling: SamplingDefaults | None = Field(None, description="The model's sampling defaults (null until a "
+                                              "worker has loaded it).")
 
 
 class ModelsOut(BaseModel):

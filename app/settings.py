@@ -58,8 +58,9 @@ class ApiSettings(CommonSettings):
 class WorkerSettings(CommonSettings):
     """Settings of `star worker`."""
 
-    model: str = Field("tiny", description="Model directory (converted weights), a preset name such as `tiny`, "
-                       "or `noop[:SIZE[:SCALE_MS]]` (flat grey images, for service benchmarks).")
+    model: str = Field("shapes", description="Model directory (converted weights), the name of a model shipped in "
+                       "`model/zoo` (`shapes`: the 128 px demo model), a preset name such as `tiny` (random "
+                       "weights), or `noop[:SIZE[:SCALE_MS]]` (flat grey images, for service benchmarks).")
     device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
     dtype: str = Field("auto", description="`auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16` or `float16`.")
     max_batch: int = Field(8, ge=1, description="Most images run in one model call (a request with n images counts n).")

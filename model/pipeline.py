@@ -19,7 +19,7 @@ import torch
 from .autoregress import Conditioning, ScaleOutput, sample_scales
 from .config import PRESETS, StarConfig
 from .kv_cache import KVCache
-from .model_dir import is_model_dir, load_model_dir, parse_dtype
+from .model_dir import is_model_dir, load_model_dir, parse_dtype, sampling_defaults
 from .random_init import random_transformer, random_vae
 from .sampler import RowParams, make_generators
 from .text import TextEncoder, byte_level_clip_tokenizer, random_clip_text_model
@@ -94,6 +94,10 @@ class StarPipeline:
             self.vae.post_quant_conv.to(memory_format=torch.channels_last)
         self.text_encoder = text_encoder.to(self.device)
         self._cache: KVCache | None = None
+        # The model directory's recommended cfg/top_k/top_p/temperature (config.json "sampling";
+        # {} for presets): what the service uses for request fields left out. ImageRequest's own
+        # defaults are the service's global ones (app.schemas.DEFAULT_SAMPLING).
+        self.sampling: dict = {}
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -111,7 +115,9 @@ class StarPipeline:
                 f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model directory with a config.json")
         name, cfg, transformer, vae, clip_dir = load_model_dir(spec)
         text = TextEncoder.from_folder(clip_dir, cfg.text_len)
-        return cls(Path(spec).name, cfg, transformer, vae, text, device, dtype, **precision)
+        pipe = cls(Path(spec).name, cfg, transformer, vae, text, device, dtype, **precision)
+        pipe.sampling = sampling_defaults(spec)
+        return pipe
 
     @classmethod
     def from_preset(cls, name: str, device: str = "cpu", dtype: str | torch.dtype = "float32",

@@ -21,7 +21,7 @@ from worker.health import Health
 from worker.metrics import WorkerMetrics
 from worker.noop import NoopPipeline
 from worker.rq_worker import BatchWorker
-from worker.runner import BatchRunner
+from worker.runner import BatchRunner, pipeline_sampling
 from worker.speed import prepare_model
 
 log = logging.getLogger("worker")
@@ -107,16 +107,18 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     entry.max_batch = settings.max_batch
     entry.model, entry.size, entry.queue = pipeline.name, pipeline.image_size, q.queue_name(pipeline.name)
     entry.device = str(getattr(pipeline, "device", ""))
+    entry.sampling = pipeline_sampling(pipeline)   # what requests without sampling fields get
     metrics.info.info({"model": pipeline.name, "size": str(pipeline.image_size), "device": entry.device,
                        "max_batch": str(settings.max_batch), "max_wait_ms": str(settings.max_wait_ms)})
     health.publish()
     storage = LocalStorage(settings.storage_dir, settings.public_base_url)
-    runner = BatchRunner(pipeline, storage, metrics, conn, encode_threads=settings.encode_threads)
+    runner = BatchRunner(pipeline, storage, metrics, conn, encode_threads=settings.encode_threads,
+                         sampling=entry.sampling)
     if settings.warmup:
         runner.warm_up()
-    log.info("worker %s: model %s (%dpx) on %s; queue %s; batches of up to %d images, %d ms wait",
-             entry.name, pipeline.name, pipeline.image_size, entry.device, entry.queue,
-             settings.max_batch, settings.max_wait_ms)
+    log.info("worker %s: model %s (%dpx) on %s; queue %s; batches of up to %d images, %d ms wait; "
+             "sampling defaults %s", entry.name, pipeline.name, pipeline.image_size, entry.device, entry.queue,
+             settings.max_batch, settings.max_wait_ms, entry.sampling)
     return BatchWorker(entry.queue, connection=conn, name=entry.name, runner=runner, health=health,
                        max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                        result_ttl=settings.result_ttl_s, deadline_s=settings.worker_deadline_s,

@@ -44,6 +44,7 @@ class NoopPipeline:
         self.scale_s = scale_s
         self.patch_nums = patch_nums
         self.name = f"noop-{image_size}"
+        self.sampling: dict = {}   # no recommended sampling: the service's defaults apply
         self.calls = 0
 
     @classmethod

@@ -26,6 +26,7 @@ from rq.worker import WorkerStatus
 
 from app import queue as q
 from app import recovery
+from app.schemas import SAMPLING_FIELDS, fill_sampling
 from worker.batcher import Collector
 from worker.health import Health
 from worker.resilience import REDIS_DOWN, RedisTolerant, retry_redis
@@ -177,7 +178,9 @@ class BatchWorker(RedisTolerant):
 
     def _start_once(self, job: Job) -> Running | None:
         """Mark a dequeued job started, atomically with respect to a cancel from the API and to
-        the reaper; a job canceled meanwhile is dropped, one past its deadline ends as expired."""
+        the reaper; a job canceled meanwhile is dropped, one past its deadline ends as expired.
+        Sampling fields the request left out get the model's defaults, recorded in meta
+        `sampling` with the job's start (GET /jobs/{id} shows what runs)."""
         queue, token = self.queues[0], recovery.new_token()
         with self.connection.pipeline() as pipe:
             try:
@@ -195,18 +198,22 @@ class BatchWorker(RedisTolerant):
                     self.finish_expired(job, queue)
                     return None
                 ttl = self.get_heartbeat_ttl(job)
+                params = fill_sampling(dict(job.kwargs), self.runner.sampling)   # the model's defaults
+                job.get_meta(refresh=True)
+                job.meta["sampling"] = {name: params[name] for name in SAMPLING_FIELDS}   # what runs (read_job)
                 pipe.multi()
                 execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
                 self.heartbeat(ttl, pipeline=pipe)
                 job.heartbeat(now(), ttl, pipeline=pipe)
                 job.prepare_for_execution(self.name, pipeline=pipe)
+                pipe.hset(job.key, "meta", q.SERIALIZER.dumps(job.meta))
                 recovery.own(pipe, job, token)
                 pipe.persist(job.key)
                 pipe.lrem(queue.intermediate_queue_key, 1, job.id)
                 pipe.execute()
             except WatchError:
                 return self._start_once(job)   # the API or the reaper touched it: look again
-        running = Running(job, queue, execution, dict(job.kwargs), q.job_images(job), token)
+        running = Running(job, queue, execution, params, q.job_images(job), token)
         with self._lock:
             self.executions[execution.id] = execution
             self._inflight[job.id] = running

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from app import recovery
+from app.schemas import fill_sampling, model_sampling_defaults
 from app.storage import Storage, new_image_id
 from worker.devices import DeviceFailure, DoesNotFit, free_device_memory, is_fatal_device_error, is_oom
 from worker.metrics import WorkerMetrics
@@ -43,7 +44,7 @@ def request_class(pipeline: object) -> type:
 
 
 def image_requests(make: type, params: dict) -> list:
-    """The n model requests of one job: image i uses seed + i."""
+    """The n model requests of one job (sampling fields already filled): image i uses seed + i."""
     return [make(prompt=params["prompt"], seed=params["seed"] + i, negative_prompt=params["negative_prompt"],
                  cfg=params["guidance_scale"], top_k=params["top_k"], top_p=params["top_p"],
                  temperature=params["temperature"]) for i in range(params["n"])]
@@ -72,13 +73,22 @@ class BatchReport:
                  ",".join(self.job_ids), len(self.job_ids), self.images, wait, self.model_s, self.encode_s)
 
 
+def pipeline_sampling(pipeline: object) -> dict:
+    """The effective sampling defaults of a loaded pipeline (API names): its model directory's
+    "sampling" block (`pipeline.sampling`, from model.model_dir.sampling_defaults) over the
+    service's DEFAULT_SAMPLING; ValueError if the directory's values are out of the API's bounds."""
+    return model_sampling_defaults(getattr(pipeline, "sampling", None))
+
+
 class BatchRunner:
-    def __init__(self, pipeline, storage: Storage, metrics: WorkerMetrics, conn, encode_threads: int = 2):
+    def __init__(self, pipeline, storage: Storage, metrics: WorkerMetrics, conn, encode_threads: int = 2,
+                 sampling: dict | None = None):
         self.pipeline = pipeline
         self.storage = storage
         self.metrics = metrics
         self.conn = conn
         self.model_name: str = pipeline.name
+        self.sampling = sampling if sampling is not None else pipeline_sampling(pipeline)
         self.make_request = request_class(pipeline)
         self.pool = ThreadPoolExecutor(encode_threads, thread_name_prefix="star-encode")
 
@@ -87,7 +97,8 @@ class BatchRunner:
 
     def warm_up(self) -> None:
         t0 = time.perf_counter()
-        self.pipeline.generate([self.make_request(prompt="warm-up", seed=0)])
+        params = fill_sampling({"prompt": "warm-up", "negative_prompt": "", "n": 1, "seed": 0}, self.sampling)
+        self.pipeline.generate(image_requests(self.make_request, params))
         log.info("warm-up generation took %.2fs", time.perf_counter() - t0)
 
     def run(self, batch: list, finisher) -> None:

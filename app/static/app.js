@@ -1,5 +1,6 @@
 // STAR web page: submit to POST /generate, follow GET /jobs/{id}/events (Server-Sent Events;
-// polling GET /jobs/{id} if the stream fails), show each job's images with their parameters.
+// polling GET /jobs/{id} if the stream fails), show each job's images with their parameters
+// (as run: sampling fields left empty get the model's defaults, which the job then reports).
 // Plain browser JavaScript, no build step.
 "use strict";
 
@@ -53,7 +54,8 @@ async function loadModels() {
       select.append(new Option("server default", ""));
       service.textContent = "No worker is running yet: requests will be refused until one starts.";
     } else {
-      const names = models.models.map((m) => `${m.name} (${m.size}px, ${m.workers} worker${m.workers === 1 ? "" : "s"})`);
+      const names = models.models.map((m) => `${m.name} (${m.size}px, ${m.workers} worker${m.workers === 1 ? "" : "s"}` +
+        (m.sampling ? `, guidance ${m.sampling.guidance_scale} by default)` : ")"));
       service.textContent = `Serving ${names.join(", ")}`;
     }
   } catch (error) {

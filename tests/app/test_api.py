@@ -14,9 +14,10 @@ from app import queue as q
 PROMPT = {"prompt": "a red fox in the snow"}
 
 
-def publish(conn, name="w1", model="tiny", size=256, state="ready", max_batch=8):
+def publish(conn, name="w1", model="tiny", size=256, state="ready", max_batch=8, sampling=None):
     q.publish_worker(conn, q.WorkerEntry(name=name, model=model, state=state, size=size,
-                                         queue=q.queue_name(model), max_batch=max_batch), ttl_s=60)
+                                         queue=q.queue_name(model), max_batch=max_batch, sampling=sampling),
+                     ttl_s=60)
 
 
 @pytest.fixture
@@ -63,6 +64,7 @@ def test_importing_the_api_does_not_import_torch():
     ({**PROMPT, "n": 0}, "n", "an integer from 1 to 4"),
     ({**PROMPT, "n": 5}, "n", "an integer from 1 to 4"),
     ({**PROMPT, "top_p": 1.5}, "top_p", "a number from 0.0 to 1.0"),
+    ({**PROMPT, "top_k": -1}, "top_k", "an integer from 0 to 16384"),
     ({**PROMPT, "temperature": 0}, "temperature", "greater than 0.0 and at most 5.0"),
     ({**PROMPT, "seed": -1}, "seed", "from 0 to 4294967295"),
     ({**PROMPT, "guidance_scale": "lots"}, "guidance_scale", "a number from 0.0 to 30.0"),
@@ -106,14 +108,17 @@ def test_generate_queues_a_job_and_reports_it(client, conn):
     assert view["model"] == "star-512"                      # default size: the largest served
     request = view["request"]
     assert request["size"] == 512 and request["n"] == 2 and 0 <= request["seed"] < 2**31
+    # sampling fields left out are the model's defaults, known once a worker starts the job
     assert request | {"seed": 0} == {"prompt": PROMPT["prompt"], "negative_prompt": "", "size": 512, "n": 2,
-                                     "seed": 0, "guidance_scale": 4.0, "top_k": 600, "top_p": 0.8,
-                                     "temperature": 1.0}
+                                     "seed": 0, "guidance_scale": None, "top_k": None, "top_p": None,
+                                     "temperature": None}
     assert view["timings"]["queued_at"] and view["timings"]["started_at"] is None
     assert view["images"] is None and view["error"] is None
 
-    second = client.post("/generate", json={**PROMPT, "size": 256, "seed": 7}).json()
-    assert client.get(f"/jobs/{second['id']}").json()["request"]["seed"] == 7
+    second = client.post("/generate", json={**PROMPT, "size": 256, "seed": 7, "top_k": 0, "temperature": 0.5}).json()
+    request = client.get(f"/jobs/{second['id']}").json()["request"]
+    assert request["seed"] == 7 and request["top_k"] == 0 and request["temperature"] == 0.5
+    assert request["guidance_scale"] is None and request["top_p"] is None
     assert q.queue_depth(conn, "star-512") == 1 and q.queue_depth(conn, "tiny") == 1
 
 
@@ -165,8 +170,9 @@ def test_a_job_queued_past_its_deadline_reads_as_expired(make_client, conn):
 
 def test_health_readiness_and_models(client, conn):
     assert client.get("/healthz").json() == {"status": "ok"}
-    publish(conn, "a", "tiny", 256, state="busy", max_batch=4)
-    publish(conn, "b", "tiny", 256, state="ready", max_batch=8)
+    defaults = {"guidance_scale": 3.0, "top_k": 0, "top_p": 0.0, "temperature": 1.0}
+    publish(conn, "a", "tiny", 256, state="busy", max_batch=4, sampling=defaults)
+    publish(conn, "b", "tiny", 256, state="ready", max_batch=8, sampling=defaults)
     publish(conn, "c", "star-512", 512, state="starting")
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["models"] == ["tiny"]
@@ -174,7 +180,19 @@ def test_health_readiness_and_models(client, conn):
     assert models["sizes"] == [256, 512] and models["default_size"] == 512
     tiny = next(m for m in models["models"] if m["name"] == "tiny")
     assert tiny == {"name": "tiny", "size": 256, "queue": "star-tiny", "queue_depth": 0, "workers": 2,
-                    "states": {"busy": 1, "ready": 1}, "max_batch": 8}
+                    "states": {"busy": 1, "ready": 1}, "max_batch": 8, "sampling": defaults}
+    assert next(m for m in models["models"] if m["name"] == "star-512")["sampling"] is None   # not loaded yet
+
+
+def test_worker_entries_of_newer_workers_are_read(client, conn):
+    """An entry with fields this API does not know (a newer worker) still counts."""
+    import json
+
+    entry = {"name": "new", "model": "tiny", "state": "ready", "size": 256, "a_later_field": 1}
+    conn.set(q.WORKER_KEY.format("new"), json.dumps(entry), ex=60)
+    conn.sadd(q.WORKERS_SET, "new")
+    assert [e.name for e in q.live_workers(conn)] == ["new"]
+    assert client.get("/models").json()["sizes"] == [256]
 
 
 def test_a_worker_whose_heartbeat_expired_is_gone(client, conn):

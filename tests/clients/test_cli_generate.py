@@ -3,6 +3,7 @@ server failures that a healthy stack cannot produce (in-process, mock transport)
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -52,6 +53,8 @@ def test_generate_saves_numbered_pngs_and_prints_path_seed_size(stack, tmp_path)
         assert image.text["guidance_scale"] == "3.0"
     assert "scale 10/10" in result.stderr and f"queued on {stack.url}" in result.stderr
     assert re.search(r"queue wait [\d.]+s, model [\d.]+s, total [\d.]+s", result.stderr)
+    # what ran: the explicit guidance, tiny's (the global) defaults for the rest
+    assert "; guidance 3, top-k 600, top-p 0.8, temperature 1" in result.stderr
 
 
 def test_default_name_comes_from_the_prompt_and_quiet_keeps_stderr_clean(stack, tmp_path):
@@ -131,6 +134,22 @@ def test_a_failed_job_exits_5_with_its_error(tmp_path, capsys):
     assert run_mocked(handler, tmp_path) == 5
     assert f"job {JOB_ID} failed: model_error: NaN logits" in capsys.readouterr().err
     assert not (tmp_path / "fox.png").exists()
+
+
+def test_sampling_options_are_sent_only_when_given(tmp_path, capsys):
+    """Left out, they are the model's defaults (the server fills them): the CLI sends none itself."""
+    bodies = []
+
+    def handler(request):
+        if request.method == "POST":
+            bodies.append(json.loads(request.content))
+            return httpx.Response(202, json={"id": JOB_ID, "status_url": "x", "queue_position": 0})
+        return httpx.Response(200, json={"id": JOB_ID, "status": "failed", "model": "shapes", "request": PARAMS,
+                                         "timings": {}, "error": {"code": "model_error", "message": "x"}})
+    run_mocked(handler, tmp_path)
+    run_mocked(handler, tmp_path, "--top-k", "0", "--temperature", "0.5")
+    assert bodies[0] == {"prompt": "a fox", "n": 1}
+    assert bodies[1] == {"prompt": "a fox", "n": 1, "top_k": 0, "temperature": 0.5}
 
 
 def test_output_names():

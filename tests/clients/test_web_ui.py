@@ -141,4 +141,6 @@ def test_without_the_event_stream_the_page_polls(stack, browser_page):
     page.wait_for_function("document.querySelectorAll('.job .result img').length === 2", timeout=30_000)
     seeds = page.locator(".job .param-seed").all_inner_texts()
     assert int(seeds[1]) == int(seeds[0]) + 1 and images.first.get_attribute("alt").startswith("a harbor at night")
+    # guidance left empty: the model's default, as the job reports it once run (tiny: the global 4.0)
+    assert page.locator(".job .param-guidance").all_inner_texts() == ["4", "4"]
     assert all("ERR_FAILED" in problem for problem in page.problems), page.problems   # only the aborted stream

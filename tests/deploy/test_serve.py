@@ -1,5 +1,6 @@
-"""`star serve` end to end, as a user runs it: the real Redis, API, worker and `tiny` model on
-the CPU. Start it on a free port, wait for the URL, generate an image, fetch it, stop with SIGTERM.
+"""`star serve` end to end, as a user runs it (`make run`): the real Redis, API, worker and the
+default model (the shipped `shapes` demo model, 128 px) on the CPU. Start it on a free port, wait for
+the URL, generate an image, fetch it, stop with SIGTERM.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
+
+from model.model_dir import read_config
 
 ROOT = Path(__file__).resolve().parents[2]
 NEEDED = ["app/main.py", "model/pipeline.py", "worker/main.py"]
@@ -32,7 +35,7 @@ def served(tmp_path):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAR_")}
-    env.update(STAR_MODEL="tiny", STAR_DEVICE="cpu", STAR_DTYPE="float32")
+    env.update(STAR_DEVICE="cpu", STAR_DTYPE="float32")   # no STAR_MODEL: the default
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
@@ -64,7 +67,7 @@ def test_serve_generates_an_image_end_to_end(served):
     proc, base, tmp_path = served
     with httpx.Client(base_url=base, timeout=30) as client:
         assert client.get("/readyz").status_code == 200
-        accepted = client.post("/generate", json={"prompt": "a red cube on a table", "seed": 7})
+        accepted = client.post("/generate", json={"prompt": "a red circle on a blue background", "seed": 7})
         assert accepted.status_code == 202, accepted.text
         job_url = urljoin(base + "/", accepted.json()["status_url"])
 
@@ -76,8 +79,12 @@ def test_serve_generates_an_image_end_to_end(served):
             assert time.monotonic() < deadline, job
             time.sleep(0.5)
         assert job["status"] == "succeeded", job
+        assert job["model"] == "shapes" and job["request"]["size"] == 128
+        sampling = read_config("shapes")["sampling"]   # the model's own defaults, not the global ones
+        assert [job["request"][k] for k in ("guidance_scale", "top_k", "top_p", "temperature")] == \
+            [sampling[k] for k in ("cfg", "top_k", "top_p", "temperature")]
         (image,) = job["images"]
-        assert image["url"].startswith(base)
+        assert image["url"].startswith(base) and (image["width"], image["height"]) == (128, 128)
 
         png = client.get(image["url"])
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
@@ -87,3 +94,4 @@ def test_serve_generates_an_image_end_to_end(served):
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(90) == 0, (tmp_path / "serve.log").read_text()
+    assert "(model shapes)" in (tmp_path / "serve.log").read_text()

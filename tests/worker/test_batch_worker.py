@@ -201,3 +201,69 @@ def test_run_restores_the_signal_handlers(conn, settings):
     run(settings, pipeline=SeedPipeline(), burst=True)
     run(settings.model_copy(update={"model": "noop:bad"}))
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+class SamplingPipeline(SeedPipeline):
+    """Records every request; `sampling` is what its model directory recommends (config.json)."""
+
+    def __init__(self, sampling=None):
+        super().__init__()
+        self.sampling = sampling or {}
+        self.requests = []
+
+    def generate(self, requests, *, on_scale=None):
+        self.requests += list(requests)
+        return super().generate(requests, on_scale=on_scale)
+
+
+def sampling_of(request) -> tuple:
+    return request.cfg, request.top_k, request.top_p, request.temperature
+
+
+def test_fields_left_out_get_the_models_defaults_and_explicit_ones_win(conn, settings):
+    pipe = SamplingPipeline({"cfg": 2.5, "top_k": 7, "top_p": 0.5})   # no temperature: the global one
+    bare = {"prompt": "bare", "negative_prompt": "", "size": 64, "n": 2, "seed": 3}
+    left_out = enqueue(conn, bare)
+    nulls = enqueue(conn, {**bare, "prompt": "nulls", "guidance_scale": None, "top_k": None, "top_p": None,
+                           "temperature": None})
+    explicit = enqueue(conn, {**bare, "prompt": "explicit", "guidance_scale": 6.0, "top_k": 0, "top_p": None,
+                              "temperature": 0.7})
+    assert state(conn, left_out).params.get("guidance_scale") is None   # not known while queued
+    assert run(settings, pipeline=pipe, burst=True) == 0
+    used = {r.prompt: sampling_of(r) for r in pipe.requests if r.prompt != "warm-up"}
+    assert used == {"bare": (2.5, 7, 0.5, 1.0), "nulls": (2.5, 7, 0.5, 1.0), "explicit": (6.0, 0, 0.5, 0.7)}
+    storage = LocalStorage(settings.storage_dir, settings.public_base_url)
+    for job_id, expected in ((left_out, (2.5, 7, 0.5, 1.0)), (nulls, (2.5, 7, 0.5, 1.0)),
+                             (explicit, (6.0, 0, 0.5, 0.7))):
+        view = state(conn, job_id)
+        assert view.status == "succeeded", view
+        run_with = tuple(view.params[k] for k in ("guidance_scale", "top_k", "top_p", "temperature"))
+        assert run_with == expected                                       # what GET /jobs/{id} shows
+        png = Image.open(io.BytesIO(storage.get(view.images[0]["id"])))
+        assert (float(png.text["guidance_scale"]), int(png.text["top_k"])) == expected[:2]   # and the PNG
+
+
+def test_a_model_without_sampling_defaults_gets_the_global_ones(conn, settings):
+    from app.schemas import DEFAULT_SAMPLING
+
+    pipe = SamplingPipeline()
+    job_id = enqueue(conn, {"prompt": "plain", "negative_prompt": "", "size": 64, "n": 1, "seed": 3})
+    run(settings, pipeline=pipe, burst=True)
+    (request,) = pipe.requests
+    assert sampling_of(request) == tuple(DEFAULT_SAMPLING.values()) == (4.0, 600, 0.8, 1.0)
+    assert {k: state(conn, job_id).params[k] for k in DEFAULT_SAMPLING} == DEFAULT_SAMPLING
+
+
+def test_the_worker_advertises_its_models_sampling_defaults(conn, settings):
+    seen = []
+    pipe = SamplingPipeline({"cfg": 3})
+    pipe.hook = lambda k, requests: seen.extend(e.sampling for e in q.live_workers(conn))
+    enqueue(conn, params("x"))
+    run(settings, pipeline=pipe, burst=True)
+    assert seen and seen[0] == {"guidance_scale": 3.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
+
+
+def test_a_model_whose_sampling_defaults_are_out_of_range_does_not_start(conn, settings, caplog):
+    assert run(settings, pipeline=SamplingPipeline({"top_p": 2.0}), burst=True) == 1
+    assert "top_p=2.0 is invalid" in caplog.text and "a number from 0.0 to 1.0" in caplog.text
+    assert q.live_workers(conn) == []

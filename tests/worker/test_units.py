@@ -102,3 +102,33 @@ def test_noop_pipeline_spec_size_and_cancel():
     assert out[1].image is None and out[1].canceled
     with pytest.raises(ValueError):
         NoopPipeline.from_spec("tiny")
+
+
+def test_model_sampling_defaults_and_filling_requests():
+    from app.schemas import DEFAULT_SAMPLING, fill_sampling, model_sampling_defaults
+
+    assert model_sampling_defaults(None) == model_sampling_defaults({}) == DEFAULT_SAMPLING
+    shapes = model_sampling_defaults({"cfg": 3, "top_k": 0, "top_p": 0.0, "temperature": 1})
+    assert shapes == {"guidance_scale": 3.0, "top_k": 0, "top_p": 0.0, "temperature": 1.0}
+    assert model_sampling_defaults({"top_k": 50}) == {**DEFAULT_SAMPLING, "top_k": 50}
+    with pytest.raises(ValueError, match="unknown sampling default 'guidance'"):
+        model_sampling_defaults({"guidance": 2})
+    with pytest.raises(ValueError, match=r"temperature=0 is invalid.*greater than 0.0"):
+        model_sampling_defaults({"temperature": 0})
+    request = {"prompt": "x", "guidance_scale": None, "top_k": 5}
+    assert fill_sampling(request, shapes) == {"prompt": "x", "guidance_scale": 3.0, "top_k": 5, "top_p": 0.0,
+                                              "temperature": 1.0}
+    assert request == {"prompt": "x", "guidance_scale": None, "top_k": 5}   # not modified
+
+
+def test_the_global_sampling_defaults_are_the_image_requests_own():
+    """One set of numbers: app.schemas.DEFAULT_SAMPLING = the ImageRequest defaults (model and noop)."""
+    from dataclasses import fields
+
+    from app.schemas import DEFAULT_SAMPLING
+    from model.pipeline import ImageRequest as ModelRequest
+
+    for cls in (ModelRequest, ImageRequest):
+        defaults = {f.name: f.default for f in fields(cls)}
+        assert {"guidance_scale": defaults["cfg"], **{k: defaults[k] for k in ("top_k", "top_p", "temperature")}} \
+            == DEFAULT_SAMPLING, cls
