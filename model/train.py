@@ -253,13 +253,20 @@ def seed_from_model(work: Path, recipe: Recipe, model_dir: str) -> Path:
 
 
 # ---- export -----------------------------------------------------------------------------------------
-def stage_export(work: Path, recipe: Recipe, out: Path, log: Log, transformer_dtype=torch.float32) -> Path:
+def stage_export(work: Path, recipe: Recipe, out: Path, log: Log, transformer_dtype=torch.float32,
+                 note: str | None = None) -> Path:
     vae = vae_from(work, recipe, next(s for s in ("encoder", "decoder", "quant") if (work / f"{s}.pt").is_file()))
     ar = load_ckpt(work / "ar.pt")
     text = new_text_encoder(recipe)
     text.model.load_state_dict(ar["text"])
     source = {"trained_by": "python -m model.train", "recipe": recipe.to_dict(),
               "data": "model/shapes.py", "held_out": [list(c) for c in shapes.HELD_OUT]}
+    if ar.get("step") is not None:
+        source["ar_steps_done"] = int(ar["step"])
+    if ar.get("elapsed") is not None:
+        source["ar_seconds_done"] = float(ar["elapsed"])
+    if note:
+        source["note"] = note
     write_model_dir(out, recipe.arch, ar["transformer"], vae.state_dict(), text, transformer_dtype=transformer_dtype,
                     vae_dtype=torch.float32, source=source, sampling=dict(recipe.sampling))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -292,7 +299,8 @@ def apply_overrides(recipe: Recipe, items: list[str]) -> Recipe:
 
 
 def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_to: Path | None = None,
-          progress: bool = True, device: str = "cpu", workers: int = 1, from_model: str | None = None) -> Path | None:
+          progress: bool = True, device: str = "cpu", workers: int = 1, from_model: str | None = None,
+          note: str | None = None, ar_init: str | None = None) -> Path | None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1) + "\n")
     log = Log(work / "log.jsonl")
@@ -300,10 +308,10 @@ def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_t
         log.write(stage="from_model", path=str(seed_from_model(work, recipe, from_model)))
     steps = {"quant": recipe.rq_steps, "decoder": recipe.dec_steps, "encoder": recipe.enc_steps, "ar": recipe.ar_steps}
     runners = {"latents": partial(stage_latents, workers=workers), "quant": partial(stage_quant, device=device),
-               "decoder": stage_decoder, "encoder": stage_encoder, "ar": partial(stage_ar, device=device)}
+               "decoder": stage_decoder, "encoder": stage_encoder, "ar": partial(stage_ar, device=device, init=ar_init)}
     for stage in stages:
         if stage == "export":
-            return stage_export(work, recipe, export_to or work / "model", log)
+            return stage_export(work, recipe, export_to or work / "model", log, note=note)
         finished = (work / "latents.pt").is_file() if stage == "latents" else done(work, stage, steps[stage])
         if stage == "ar" and recipe.ar_seconds > 0 and not finished:
             ckpt = load_ckpt(work / "ar.pt")
@@ -328,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=1, help="processes drawing the dataset's latents (default 1)")
     ap.add_argument("--from-model", default=None, metavar="DIR",
                     help="take the VQ-VAE of this exported model (skip training one); e.g. model/zoo/shapes")
+    ap.add_argument("--ar-init", default=None, metavar="FILE",
+                    help="start the transformer stage from these weights (fine-tuning): a file with 'transformer' "
+                    "and 'text' state dicts, e.g. another run's ar.pt or bench/gpu_shapes.sh's weights-<name>.pt")
+    ap.add_argument("--note", default=None, help="free text stored in the exported config.json (source.note), "
+                    "e.g. where and how long it was trained")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -349,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     out = train(recipe, Path(args.work), stages, Path(args.export) if args.export else None, not args.no_progress,
-                device=args.device, workers=args.workers, from_model=args.from_model)
+                device=args.device, workers=args.workers, from_model=args.from_model, note=args.note,
+                ar_init=args.ar_init)
     if out is not None:
         print(f"wrote {out}")
     return 0

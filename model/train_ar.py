@@ -114,16 +114,25 @@ def ar_step(model, clip, opt, data: dict, idx: torch.Tensor, drop: torch.Tensor)
     return float(loss.detach()), float((logits.argmax(-1) == target).float().mean())
 
 
-def stage_ar(work: Path, recipe, log, progress: bool, device: str = "cpu") -> None:
+def stage_ar(work: Path, recipe, log, progress: bool, device: str = "cpu", init: str | None = None) -> None:
+    """init: a file with "transformer" and "text" state dicts (an ar.pt, or bench/gpu_shapes.sh's
+    weights-*.pt) to start from instead of random weights (fine-tuning); ignored when resuming."""
     import time
 
     from .train import load_ckpt, run_loop
 
     device = torch.device(device)
-    model = random_transformer(recipe.arch, recipe.seed).to(device)
+    model = random_transformer(recipe.arch, recipe.seed)
+    text = new_text_encoder(recipe)
+    ckpt = load_ckpt(work / "ar.pt")
+    if init is not None and ckpt is None:
+        start = torch.load(init, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in start["transformer"].items()})
+        text.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in start["text"].items()})
+        log.write(stage="ar", init=str(init))
+    model = model.to(device)
     model.reset_buffers_(device)
     model.requires_grad_(True).train()
-    text = new_text_encoder(recipe)
     clip = text.model.to(device).requires_grad_(True).train()
     data = ar_data(work, recipe, text, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -132,7 +141,6 @@ def stage_ar(work: Path, recipe, log, progress: bool, device: str = "cpu") -> No
                              {"params": rest + list(clip.parameters()), "weight_decay": 0.0}],
                             lr=recipe.ar_lr, betas=(0.9, 0.95))
     N = data["tokens"].shape[0]
-    ckpt = load_ckpt(work / "ar.pt")
     # With a time budget the schedule's position is the elapsed fraction of ar_seconds (carried over a
     # resume in the checkpoint), expressed in ar_steps units; otherwise it is the step.
     clock = {"t0": None, "before": float(ckpt.get("elapsed", 0.0)) if ckpt else 0.0}

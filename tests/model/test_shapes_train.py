@@ -201,7 +201,7 @@ def test_time_budgeted_transformer_on_an_exported_vqvae(tmp_path):
     assert main(["--recipe", "smoke", "--work", str(tmp_path / "w1"), "--export", str(first), "--no-progress"]) == 0
     work, out = tmp_path / "w2", tmp_path / "second"
     args = ["--recipe", "smoke", "--work", str(work), "--from-model", str(first), "--stages", "latents,quant,ar,export",
-            "--export", str(out), "--no-progress", "--workers", "2",
+            "--export", str(out), "--no-progress", "--workers", "2", "--note", "smoke run on a CPU",
             "--set", "images=24", "--set", "ar_seconds=1.5", "--set", "ar_steps=100000", "--set", "ckpt_every=1000"]
     assert main(args) == 0
     log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
@@ -213,10 +213,33 @@ def test_time_budgeted_transformer_on_an_exported_vqvae(tmp_path):
     assert 0 < steps == ar["step"] < 100000 and ar["elapsed"] >= 1.5
     lrs = [r["lr"] for r in log if r["stage"] == "ar" and "loss" in r]
     assert lrs[-1] < max(lrs)  # the schedule followed the clock to its end
+    source = read_config(out)["source"]
+    assert source["ar_steps_done"] == ar["step"] and source["note"] == "smoke run on a CPU"
     vae_a, vae_b = load_file(first / "vae.safetensors"), load_file(out / "vae.safetensors")
     assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
     assert main(args) == 0  # the budget is spent: nothing more is trained
     assert load_ckpt(work / "ar.pt")["step"] == ar["step"]
+
+
+def test_transformer_stage_can_start_from_earlier_weights(tmp_path):
+    """--ar-init starts from another run's transformer and text encoder: with a zero learning rate
+    the export is exactly those weights; a resumed run ignores it."""
+    from safetensors.torch import load_file
+
+    from model.train import main
+
+    first = tmp_path / "first"
+    assert main(["--recipe", "smoke", "--work", str(tmp_path / "w1"), "--export", str(first), "--no-progress"]) == 0
+    out = tmp_path / "again"
+    assert main(["--recipe", "smoke", "--work", str(tmp_path / "w2"), "--from-model", str(first), "--stages",
+                 "latents,quant,ar,export", "--export", str(out), "--no-progress", "--ar-init",
+                 str(tmp_path / "w1" / "ar.pt"), "--set", "ar_lr=0", "--set", "ar_steps=2"]) == 0
+    a, b = load_file(first / "transformer.safetensors"), load_file(out / "transformer.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = load_file(first / "CLIP" / "text_encoder" / "model.safetensors"), load_file(out / "CLIP" / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "w2" / "log.jsonl").read_text().splitlines()]
+    assert [r["init"] for r in log if "init" in r] == [str(tmp_path / "w1" / "ar.pt")]
 
 
 def test_adherence_command_sweeps_sampling_settings(capsys):
