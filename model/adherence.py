@@ -7,8 +7,10 @@ The scorer is plain image analysis (no learned parts):
   background  the named colour nearest to most pixels of the 3-pixel border;
   object      pixels whose nearest named colour is not the background's, largest 4-connected
               component; its colour is the most common nearest named colour inside it;
-  shape       the component's bounding box gets each shape's outline drawn into it (the same
-              outlines the dataset draws, ring with its hole); the best intersection-over-union wins.
+  shape       a ring is the shape with a hole: if the component encloses pixels that are not its own
+              (at least HOLE_FRACTION of its filled area), it is a ring, whatever the hole's size;
+              otherwise the filled component's bounding box gets each solid shape's outline drawn
+              into it (the outlines the dataset draws) and the best intersection-over-union wins.
 Prompts are the held-out combinations of model/shapes.py (never captions of training images), taken
 round-robin over the five shapes (`held_out_targets`). Every (prompt, seed) pair is one image. Sampling parameters not given
 on the command line come from the model directory's config.json ("sampling"), else the defaults
@@ -31,6 +33,7 @@ from .shapes import COLOUR_NAMES, COLOURS, HELD_OUT, SHAPES, caption, draw_outli
 PALETTE = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
 BORDER = 3
 MIN_OBJECT_PIXELS = 40
+HOLE_FRACTION = 0.03    # enclosed non-object pixels / filled object area that make a ring (drawn: 0.30)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return best
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """mask plus every pixel it encloses (not 4-connected to the image border outside the mask)."""
+    border = np.zeros_like(mask)
+    border[0], border[-1], border[:, 0], border[:, -1] = True, True, True, True
+    return ~_propagate(~mask, border)
+
+
 def template(shape: str, h: int, w: int, supersample: int = 4) -> np.ndarray:
     """Bool [h, w] mask of `shape` filling an h x w box (anti-aliased, thresholded at half)."""
     img = Image.new("L", (w * supersample, h * supersample), 0)
@@ -92,13 +102,17 @@ def classify(img_HW3: np.ndarray) -> Verdict:
     if comp.sum() < MIN_OBJECT_PIXELS:
         return Verdict(None, None, COLOUR_NAMES[bg], 0.0)
     colour = int(np.bincount(labels[comp], minlength=len(COLOUR_NAMES)).argmax())
+    filled = fill_holes(comp)
     ys, xs = np.nonzero(comp)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    box = comp[y0:y1, x0:x1]
-    ious = {}
-    for shape in SHAPES:
-        t = template(shape, y1 - y0, x1 - x0)
-        ious[shape] = float((t & box).sum() / max(1, (t | box).sum()))
+
+    def iou(shape: str, mask: np.ndarray) -> float:
+        t, box = template(shape, y1 - y0, x1 - x0), mask[y0:y1, x0:x1]
+        return float((t & box).sum() / max(1, (t | box).sum()))
+
+    if (filled & ~comp).sum() >= HOLE_FRACTION * filled.sum():
+        return Verdict("ring", COLOUR_NAMES[colour], COLOUR_NAMES[bg], iou("ring", comp))
+    ious = {shape: iou(shape, filled) for shape in SHAPES if shape != "ring"}
     shape = max(ious, key=ious.get)
     return Verdict(shape, COLOUR_NAMES[colour], COLOUR_NAMES[bg], ious[shape])
 

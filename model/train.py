@@ -82,6 +82,11 @@ SHAPES_ARCH = StarConfig(name="shapes", depth=3, patch_nums=(1, 2, 3, 4, 5, 6, 8
                          vae_ch=32, vae_ch_mult=(1, 1, 2, 2, 4), text_dim=64, num_classes=1)
 RECIPES = {
     "shapes": Recipe(SHAPES_ARCH),
+    # the shipped model: the VQ-VAE of "shapes" (use --from-model model/zoo/shapes), a depth-4
+    # transformer trained for 260 s on one GPU (--device cuda) on 200k images
+    "shapes-gpu": Recipe(SHAPES_ARCH.replace(depth=4), images=200_000, ar_batch=512, ar_lr=1e-3, ar_seconds=260.0,
+                         ar_steps=1_000_000, ckpt_every=5000,
+                         sampling=(("cfg", 1.5), ("top_k", 0), ("top_p", 0.0), ("temperature", 1.0))),
     # seconds, for tests: the same pipeline end to end on a few images
     "smoke": Recipe(SHAPES_ARCH.replace(name="shapes-smoke", depth=1, patch_nums=(1, 2, 4, 8), vocab_size=32,
                                         vae_ch_mult=(1, 1, 1, 1, 1), text_dim=32),
@@ -300,7 +305,8 @@ def apply_overrides(recipe: Recipe, items: list[str]) -> Recipe:
 
 def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_to: Path | None = None,
           progress: bool = True, device: str = "cpu", workers: int = 1, from_model: str | None = None,
-          note: str | None = None, ar_init: str | None = None) -> Path | None:
+          note: str | None = None, ar_init: str | None = None,
+          transformer_dtype: torch.dtype = torch.float32) -> Path | None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1) + "\n")
     log = Log(work / "log.jsonl")
@@ -311,7 +317,7 @@ def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_t
                "decoder": stage_decoder, "encoder": stage_encoder, "ar": partial(stage_ar, device=device, init=ar_init)}
     for stage in stages:
         if stage == "export":
-            return stage_export(work, recipe, export_to or work / "model", log, note=note)
+            return stage_export(work, recipe, export_to or work / "model", log, transformer_dtype, note=note)
         finished = (work / "latents.pt").is_file() if stage == "latents" else done(work, stage, steps[stage])
         if stage == "ar" and recipe.ar_seconds > 0 and not finished:
             ckpt = load_ckpt(work / "ar.pt")
@@ -339,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ar-init", default=None, metavar="FILE",
                     help="start the transformer stage from these weights (fine-tuning): a file with 'transformer' "
                     "and 'text' state dicts, e.g. another run's ar.pt or bench/gpu_shapes.sh's weights-<name>.pt")
+    ap.add_argument("--transformer-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="dtype of the exported transformer.safetensors (default float32; the pipeline computes "
+                    "in its own dtype)")
     ap.add_argument("--note", default=None, help="free text stored in the exported config.json (source.note), "
                     "e.g. where and how long it was trained")
     ap.add_argument("--no-progress", action="store_true")
@@ -363,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     out = train(recipe, Path(args.work), stages, Path(args.export) if args.export else None, not args.no_progress,
                 device=args.device, workers=args.workers, from_model=args.from_model, note=args.note,
-                ar_init=args.ar_init)
+                ar_init=args.ar_init, transformer_dtype=getattr(torch, args.transformer_dtype))
     if out is not None:
         print(f"wrote {out}")
     return 0

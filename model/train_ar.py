@@ -88,7 +88,7 @@ def ar_data(work: Path, recipe, text: TextEncoder, device: str | torch.device = 
     per_scale = [tokens[:, b:e] for b, e in recipe.arch.begin_ends]
     chunk = 256 if device.type == "cpu" else 8192
     with torch.no_grad():
-        x_in = torch.cat([vae.teacher_forcing_inputs([t[i:i + chunk] for t in per_scale])
+        x_in = torch.cat([vae.teacher_forcing_inputs([t[i:i + chunk] for t in per_scale], per_image=False)
                           for i in range(0, tokens.shape[0], chunk)])
     captions = [shapes.example_spec(recipe.data_seed, i).caption for i in range(tokens.shape[0])]
     distinct = sorted(set(captions))

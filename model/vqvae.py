@@ -62,8 +62,11 @@ class VQVAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(Cv, Cv, 3, 1, 1)
 
     # ---- tokens -> f_hat (used by the sampling loop) ---------------------------------------------
-    def add_scale_(self, f_hat_NChw: torch.Tensor, idx_Nl: torch.Tensor, si: int) -> torch.Tensor | None:
-        """Add scale si's tokens to f_hat in place; return the next scale's input [N, l', Cvae] or None."""
+    def add_scale_(self, f_hat_NChw: torch.Tensor, idx_Nl: torch.Tensor, si: int,
+                   per_image: bool = True) -> torch.Tensor | None:
+        """Add scale si's tokens to f_hat in place; return the next scale's input [N, l', Cvae] or None.
+        per_image=False runs the phi conv on the whole batch at once (faster; rounding then depends on
+        the batch size, which is fine for training data, not for serving)."""
         cfg = self.cfg
         S, pn, H = cfg.num_scales, cfg.patch_nums[si], cfg.patch_nums[-1]
         N = idx_Nl.shape[0]
@@ -74,20 +77,21 @@ class VQVAE(nn.Module):
         phi = self.quantize.phi(si, S)
         # one image at a time: a convolution rounds differently with the batch size, and an image
         # must not depend on its batch (the conv is tiny next to the transformer)
-        f_hat_NChw.add_(torch.cat([phi(h_NChw[i:i + 1]) for i in range(N)]))
+        f_hat_NChw.add_(torch.cat([phi(h_NChw[i:i + 1]) for i in range(N)]) if per_image else phi(h_NChw))
         if si == S - 1:
             return None
         pn_next = cfg.patch_nums[si + 1]
         f_next = F.interpolate(f_hat_NChw, size=(pn_next, pn_next), mode="area")
         return f_next.flatten(2).transpose(1, 2)
 
-    def teacher_forcing_inputs(self, idx_per_scale: list[torch.Tensor]) -> torch.Tensor:
-        """[N, L-1, Cvae]: for every scale si > 0 the input the sampling loop would have built."""
+    def teacher_forcing_inputs(self, idx_per_scale: list[torch.Tensor], per_image: bool = True) -> torch.Tensor:
+        """[N, L-1, Cvae]: for every scale si > 0 the input the sampling loop would have built
+        (per_image: see add_scale_)."""
         cfg = self.cfg
         N = idx_per_scale[0].shape[0]
         f_hat = torch.zeros(N, cfg.vae_channels, cfg.patch_nums[-1], cfg.patch_nums[-1],
                             dtype=self.quantize.embedding.weight.dtype, device=idx_per_scale[0].device)
-        nexts = [self.add_scale_(f_hat, idx, si) for si, idx in enumerate(idx_per_scale[:-1])]
+        nexts = [self.add_scale_(f_hat, idx, si, per_image) for si, idx in enumerate(idx_per_scale[:-1])]
         return torch.cat(nexts, dim=1)
 
     # ---- f_hat -> image ----------------------------------------------------------------------
