@@ -127,10 +127,11 @@ def test_one_worker_per_gpu_pinned(base):
         assert "worker" in service["networks"]["default"]["aliases"]
 
 
-def test_cpu_override_runs_tiny_without_gpu(root, yaml_docs):
+def test_cpu_override_runs_the_demo_model_without_gpu(root, yaml_docs):
     (doc,) = yaml_docs(root / "deploy/compose.cpu.yml")
     worker = doc["services"]["worker-0"]
-    assert worker["environment"]["STAR_MODEL"] == "tiny"
+    assert worker["environment"]["STAR_MODEL"] == "shapes"
+    assert (root / "model/zoo/shapes/config.json").is_file()  # the image copies model/, zoo included
     assert worker["environment"]["STAR_DEVICE"] == "cpu"
     assert worker["deploy"] == {}  # `!reset {}` drops the GPU reservation
     assert worker["build"]["args"]["TORCH_SPEC"].startswith("torch==")
