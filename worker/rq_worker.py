@@ -225,7 +225,9 @@ class BatchWorker(RedisTolerant):
 
     def finish_succeeded(self, running: Running, result: dict) -> bool:
         def record() -> None:
-            running.job.meta.update(model_s=result.get("model_s"), progress=None)
+            # progress stays: the job view shows it only while running, and clearing it before the
+            # status turns succeeded let a poll in between see a running job without progress
+            running.job.meta.update(model_s=result.get("model_s"))
             running.job.save_meta()
             self._finalize_success(running.job, running.queue, running.execution, result)
         return self._end(running, "succeeded", record)
