@@ -151,6 +151,11 @@ def run_loop(stage: str, work: Path, total: int, ckpt: dict | None, modules: dic
     return max(start, total)
 
 
+def stage_steps(recipe: Recipe) -> dict[str, int]:
+    """The step count that finishes each trained stage."""
+    return {"quant": recipe.rq_steps, "decoder": recipe.dec_steps, "encoder": recipe.enc_steps, "ar": recipe.ar_steps}
+
+
 def done(work: Path, stage: str, total: int) -> bool:
     ckpt = load_ckpt(work / f"{stage}.pt")
     return ckpt is not None and ckpt["step"] >= total
@@ -250,8 +255,8 @@ def seed_from_model(work: Path, recipe: Recipe, model_dir: str) -> Path:
     vae.load_state_dict({k: v.float() for k, v in load_file(path / "vae.safetensors").items()})
     work.mkdir(parents=True, exist_ok=True)
     quant_opt = torch.optim.Adam(tv.quantizer_params(vae), lr=recipe.rq_lr).state_dict()
-    steps = {"quant": recipe.rq_steps, "decoder": recipe.dec_steps, "encoder": recipe.enc_steps}
-    for stage, total in steps.items():
+    for stage in ("quant", "decoder", "encoder"):
+        total = stage_steps(recipe)[stage]
         save_ckpt(work / f"{stage}.pt", {"vae": vae.state_dict(), "opt": quant_opt if stage == "quant" else None,
                                          "step": total, "from_model": str(path)})
     return path
@@ -312,7 +317,7 @@ def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_t
     log = Log(work / "log.jsonl")
     if from_model is not None:
         log.write(stage="from_model", path=str(seed_from_model(work, recipe, from_model)))
-    steps = {"quant": recipe.rq_steps, "decoder": recipe.dec_steps, "encoder": recipe.enc_steps, "ar": recipe.ar_steps}
+    steps = stage_steps(recipe)
     runners = {"latents": partial(stage_latents, workers=workers), "quant": partial(stage_quant, device=device),
                "decoder": stage_decoder, "encoder": stage_encoder, "ar": partial(stage_ar, device=device, init=ar_init)}
     for stage in stages:
