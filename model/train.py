@@ -1,8 +1,11 @@
-"""Train a small STAR on the procedural shapes data, on CPU, and export a model directory.
+"""Train a small STAR on the procedural shapes data (on a CPU, or a CUDA GPU) and export a model directory.
 
     python -m model.train [--recipe shapes] [--work artifacts/shapes-train] [--export model/zoo/shapes]
                           [--stages latents,quant,decoder,encoder,ar,export] [--set ar_steps=400 ...]
                           [--device cpu|cuda] [--workers N] [--from-model model/zoo/shapes]
+                          [--ar-init weights.pt] [--transformer-dtype float16] [--note TEXT]
+    python -m model.train --recipe shapes-gpu --from-model model/zoo/shapes --device cuda \
+                          --stages latents,quant,ar,export --export model/zoo/shapes   # the shipped model
 
 Stages (each resumable; a finished stage is skipped, an interrupted one continues from its last
 checkpoint in --work; model/train_vae.py explains the VQ-VAE stages):
