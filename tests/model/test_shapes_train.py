@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from model import shapes
 from model import train_vae as tv
-from model.adherence import Verdict, classify, evaluate, score
+from model.adherence import HELD_OUT, Verdict, classify, convex_hull_area, evaluate, score
 from model.config import StarConfig
 from model.model_dir import ZOO, read_config, resolve_model_path, sampling_defaults, write_model_dir
 from model.random_init import random_transformer, random_vae
@@ -103,6 +103,54 @@ def test_scorer_calls_any_shape_with_a_hole_a_ring_and_ignores_specks():
     for speck in (2, 5):   # 4 and 25 px inside a ~2800 px disc: dirt, not a hole
         verdict = classify(_disc(0.0, speck))
         assert (verdict.shape, verdict.colour, verdict.background) == ("circle", "red", "blue"), speck
+
+
+def test_convex_hull_area_of_pixel_masks():
+    box = np.zeros((20, 30), bool)
+    box[3:11, 5:25] = True
+    assert convex_hull_area(box) == box.sum() == 160
+    stairs = np.tril(np.ones((10, 10), bool))    # 55 px; hull corners (0,0) (1,0) (10,9) (10,10) (0,10)
+    assert convex_hull_area(stairs) == 59.5
+    assert convex_hull_area(np.zeros((5, 5), bool)) == 0.0
+
+
+def _blunt_star(inner: float, blur: float) -> np.ndarray:
+    """A yellow 5-point star (outer radius 30, inner `inner` x 30) on blue, its points rounded by a blur."""
+    pts = [(64 + r * np.sin(k * np.pi / 5), 64 - r * np.cos(k * np.pi / 5))
+           for k in range(10) for r in ((30.0, 30.0 * inner)[k % 2],)]
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).polygon(pts, fill=255)
+    soft = np.asarray(mask.filter(ImageFilter.GaussianBlur(blur))) >= 128
+    return np.where(soft[..., None], np.array([255, 255, 0], np.uint8), np.array([0, 0, 255], np.uint8))
+
+
+def test_scorer_reads_blunt_stars_as_stars_and_rounded_convex_shapes_not():
+    """Generated stars come out with rounded points and shallow notches; outline IoU alone called
+    them circles. A notch test (area vs convex hull) decides star or not first."""
+    for inner, blur in ((0.5, 0.0), (0.5, 3.0), (0.6, 2.0)):     # notch ratio 0.62, 0.77, 0.81
+        assert classify(_blunt_star(inner, blur)).shape == "star", (inner, blur)
+    rounded = Image.new("RGB", (128, 128), (0, 0, 255))
+    ImageDraw.Draw(rounded).rounded_rectangle((34, 34, 94, 94), radius=12, fill=(255, 255, 0))
+    assert classify(np.asarray(rounded)).shape == "square"
+    assert classify(_disc(0.0)).shape == "circle"
+
+
+def test_scorer_recognises_the_shipped_decoders_renderings_of_drawn_shapes():
+    """The shipped VQ-VAE's decodes of the held-out combinations' own tokens (labels known): what the
+    scorer must read in generated images. Measured: 0.976 (the outline-only scorer: 0.946)."""
+    from safetensors.torch import load_file
+
+    vae = random_vae(StarConfig.from_dict(read_config(SHIPPED)["arch"]))
+    vae.load_state_dict({k: v.float() for k, v in load_file(SHIPPED / "vae.safetensors").items()})
+    rng = np.random.default_rng(5)
+    specs = [shapes.sample_spec(rng, c) for c in HELD_OUT for _ in range(6)]
+    f = torch.from_numpy(np.stack([shapes.latent(s) for s in specs])).float()
+    with torch.no_grad():
+        _, f_hat = tv.residual_quantize(vae, f)
+        img = vae.decoder(vae.post_quant_conv(f_hat)).clamp(-1, 1)
+    images = ((img.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    report = score([classify(i) for i in images], [(s.shape, s.colour, s.background) for s in specs])
+    assert report["colour_accuracy"] == 1.0 and report["shape_accuracy"] >= 0.95, report
 
 
 def test_scorer_says_no_object_on_a_flat_image_and_counts_it_wrong():
@@ -326,10 +374,10 @@ def test_shipped_model_generates_one_128px_image_fast(shapes_pipe):
 
 def test_shipped_model_follows_held_out_prompts(shapes_pipe):
     """Small version of `python -m model.adherence shapes`: 10 held-out prompts (2 of each shape),
-    seeds 0 and 1. Measured when shipped: colour 1.00, shape 0.85 (docs/shapes.md); the bounds leave
-    room for other CPUs' rounding, which changes a few samples."""
+    seeds 0 and 1. Measured: colour 1.00, shape 0.90 (docs/shapes.md); the bounds leave room for
+    other CPUs' rounding, which changes a few samples."""
     report, _ = evaluate(shapes_pipe, 10, [0, 1], sampling_defaults("shapes"))
-    assert report["colour_accuracy"] >= 0.85 and report["shape_accuracy"] >= 0.6, report
+    assert report["colour_accuracy"] >= 0.85 and report["shape_accuracy"] >= 0.7, report
 
 
 def test_adherence_check_fails_when_sampling_breaks(shapes_pipe):
