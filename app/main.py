@@ -9,7 +9,10 @@ Never imports torch, `model` or `worker`.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,36 @@ class Context:
     metrics: ApiMetrics
     keys: auth.ApiKeys
     signer: UrlSigner | None = None
+    workers: "WorkerCache | None" = None
+
+    def __post_init__(self) -> None:
+        if self.workers is None:
+            self.workers = WorkerCache(self.redis, self.settings.worker_cache_s)
+
+
+class WorkerCache:
+    """The live-worker registry as POST /generate sees it: re-read at most every `ttl_s` seconds,
+    and at once when no cached worker serves the size asked (so a request for a new worker's size
+    is never refused; as the default size, the largest served, a new size counts within ttl_s).
+    A worker that has just stopped may still be chosen for up to ttl_s, as it could be an instant
+    after any read; its jobs wait in the queue for the model's next worker."""
+
+    def __init__(self, conn: Redis, ttl_s: float):
+        self.conn, self.ttl_s = conn, ttl_s
+        self.entries: list[q.WorkerEntry] = []
+        self.read_at = -math.inf
+        self.lock = threading.Lock()
+
+    def get(self, size: int | None) -> list[q.WorkerEntry]:
+        with self.lock:
+            entries, fresh = self.entries, time.monotonic() - self.read_at < self.ttl_s
+        sizes = q.served_sizes(entries)
+        if fresh and sizes and (size is None or size in sizes):
+            return entries
+        entries = q.live_workers(self.conn)
+        with self.lock:
+            self.entries, self.read_at = entries, time.monotonic()
+        return entries
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -253,7 +286,7 @@ def _add_service_routes(app: FastAPI, ctx: Context) -> None:
 
 
 def _choose_model(ctx: Context, size: int | None) -> tuple[str, int]:
-    entries = q.live_workers(ctx.redis)
+    entries = ctx.workers.get(size)
     sizes = q.served_sizes(entries)
     if not sizes:
         raise NoWorker("no live worker serves any model; start a worker (star worker) and retry")

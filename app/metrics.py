@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from redis import Redis
 
@@ -40,14 +41,11 @@ class ApiMetrics:
                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
 
     def install(self, app: FastAPI) -> None:
-        @app.middleware("http")
-        async def _count(request: Request, call_next):
-            started = time.perf_counter()
-            response = await call_next(request)
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            self.requests.labels(request.method, route, str(response.status_code)).inc()
-            self.request_seconds.labels(request.method, route).observe(time.perf_counter() - started)
-            return response
+        app.add_middleware(CountRequests, metrics=self)
+
+    def count(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.request_seconds.labels(method, route).observe(seconds)
 
     def scrape(self, conn: Redis) -> bytes:
         """Refresh the Redis-backed series, then render everything."""
@@ -66,3 +64,28 @@ class ApiMetrics:
             if item.get("queue_wait_s") is not None:
                 self.queue_wait.labels(item["model"]).observe(item["queue_wait_s"])
         return generate_latest(self.registry)
+
+
+class CountRequests:
+    """ASGI middleware: count and time every HTTP request by method, route template and status
+    (a plain ASGI wrapper: Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:   # the router leaves the matched route in the (shared) scope
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.count(scope["method"], route, status, time.perf_counter() - started)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 
 from redis import Redis, RedisError, WatchError
+from redis.client import Pipeline
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 from rq import Queue
@@ -192,13 +193,14 @@ def enqueue(conn: Redis, params: dict, model: str, *, deadline_s: float, result_
                 description=f"star {model}: {params['n']} image(s) of {params['size']}px",
             )
             pipe.zrem(ADMIT_KEY.format(queue.name), job_id)
-            pipe.execute()
+            pipe.llen(queue.key)   # in the same transaction as the push to the queue's tail
+            queued = pipe.execute()[-1]
     except BaseException:
         with contextlib.suppress(RedisError):   # else it lapses after ADMIT_HOLD_S
             conn.zrem(ADMIT_KEY.format(queue.name), job_id)
         raise
-    position = queue.get_job_position(job.id)
-    return job, 0 if position is None else position   # None: a worker has already taken it
+    # Its index at the tail right after the push (LPOS would scan the whole queue on every POST).
+    return job, max(0, int(queued) - 1)
 
 
 def job_ended(conn: Redis, job: Job) -> None:
@@ -356,6 +358,10 @@ def record_finished(conn: Redis, model: str, status: str, latency_s: float | Non
                     queue_wait_s: float | None) -> None:
     """Leave one finished job's timings for the API's histograms (drained on GET /metrics)."""
     item = json.dumps({"model": model, "status": status, "latency_s": latency_s, "queue_wait_s": queue_wait_s})
+    if isinstance(conn, Pipeline):   # part of the caller's round trip
+        conn.rpush(TIMINGS_KEY, item)
+        conn.ltrim(TIMINGS_KEY, -TIMINGS_CAP, -1)
+        return
     with conn.pipeline() as pipe:
         pipe.rpush(TIMINGS_KEY, item)
         pipe.ltrim(TIMINGS_KEY, -TIMINGS_CAP, -1)

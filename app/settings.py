@@ -46,6 +46,9 @@ class ApiSettings(CommonSettings):
                                               "unset: plain unguessable URLs.")
     url_ttl_s: int = Field(3600, ge=60, description="How long a signed image URL stays valid (seconds).")
 
+    worker_cache_s: float = Field(1.0, ge=0, description="How long POST /generate reuses the live-worker registry it "
+                                  "read to pick a model (0: read it for every request). A size no cached worker "
+                                  "serves is always re-read.")
     events_poll_s: float = Field(0.5, gt=0, description="How often an event stream (GET /jobs/{id}/events) re-reads "
                                  "its job in Redis.")
     events_heartbeat_s: float = Field(15.0, gt=0, description="Longest silence on an event stream before a "

@@ -7,7 +7,11 @@ one worker (`python -m app.cli worker`) as separate processes, waits for /readyz
   load        `--requests` POST /generate from `--concurrency` concurrent clients (asyncio, one
               keep-alive connection each): POST throughput and the submit latency (POST sent to
               202 received); then waits for every job and reads its server-side timings:
-              end-to-end (queued -> finished) and model time, completion throughput
+              end-to-end (queued -> finished) and model time, completion throughput.
+              Closed loop by default (each client sends its next POST when the last is answered:
+              the most the service takes, and latency = clients / throughput by Little's law);
+              `--rate R` makes it open loop: POST i is due at i/R seconds, sent by whichever
+              client is free, and its latency counts from when it was due (a late send counts)
   sequential  `--sequential` jobs one after another (nothing else queued): client end-to-end
               (POST sent -> GET shows it finished, polled every millisecond) and the service
               overhead per job = end-to-end - the job's model time (also server-side:
@@ -42,6 +46,8 @@ def parse_args(argv):
     ap.add_argument("--models", default="noop,tiny", help="comma list of STAR_MODEL values")
     ap.add_argument("--tiny-requests", type=int, default=32, help="POSTs of the load phase for real models")
     ap.add_argument("--tiny-sequential", type=int, default=5, help="sequential jobs for real models")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="open loop: offer this many POSTs per second in all (default 0: closed loop)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=int, default=0)
     ap.add_argument("--worker-threads", type=int, default=1, help="OMP/torch threads of the worker")
@@ -174,10 +180,12 @@ class Connection:
             self.reader = self.writer = None
 
 
-async def load_phase(url: str, n: int, concurrency: int) -> dict:
-    """n POSTs from `concurrency` clients; submit latencies, status counts, job ids."""
+async def load_phase(url: str, n: int, concurrency: int, rate: float = 0.0) -> dict:
+    """n POSTs from `concurrency` clients, back to back (rate 0) or POST i due at start + i/rate;
+    submit latencies (from the send, or from the due time when paced), status counts, job ids."""
     latencies, statuses, ids = [], {}, []
     counter = iter(range(n))
+    start = time.perf_counter()
 
     async def client() -> None:
         conn = Connection(url)
@@ -185,6 +193,11 @@ async def load_phase(url: str, n: int, concurrency: int) -> dict:
             for i in counter:
                 body = {"prompt": f"benchmark request {i}: a red fox in the snow", "seed": i}
                 t0 = time.perf_counter()
+                if rate > 0:
+                    due = start + i / rate
+                    if due > t0:
+                        await asyncio.sleep(due - t0)
+                    t0 = due
                 status, rec = await conn.request("POST", "/generate", body)
                 latencies.append(time.perf_counter() - t0)
                 statuses[status] = statuses.get(status, 0) + 1
@@ -193,10 +206,9 @@ async def load_phase(url: str, n: int, concurrency: int) -> dict:
         finally:
             await conn.close()
 
-    t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "latencies": latencies, "statuses": statuses, "ids": ids, "t0": t0}
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "latencies": latencies, "statuses": statuses, "ids": ids, "t0": start}
 
 
 async def wait_all(url: str, ids: list[str], timeout: float) -> dict[str, dict]:
@@ -259,7 +271,7 @@ def run_model(model: str, args, workdir: Path) -> dict:
         loop = asyncio.new_event_loop()
         try:
             cpu0 = svc.cpu()
-            load = loop.run_until_complete(load_phase(svc.url, n, args.concurrency))
+            load = loop.run_until_complete(load_phase(svc.url, n, args.concurrency, args.rate))
             cpu1 = svc.cpu()
             t_submitted = time.perf_counter()
             records = loop.run_until_complete(wait_all(svc.url, load["ids"], args.timeout))
@@ -277,6 +289,7 @@ def run_model(model: str, args, workdir: Path) -> dict:
     lat = load["latencies"]
     return {
         "kind": "service", "model": model, "requests": n, "concurrency": args.concurrency,
+        "offered_per_s": args.rate or None,   # None: closed loop
         "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
         "post_per_s": len(lat) / load["wall_s"], "post_wall_s": load["wall_s"],
         "submit_p50_ms": ms(pct(lat, 50)), "submit_p90_ms": ms(pct(lat, 90)), "submit_p99_ms": ms(pct(lat, 99)),

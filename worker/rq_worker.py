@@ -297,12 +297,14 @@ class BatchWorker(RedisTolerant):
         self._after(job, "expired")
 
     def _after(self, job: Job, status: str) -> None:
-        q.clear_cancel_flag(self.connection, job.id)
-        q.job_ended(self.connection, job)
         ended, enqueued, started = job.ended_at, job.enqueued_at, job.started_at
         latency = (ended - enqueued).total_seconds() if ended and enqueued else None
         wait = (started - enqueued).total_seconds() if started and enqueued and status != "expired" else None
-        q.record_finished(self.connection, self.model, status, latency, wait)
+        with self.connection.pipeline(transaction=False) as pipe:   # one round trip
+            q.clear_cancel_flag(pipe, job.id)
+            q.job_ended(pipe, job)
+            q.record_finished(pipe, self.model, status, latency, wait)
+            pipe.execute()
         self.runner.metrics.jobs.labels(status).inc()
 
     # ------------------------------------------------------------ giving jobs back

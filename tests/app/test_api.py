@@ -94,6 +94,38 @@ def test_size_no_worker_serves_is_422_naming_served_sizes(client, conn):
     assert "served sizes: 256" in error["message"]
 
 
+def _registry_reads(conn) -> int:
+    return int(conn.info("commandstats").get("cmdstat_smembers", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("cache_s, reads", [(60.0, 1), (0.0, 5)])
+def test_generate_reads_the_worker_registry_once_per_cache_period(make_client, conn, cache_s, reads):
+    publish(conn, "w256", "tiny", 256)
+    client = make_client(worker_cache_s=cache_s)
+    before = _registry_reads(conn)
+    for _ in range(5):
+        assert client.post("/generate", json=PROMPT).status_code == 202
+    assert _registry_reads(conn) - before == reads
+
+
+def test_accepted_jobs_report_their_place_in_the_queue(client, conn):
+    publish(conn, "w256", "tiny", 256)
+    accepted = [client.post("/generate", json=PROMPT).json() for _ in range(3)]
+    assert [a["queue_position"] for a in accepted] == [0, 1, 2]
+    assert [client.get(f"/jobs/{a['id']}").json()["queue_position"] for a in accepted] == [0, 1, 2]
+
+
+def test_a_size_served_by_a_new_worker_is_accepted_at_once_despite_the_cache(make_client, conn):
+    publish(conn, "w256", "tiny", 256)
+    client = make_client(worker_cache_s=60.0)
+    assert client.post("/generate", json=PROMPT).status_code == 202          # caches {256}
+    publish(conn, "w512", "star-512", 512)
+    response = client.post("/generate", json={**PROMPT, "size": 512})
+    assert response.status_code == 202, response.text
+    assert client.get(f"/jobs/{response.json()['id']}").json()["model"] == "star-512"
+    assert_error(client.post("/generate", json={**PROMPT, "size": 1024}), 422, "size_not_served", "size")
+
+
 def test_generate_queues_a_job_and_reports_it(client, conn):
     publish(conn, "w256", "tiny", 256)
     publish(conn, "w512", "star-512", 512)

@@ -43,6 +43,19 @@ def test_local_storage_round_trip(tmp_path):
     assert not list(tmp_path.rglob(".tmp-*"))
 
 
+def test_local_storage_survives_its_directories_being_removed(tmp_path):
+    """put() remembers the fan-out directories it made; one removed since (a cleanup job) is made again."""
+    import shutil
+
+    storage = LocalStorage(tmp_path / "images", "http://x")
+    first = new_image_id()
+    storage.put(first, b"one")
+    shutil.rmtree(tmp_path / "images")
+    again = first[:2] + new_image_id()[2:]      # same fan-out directory as the first
+    storage.put(again, b"two")
+    assert storage.get(again) == b"two" and storage.path(again).parent == storage.path(first).parent
+
+
 def test_images_are_served_with_type_and_caching_headers(client, make_api_settings):
     settings = make_api_settings()
     image_id = new_image_id()
