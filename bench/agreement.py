@@ -69,7 +69,7 @@ def _run(pipe, requests, forced=None):
 def compare(ref_pipe, test_pipe, images: int) -> dict:
     from model.sampler import RowParams, guide
 
-    requests = _requests(images, greedy=False)
+    requests = [ref_pipe.with_defaults(r) for r in _requests(images, greedy=False)]
     ref_idx, ref_logits = _run(ref_pipe, requests)
     _, test_logits = _run(test_pipe, requests, forced=ref_idx)
     params = RowParams.build([r.cfg for r in requests], [r.top_k for r in requests], [r.top_p for r in requests],

@@ -16,7 +16,7 @@ The scorer is plain image analysis (no learned parts):
 Prompts are the held-out combinations of model/shapes.py (never captions of training images), taken
 round-robin over the five shapes (`held_out_targets`). Every (prompt, seed) pair is one image. Sampling parameters not given
 on the command line come from the model directory's config.json ("sampling"), else the defaults
-of ImageRequest. Prints one JSON object; with several values for a sampling option (comma-separated)
+of model.pipeline (OFFICIAL_SAMPLING). Prints one JSON object; with several values for a sampling option (comma-separated)
 it scores every combination and prints a JSON list, best (shape + colour accuracy) first.
 """
 from __future__ import annotations
@@ -200,8 +200,9 @@ def samplings_from(model_dir: str, args: argparse.Namespace) -> list[dict]:
     import itertools
 
     from .model_dir import sampling_defaults
+    from .pipeline import OFFICIAL_SAMPLING
 
-    base = sampling_defaults(model_dir)
+    base = {**OFFICIAL_SAMPLING, **sampling_defaults(model_dir)}   # what an unset field would run with
     given = {k: getattr(args, k) for k in SAMPLING_OPTIONS if getattr(args, k) is not None}
     return [{**base, **dict(zip(given, values))} for values in itertools.product(*given.values())]
 

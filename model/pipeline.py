@@ -8,6 +8,7 @@ Stages, each callable on its own so a benchmark can time them:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ from .weights import ModelFileNotFoundError, load_official
 log = logging.getLogger(__name__)
 
 
+# The official STAR sampling values: what a request's unset field gets from a model that recommends
+# none (presets, converted official weights). app.schemas.DEFAULT_SAMPLING holds the same numbers.
+OFFICIAL_SAMPLING: dict[str, float | int] = {"cfg": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """One image; a job with n images becomes n of these with seeds seed+i."""
@@ -37,10 +43,11 @@ class ImageRequest:
     prompt: str
     seed: int
     negative_prompt: str = ""
-    cfg: float = 4.0           # guidance scale, ramped over scales: t = cfg * si / (S-1)
-    top_k: int = 600           # 0 = off
-    top_p: float = 0.8         # 0 = off
-    temperature: float = 1.0
+    # None: the model's recommendation (StarPipeline.sampling, from config.json), else OFFICIAL_SAMPLING
+    cfg: float | None = None           # guidance scale, ramped over scales: t = cfg * si / (S-1)
+    top_k: int | None = None           # 0 = off
+    top_p: float | None = None         # 0 = off
+    temperature: float | None = None
 
 
 @dataclass
@@ -95,8 +102,7 @@ class StarPipeline:
         self.text_encoder = text_encoder.to(self.device)
         self._cache: KVCache | None = None
         # The model directory's recommended cfg/top_k/top_p/temperature (config.json "sampling";
-        # {} for presets): what the service uses for request fields left out. ImageRequest's own
-        # defaults are the service's global ones (app.schemas.DEFAULT_SAMPLING).
+        # {} for presets): what a request's unset fields get (with_defaults), here and in the service.
         self.sampling: dict = {}
 
     # ---- construction ----------------------------------------------------------------------
@@ -170,12 +176,19 @@ class StarPipeline:
                       on_scale: Callable[[int, int], Collection[int] | None] | None = None,
                       on_logits=None) -> ScaleOutput:
         """The scale loop for len(requests) images; per-image parameters and generators."""
+        requests = [self.with_defaults(r) for r in requests]
         params = RowParams.build([r.cfg for r in requests], [r.top_k for r in requests],
                                  [r.top_p for r in requests], [r.temperature for r in requests], self.device)
         gens = make_generators([r.seed for r in requests], self.device)
         cache = self.reserve(len(requests))
         return sample_scales(self.transformer, self.vae, cond, params, gens, cache,
                              on_scale=on_scale, on_logits=on_logits)
+
+    def with_defaults(self, request: ImageRequest) -> ImageRequest:
+        """request with every sampling field it leaves unset (None) filled: the model directory's
+        recommendation (self.sampling), else OFFICIAL_SAMPLING."""
+        unset = {k: self.sampling.get(k, v) for k, v in OFFICIAL_SAMPLING.items() if getattr(request, k) is None}
+        return dataclasses.replace(request, **unset) if unset else request
 
     @torch.inference_mode()
     def decode(self, f_hat_NChw: torch.Tensor, chunk: int = 1) -> torch.Tensor:

@@ -121,14 +121,16 @@ def test_model_sampling_defaults_and_filling_requests():
     assert request == {"prompt": "x", "guidance_scale": None, "top_k": 5}   # not modified
 
 
-def test_the_global_sampling_defaults_are_the_image_requests_own():
-    """One set of numbers: app.schemas.DEFAULT_SAMPLING = the ImageRequest defaults (model and noop)."""
+def test_the_global_sampling_defaults_are_the_pipelines_own():
+    """One set of numbers: app.schemas.DEFAULT_SAMPLING = model.pipeline.OFFICIAL_SAMPLING (what an
+    unset ImageRequest field gets from a model without recommendations) = the noop request's defaults."""
     from dataclasses import fields
 
     from app.schemas import DEFAULT_SAMPLING
-    from model.pipeline import ImageRequest as ModelRequest
+    from model.pipeline import OFFICIAL_SAMPLING
 
-    for cls in (ModelRequest, ImageRequest):
-        defaults = {f.name: f.default for f in fields(cls)}
-        assert {"guidance_scale": defaults["cfg"], **{k: defaults[k] for k in ("top_k", "top_p", "temperature")}} \
-            == DEFAULT_SAMPLING, cls
+    def as_api(values: dict) -> dict:
+        return {"guidance_scale": values["cfg"], **{k: values[k] for k in ("top_k", "top_p", "temperature")}}
+
+    assert as_api(OFFICIAL_SAMPLING) == DEFAULT_SAMPLING
+    assert as_api({f.name: f.default for f in fields(ImageRequest)}) == DEFAULT_SAMPLING
