@@ -21,7 +21,7 @@ from rq import Queue
 from rq.exceptions import DequeueTimeout, InvalidJobOperation
 from rq.executions import Execution
 from rq.job import Job, JobStatus
-from rq.utils import now, utcformat
+from rq.utils import as_text, now, utcformat
 from rq.worker import WorkerStatus
 
 from app import queue as q
@@ -185,21 +185,27 @@ class BatchWorker(RedisTolerant):
         with self.connection.pipeline() as pipe:
             try:
                 pipe.watch(job.key)
-                if self.connection.lpos(queue.intermediate_queue_key, job.id) is None:
+                # One round trip for the reads, after the WATCH (a change since still aborts the EXEC).
+                with self.connection.pipeline(transaction=False) as reads:
+                    reads.lpos(queue.intermediate_queue_key, job.id)
+                    reads.hmget(job.key, ["status", "meta"])
+                    position, (status, meta) = reads.execute()
+                if position is None:
                     pipe.unwatch()
                     return None   # the reaper put it back on the queue meanwhile
-                if job.get_status(refresh=True) != JobStatus.QUEUED:
+                if status is None or as_text(status) != JobStatus.QUEUED.value:   # canceled, or its record is gone
                     pipe.multi()
                     pipe.lrem(queue.intermediate_queue_key, 1, job.id)
                     pipe.execute()
                     return None
+                job._status = JobStatus.QUEUED   # what get_status(refresh=True) would have set
+                job.meta = q.SERIALIZER.loads(meta) if meta else {}
                 if q.is_expired(job):
                     pipe.unwatch()
                     self.finish_expired(job, queue)
                     return None
                 ttl = self.get_heartbeat_ttl(job)
                 params = fill_sampling(dict(job.kwargs), self.runner.sampling)   # the model's defaults
-                job.get_meta(refresh=True)
                 job.meta["sampling"] = {name: params[name] for name in SAMPLING_FIELDS}   # what runs (read_job)
                 pipe.multi()
                 execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
