@@ -137,6 +137,32 @@ def test_a_job_canceled_while_queued_never_runs(conn, settings):
     assert state(conn, gone).status == "canceled"
 
 
+@pytest.mark.parametrize("change", ["canceled", "record gone"])
+def test_a_job_changed_between_dequeue_and_start_is_dropped_and_its_batch_mates_run(conn, settings, monkeypatch, change):
+    """Injected race: the job's record changes after the worker took it off the queue, just before
+    it is marked started. It must not run, and the rest of the batch must."""
+    from worker.rq_worker import BatchWorker
+
+    pipe = SeedPipeline()
+    ids = {name: enqueue(conn, params(name)) for name in ("first", "victim", "last")}
+    start_once = BatchWorker._start_once
+
+    def racing(self, job):
+        if job.id == ids["victim"]:
+            if change == "canceled":
+                conn.hset(job.key, "status", JobStatus.CANCELED.value)
+            else:
+                conn.delete(job.key)
+        return start_once(self, job)
+
+    monkeypatch.setattr(BatchWorker, "_start_once", racing)
+    run(settings, pipeline=pipe, burst=True)
+    assert pipe.batches == [["first", "last"]]
+    assert not conn.lrange(Queue(q.queue_name("noop-64"), connection=conn).intermediate_queue_key, 0, -1)
+    for name in ("first", "last"):
+        assert state(conn, ids[name]).status == "succeeded"
+
+
 def test_heartbeats_and_state_stay_alive_during_a_long_batch(conn, settings):
     seen = []
 
