@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 
 from redis import Redis, RedisError, WatchError
-from redis.client import Pipeline
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 from rq import Queue
@@ -356,16 +355,11 @@ def return_to_queue(conn: Redis, queue: Queue, job_id: str) -> None:
 
 def record_finished(conn: Redis, model: str, status: str, latency_s: float | None,
                     queue_wait_s: float | None) -> None:
-    """Leave one finished job's timings for the API's histograms (drained on GET /metrics)."""
+    """Leave one finished job's timings for the API's histograms (drained on GET /metrics). conn is
+    normally the caller's pipeline (the worker ends a job in one round trip)."""
     item = json.dumps({"model": model, "status": status, "latency_s": latency_s, "queue_wait_s": queue_wait_s})
-    if isinstance(conn, Pipeline):   # part of the caller's round trip
-        conn.rpush(TIMINGS_KEY, item)
-        conn.ltrim(TIMINGS_KEY, -TIMINGS_CAP, -1)
-        return
-    with conn.pipeline() as pipe:
-        pipe.rpush(TIMINGS_KEY, item)
-        pipe.ltrim(TIMINGS_KEY, -TIMINGS_CAP, -1)
-        pipe.execute()
+    conn.rpush(TIMINGS_KEY, item)
+    conn.ltrim(TIMINGS_KEY, -TIMINGS_CAP, -1)
 
 
 def drain_finished(conn: Redis, limit: int = TIMINGS_CAP) -> list[dict]:
