@@ -8,13 +8,17 @@ Never imports torch, `model` or `worker`.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import secrets
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -22,9 +26,10 @@ from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from redis import Redis
 
-from app import auth, events, idempotency, openai_compat
+from app import auth, events, idempotency, openai_compat, recovery
 from app import queue as q
 from app.errors import (Forbidden, ImageNotFound, JobConflict, JobNotFound, NoWorker, QueueFull,
                         SizeNotServed, TooManyJobs, install_error_handlers)
@@ -88,10 +93,11 @@ class WorkerCache:
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     logging.getLogger("app").setLevel(settings.log_level.upper())
+    ctx = _context(settings)
     app = FastAPI(title="STAR image generation", version="0.1.0",
                   description="Text-to-image with STAR (scale-wise autoregressive). Jobs are queued "
-                              "and run in batches by GPU workers; poll GET /jobs/{id}.")
-    ctx = _context(settings)
+                              "and run in batches by GPU workers; poll GET /jobs/{id}.",
+                  lifespan=partial(_lifespan, ctx))
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -104,6 +110,36 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                        responses={**errors(401, 413, 429, 503), **OPENAI_ERRORS})
     _add_web_page(app)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(ctx: Context, app: FastAPI):
+    """While serving: the reaper every STAR_REAPER_S (workers run it too; a Redis lock lets one
+    process act per period), so the jobs of dead workers are re-queued even when no worker of
+    their model is left to do it."""
+    task = asyncio.create_task(_reap_forever(ctx)) if ctx.settings.reaper_s > 0 else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _reap_forever(ctx: Context) -> None:
+    settings = ctx.settings
+    while True:
+        await asyncio.sleep(settings.reaper_s)
+        try:
+            outcomes = await run_in_threadpool(recovery.reap, ctx.redis, max_requeues=settings.max_requeues,
+                                               deadline_s=settings.worker_deadline_s, lock_s=settings.reaper_s)
+        except Exception as exc:   # Redis down, or a bug: the next period tries again
+            log.warning("reaper pass failed: %s: %s", type(exc).__name__, exc)
+            continue
+        for outcome in outcomes:
+            log.warning("reaper: job %s of the lost worker %s: %s", outcome.job_id, outcome.worker or "?",
+                        outcome.action)
 
 
 # POST /v1/images/generations answers in OpenAI's error shape (app.openai_compat).

@@ -23,6 +23,10 @@ class CommonSettings(BaseSettings):
     failure_ttl_s: int = Field(86400, ge=1, description="How long a failed job is kept (seconds).")
     job_deadline_s: float = Field(600.0, gt=0, description="A job still queued after this many seconds ends as `expired`.")
     log_level: str = Field("INFO", description="Python logging level.")
+    worker_deadline_s: float = Field(30.0, gt=0, description="A worker silent this long is presumed dead: its registry "
+                                     "entry expires and its running jobs are re-queued (must exceed STAR_HEARTBEAT_S).")
+    max_requeues: int = Field(2, ge=0, description="How many times a job whose worker died is re-queued before it "
+                              "fails with `worker_lost`.")
 
 
 class ApiSettings(CommonSettings):
@@ -46,6 +50,9 @@ class ApiSettings(CommonSettings):
                                               "unset: plain unguessable URLs.")
     url_ttl_s: int = Field(3600, ge=60, description="How long a signed image URL stays valid (seconds).")
 
+    reaper_s: float = Field(10.0, ge=0, description="How often the API also runs the reaper (re-queues the running "
+                            "jobs of dead workers), so they do not stay `running` when no worker of their model is "
+                            "left to do it; 0: only workers reap.")
     worker_cache_s: float = Field(1.0, ge=0, description="How long POST /generate reuses the live-worker registry it "
                                   "read to pick a model (0: read it for every request). A size no cached worker "
                                   "serves is always re-read.")
@@ -74,10 +81,6 @@ class WorkerSettings(CommonSettings):
     warmup: bool = Field(True, description="Run one small generation after loading, before taking jobs.")
     encode_threads: int = Field(2, ge=1, description="Threads encoding and storing PNGs off the model's critical path.")
     trust_pickle: bool = Field(False, description="Allow loading pickled checkpoints (only files you trust).")
-    worker_deadline_s: float = Field(30.0, gt=0, description="A worker silent this long is presumed dead: its registry "
-                                     "entry expires and its running jobs are re-queued (must exceed STAR_HEARTBEAT_S).")
-    max_requeues: int = Field(2, ge=0, description="How many times a job whose worker died is re-queued before it "
-                              "fails with `worker_lost`.")
     drain_grace_s: float = Field(90.0, gt=0, description="After SIGTERM, how long the batch in progress may run "
                                  "before its jobs are put back on the queue and the worker exits.")
     max_batch_auto: bool = Field(False, description="On CUDA, size the max batch from the free GPU memory after "

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import httpx
+import pytest
 from rq import Queue
 from rq.job import Job
 
@@ -43,6 +45,27 @@ def test_a_worker_killed_mid_batch_loses_no_job(env_stack, h, redis_url, tmp_pat
         assert job.meta["deadline_at"] > job.enqueued_at.timestamp() + 2.5   # extended when re-queued
     assert len(h.stored_pngs(tmp_path / "images")) == sum(sizes)   # exactly one set per job
     registries_are_clean(redis_url)
+
+
+@pytest.mark.parametrize("reaper_s", [0.3, 0.0])
+def test_the_api_requeues_the_jobs_of_a_dead_worker_when_no_worker_is_left(env_stack, h, redis_url, reaper_s):
+    """With no live worker to reap, the API's reaper (STAR_REAPER_S) puts the job back on the queue;
+    without it (0) the job would read `running` until a worker starts."""
+    api, start_worker = env_stack(reaper_s=reaper_s, worker_deadline_s=1.5)
+    doomed = start_worker("doomed", TEST_SCALE_DELAY_MS="300")
+    job_id = h.post(api.client, "an orphaned request")
+    h.wait_job(api.client, job_id, h.running_at(1))
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait(10)
+    if reaper_s == 0:
+        time.sleep(3.0)   # twice the worker deadline
+        assert h.view(api.client, job_id)["status"] == "running"
+        return
+    h.wait_job(api.client, job_id, lambda v: v["status"] == "queued", timeout=20)
+    assert Job.fetch(job_id, connection=q.connect(redis_url), serializer=q.SERIALIZER).meta["requeues"] == 1
+    start_worker("late")
+    done = h.wait_job(api.client, job_id, timeout=30)
+    assert done["status"] == "succeeded" and len(done["images"]) == 1, done
 
 
 def test_a_worker_presumed_dead_that_comes_back_publishes_nothing(env_stack, h, redis_url, tmp_path):
