@@ -57,12 +57,8 @@ class Context:
     storage: LocalStorage | SignedStorage
     metrics: ApiMetrics
     keys: auth.ApiKeys
+    workers: WorkerCache
     signer: UrlSigner | None = None
-    workers: "WorkerCache | None" = None
-
-    def __post_init__(self) -> None:
-        if self.workers is None:
-            self.workers = WorkerCache(self.redis, self.settings.worker_cache_s)
 
 
 class WorkerCache:
@@ -160,7 +156,8 @@ def _context(settings: ApiSettings) -> Context:
     if settings.url_signing_key:
         signer = UrlSigner(settings.url_signing_key.get_secret_value(), settings.url_ttl_s)
         storage = SignedStorage(storage, signer)
-    return Context(settings, q.connect(settings.redis_url, retries=2), storage, ApiMetrics(), keys, signer)
+    conn = q.connect(settings.redis_url, retries=2)
+    return Context(settings, conn, storage, ApiMetrics(), keys, WorkerCache(conn, settings.worker_cache_s), signer)
 
 
 STATIC_DIR = Path(__file__).with_name("static")

@@ -45,7 +45,6 @@ class LocalStorage:
     def __init__(self, root: Path | str, public_base_url: str):
         self.root = Path(root)
         self.public_base_url = public_base_url.rstrip("/")
-        self._made: set[Path] = set()   # fan-out directories this process has made or seen
 
     def url(self, image_id: str) -> str:
         return f"{self.public_base_url}/images/{image_id}.png"
@@ -57,13 +56,10 @@ class LocalStorage:
 
     def put(self, image_id: str, data: bytes) -> str:
         target = self.path(image_id)
-        if target.parent not in self._made:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(target.parent)
         # Write then rename: a reader never sees a half-written file.
         try:
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
-        except FileNotFoundError:   # removed since (e.g. a cleanup): make it again
+        except FileNotFoundError:   # the fan-out directory's first image (or it was removed): make it
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
         try:
