@@ -38,9 +38,7 @@ def convert(ar_path: str | Path, vae_path: str | Path, clip_dir: str | Path, out
     out = Path(out)
     cfg, ar_sd, head_sd, vae_sd = read_official(ar_path, vae_path, name=name or out.name, trust_pickle=trust_pickle,
                                                 use_sampler_head=use_sampler_head, sampler_rules=sampler_rules,
-                                                patch_nums=patch_nums)
-    if overrides:
-        cfg = cfg.replace(**overrides)
+                                                patch_nums=patch_nums, overrides=overrides)
     with torch.device("meta"):  # strict check of names and shapes, without allocating
         load_strict_(StarTransformer(cfg), ar_sd, f"transformer checkpoint {ar_path}")
         if cfg.sampler_head is not None:

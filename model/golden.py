@@ -153,23 +153,35 @@ def _compare_head_logits(P: str, probes: Probes, exp: dict, atol: float, rep: Re
     return lines
 
 
+def _load_case(case_dir: Path, case: dict, dtype: torch.dtype, device: str, trust_pickle: bool,
+               rep: Report) -> OfficialModel:
+    """The case's model on `device` in `dtype` (the VQ-VAE in float32 or float64), its config.json
+    read for what the checkpoint shapes cannot tell and checked against what they do."""
+    overrides = {k: case[k] for k in ("rope_theta", "rope_norm", "logit_norm") if k in case}
+    m = load_official(case_dir / case["checkpoint"], case_dir / case["vae"], name=case.get("name"),
+                      trust_pickle=trust_pickle, patch_nums=tuple(case["patch_nums"]),
+                      sampler_rules=case.get("sampler_head"), overrides=overrides)
+    for key in ("depth", "embed_dim", "num_heads", "vocab_size", "vae_channels", "text_dim"):
+        rep.check(key not in case or case[key] == getattr(m.cfg, key),
+                  f"config.json says {key} {case.get(key)}, the checkpoint has {getattr(m.cfg, key)}")
+    m.transformer.to(device=device, dtype=dtype)
+    m.transformer.reset_buffers_(device)
+    if m.sampler_head is not None:
+        m.sampler_head.to(device=device, dtype=dtype)
+    m.vae.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return m
+
+
 def check_case(case_dir: str | Path, *, dtype: str = "float32", atol: float = 1e-4, decode: bool = True,
                trust_pickle: bool = False, device: str = "cpu", out=None) -> bool:
     out = out or sys.stdout
     case_dir = Path(case_dir)
     case = json.loads((case_dir / "config.json").read_text())
     torch_dtype = parse_dtype(dtype) if dtype != "float64" else torch.float64
-    m = load_official(case_dir / case["checkpoint"], case_dir / case["vae"], name=case.get("name"),
-                      trust_pickle=trust_pickle, patch_nums=tuple(case["patch_nums"]),
-                      sampler_rules=case.get("sampler_head"))
-    cfg, tr, vae = m.cfg, m.transformer, m.vae
-    tr.to(device=device, dtype=torch_dtype)
-    tr.reset_buffers_(device)
-    if m.sampler_head is not None:
-        m.sampler_head.to(device=device, dtype=torch_dtype)
-    vae.to(device=device, dtype=torch.float64 if torch_dtype == torch.float64 else torch.float32)
-    exp = load_file(case_dir / "expected.safetensors")
     rep = Report()
+    m = _load_case(case_dir, case, torch_dtype, device, trust_pickle, rep)
+    cfg, vae = m.cfg, m.vae
+    exp = load_file(case_dir / "expected.safetensors")
     head = f", sampler head {cfg.sampler_head}" if cfg.sampler_head else ""
     print(f"case {case.get('name', case_dir.name)}: {cfg.num_scales} scales {list(cfg.patch_nums)}, depth {cfg.depth}, "
           f"width {cfg.embed_dim}, dtype {dtype}, device {device}{head}", file=out)

@@ -4,7 +4,10 @@ Filtering follows VAR's `sample_with_top_k_top_p_`: top-k keeps every logit >= t
 (ties kept); top-p sorts ascending, removes the tokens whose cumulative probability is <= 1 - p
 (the most likely token always stays). k = 0 / p = 0 switch a filter off. The temperature divides
 the filtered logits, then one token is drawn per position with the Gumbel-max trick using noise from
-that image's own generator, so an image never depends on what else is in the batch.
+that image's own generator, so an image never depends on what else is in the batch. A draw can also
+report its confidence (the drawn token's probability under the filtered distribution), which the
+sampler head's refinement (model/refine.py) ranks positions by; its random commit priorities come
+from the same per-image generators (`ImageRandom`).
 """
 from __future__ import annotations
 
@@ -106,11 +109,6 @@ def uniform_noise(shape: tuple[int, ...], gens: list[torch.Generator], device, d
     for n, g in enumerate(gens):
         torch.rand(shape, generator=g, device=device, dtype=dtype, out=u[n])
     return u
-
-
-def gumbel_noise(shape: tuple[int, int], gens: list[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
-    """[N, l, V] Gumbel(0, 1) noise, row n drawn from gens[n] only."""
-    return _gumbel_(uniform_noise(shape, gens, device, dtype))
 
 
 def _gumbel_(u: torch.Tensor) -> torch.Tensor:

@@ -133,7 +133,10 @@ def sampler_head_config(head_sd: dict, rules: SamplerHeadConfig | dict | None = 
         return None
     blocks = len({m.group(1) for k in head_sd if (m := re.match(r"feat_extract_blocks\.(\d+)\.", k))})
     if isinstance(rules, dict):
-        rules = SamplerHeadConfig.from_dict({"blocks": blocks, **rules})
+        try:
+            rules = SamplerHeadConfig.from_dict({"blocks": blocks, **rules})
+        except (TypeError, ValueError) as e:
+            raise WeightsMismatchError(f"sampler head rules {rules}: {e}") from None
     rules = rules or SamplerHeadConfig(blocks=blocks)
     if rules.blocks != blocks:
         raise WeightsMismatchError(f"sampler head rules say {rules.blocks} blocks, the checkpoint has {blocks} "
@@ -255,27 +258,33 @@ class OfficialModel(NamedTuple):
 
 def read_official(ar_path: str | Path, vae_path: str | Path, *, name: str, trust_pickle: bool = False,
                   use_sampler_head: bool | None = None, sampler_rules: SamplerHeadConfig | dict | None = None,
-                  patch_nums: tuple[int, ...] | None = None) -> tuple[StarConfig, dict, dict, dict]:
-    """(config, base state dict, sampler-head state dict ({} without a head), VQ-VAE state dict)."""
+                  patch_nums: tuple[int, ...] | None = None, overrides: dict | None = None
+                  ) -> tuple[StarConfig, dict, dict, dict]:
+    """(config, base state dict, sampler-head state dict ({} without a head), VQ-VAE state dict).
+    overrides: config fields the shapes cannot tell (rope_theta, rope_norm, logit_norm)."""
     ar_sd, meta = read_official_ar(ar_path, trust_pickle)
     ar_sd, head_sd = split_sampler_head(ar_sd)
     head_sd = choose_sampler_head(head_sd, use_sampler_head, str(ar_path))
     vae_sd = read_official_vae(vae_path, trust_pickle)
     cfg = config_from_official(name, ar_sd, vae_sd, meta, patch_nums, sampler_head_config(head_sd, sampler_rules))
+    if overrides:
+        cfg = cfg.replace(**overrides)
     return cfg, ar_sd, head_sd, fit_vae_state(vae_sd, cfg.num_scales)
 
 
 def load_official(ar_path: str | Path, vae_path: str | Path, *, name: str | None = None,
                   trust_pickle: bool = False, use_sampler_head: bool | None = None,
                   sampler_rules: SamplerHeadConfig | dict | None = None,
-                  patch_nums: tuple[int, ...] | None = None) -> OfficialModel:
+                  patch_nums: tuple[int, ...] | None = None, overrides: dict | None = None) -> OfficialModel:
     """Config + transformer + VQ-VAE + sampler head (None without one) from the official `.pth`
     files (float32, CPU). use_sampler_head: None keeps a head when the checkpoint has one, True
     requires it, False leaves it out. sampler_rules: the head's refinement rules (default: the
-    release's), as SamplerHeadConfig or a config.json "sampler_head" block."""
+    release's), as SamplerHeadConfig or a config.json "sampler_head" block. overrides: see
+    read_official."""
     cfg, ar_sd, head_sd, vae_sd = read_official(ar_path, vae_path, name=name or Path(ar_path).stem,
                                                 trust_pickle=trust_pickle, use_sampler_head=use_sampler_head,
-                                                sampler_rules=sampler_rules, patch_nums=patch_nums)
+                                                sampler_rules=sampler_rules, patch_nums=patch_nums,
+                                                overrides=overrides)
     what = f"transformer checkpoint {ar_path}"
     head = build_sampler_head(cfg, head_sd, what) if cfg.sampler_head is not None else None
     return OfficialModel(cfg, build_transformer(cfg, ar_sd, what), build_vae(cfg, vae_sd, f"VQ-VAE {vae_path}"), head)
