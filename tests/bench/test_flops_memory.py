@@ -80,3 +80,46 @@ def test_memory_plan_of_star_1024_in_bf16():
     plan = plan_for_config(get_preset("star-1024"), torch.bfloat16)
     assert plan.kv_cache_bytes_per_image == 2 * 30 * 2 * 9451 * 1920 * 2          # about 4.4 GB
     assert 15 <= plan.max_batch(141 * 10**9, margin=0.1, weights_loaded=False) <= 30
+
+
+@pytest.fixture(scope="module")
+def head_pipe():
+    from model.pipeline import StarPipeline
+
+    return StarPipeline.load("tiny-sampler")
+
+
+def test_sampler_head_flops_equal_what_torch_counts(head_pipe):
+    """The head's linear layers, counted by torch: a head run minus a plain run of the same image."""
+    from model.pipeline import ImageRequest
+
+    cond, _ = head_pipe.encode_prompts(["a"], [""])
+    counted = {}
+    for sampler in ("plain", "head"):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            head_pipe.sample_tokens(cond, [ImageRequest("a", seed=1, sampler=sampler)])
+        counted[sampler] = counter.get_flop_counts()["Global"]
+    ours = generation_flops(head_pipe.cfg, images=1, head_images=1)["parts"]
+    plain = generation_flops(head_pipe.cfg, images=1)["parts"]
+    head_linear = sum(v for k, v in ours.items() if k.startswith("head_") and "scores" not in k)
+    assert counted["head"][torch.ops.aten.addmm] - counted["plain"][torch.ops.aten.addmm] == head_linear
+    assert {k: v for k, v in ours.items() if not k.startswith("head_")} == plain
+    # release rules on the 14-scale schedule: 3 head steps on scales 9-12, 15 on scale 13
+    r = 1 + 18 * 18
+    assert ours["head_proj"] == 2 * 3 * sum(2 * (1 + p * p) * 192 * 384 for p in (10, 12, 14, 16)) \
+        + 15 * 2 * 2 * r * 192 * 384
+
+
+def test_memory_plan_counts_the_sampler_head(head_pipe):
+    from model.config import get_preset
+    from model.memory import sampler_head_params
+
+    assert sum(sampler_head_params(head_pipe.cfg)) == sum(p.numel() for p in head_pipe.sampler_head.parameters())
+    assert sampler_head_params(get_preset("tiny")) == (0, 0)
+    with_head, without = plan_for_pipeline(head_pipe), plan_for_config(head_pipe.cfg.replace(sampler_head=None),
+                                                                       torch.float32)
+    assert with_head.step_bytes_per_image > without.step_bytes_per_image
+    release = plan_for_config(get_preset("star-1024-sampler"), torch.bfloat16)
+    base = plan_for_config(get_preset("star-1024"), torch.bfloat16)
+    assert 140e6 * 2 < release.weights_bytes - base.weights_bytes < 160e6 * 2 + 4 * 1920 * 4096 * 2   # ~150 M
