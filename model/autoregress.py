@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -74,6 +75,10 @@ def sample_scales(model: StarTransformer, vae: VQVAE, cond: Conditioning, params
     f_hat_NChw = torch.zeros(N, cfg.vae_channels, H, H, dtype=codebook_VCv.dtype, device=x_BlC.device)
     refinement = Refinement(head, head_images, N, cond.pooled_cond_ND, cond.pooled_uncond_ND, params, rand,
                             codebook_VCv) if head_images else None
+    # A compiled step (model/compile.py) pads the rows to a bucket and returns logits only; the refined
+    # scales need the hidden states, so a batch with head images runs every scale eagerly (one row
+    # layout in the KV cache throughout).
+    scale_logits = model.scale_logits if refinement is None else partial(StarTransformer.scale_logits, model)
     idx_per_scale: list[torch.Tensor] = []
     canceled = [False] * N
     for si in range(S):
@@ -82,7 +87,7 @@ def sample_scales(model: StarTransformer, vae: VQVAE, cond: Conditioning, params
             h_BlC = model.blocks_forward(x_BlC, si, cache, text)
             logits_BlV = model.logits(h_BlC)
         else:
-            logits_BlV = model.scale_logits(x_BlC, si, cache, text)
+            logits_BlV = scale_logits(x_BlC, si, cache, text)
         if on_logits is not None:
             on_logits(si, logits_BlV)
         logits_NlV = guide(logits_BlV, params.guidance_t(si, S))
