@@ -52,7 +52,7 @@ def sample_scales(model: StarTransformer, vae: VQVAE, cond: Conditioning, params
                   on_head_logits: OnHeadLogits | None = None, on_commits: OnCommits | None = None) -> ScaleOutput:
     """Run all scales for N images (2N rows: conditional then unconditional).
 
-    on_logits(si, logits_BlV) sees the head's float32 logits before guidance (for checks).
+    on_logits(si, logits_BlV) sees the base model's float32 logits before guidance (for checks).
     on_scale(k, S) is called after scale k (1-based) is sampled and may return image indices to
     cancel; canceled images keep their rows (so nothing else changes) and the loop stops early
     once every image is canceled. Nothing in the loop reads tensor values on the host.

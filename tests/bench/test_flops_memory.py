@@ -105,10 +105,9 @@ def test_sampler_head_flops_equal_what_torch_counts(head_pipe):
     head_linear = sum(v for k, v in ours.items() if k.startswith("head_") and "scores" not in k)
     assert counted["head"][torch.ops.aten.addmm] - counted["plain"][torch.ops.aten.addmm] == head_linear
     assert {k: v for k, v in ours.items() if not k.startswith("head_")} == plain
-    # release rules on the 14-scale schedule: 3 head steps on scales 9-12, 15 on scale 13
-    r = 1 + 18 * 18
-    assert ours["head_proj"] == 2 * 3 * sum(2 * (1 + p * p) * 192 * 384 for p in (10, 12, 14, 16)) \
-        + 15 * 2 * 2 * r * 192 * 384
+    # tiny-sampler: 3 head steps on scales 7 and 8 (10x10, 13x13), 15 on scale 9 (16x16); C = 128
+    assert ours["head_proj"] == 3 * sum(2 * 2 * (1 + p * p) * 256 * 128 for p in (10, 13)) \
+        + 15 * 2 * 2 * (1 + 16 * 16) * 256 * 128
 
 
 def test_memory_plan_counts_the_sampler_head(head_pipe):

@@ -71,7 +71,7 @@ def test_sampler_bench_reports_head_and_plain_and_what_the_head_costs(capsys):
     assert cost["flops_head_over_plain"] == head["flops_per_image"] / plain["flops_per_image"] > 1
     assert cost["s_per_image_head_over_plain"] > 0 and cost["batch_size"] == 1
     refined = [s["refine_s"] > 0 for s in head["per_scale"]]
-    assert refined == [False] * 9 + [True] * 5 and not any(s["refine_s"] for s in plain["per_scale"])
+    assert refined == [False] * 7 + [True] * 3 and not any(s["refine_s"] for s in plain["per_scale"])
     assert all(s["transformer_s"] > 0 for s in head["per_scale"])
 
 

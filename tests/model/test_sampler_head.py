@@ -17,11 +17,13 @@ from model.pipeline import ImageRequest, StarPipeline
 from model.sampler_head import SamplerHead
 from model.weights import WeightsMismatchError, load_official, read_official_ar
 
-S14 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18)
+S14 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18)   # the golden tiny-sampler case's schedule
+S10 = PRESETS["tiny-sampler"].patch_nums                  # the tiny-sampler preset's: scales 7-9 refined
 
 
 @pytest.fixture(scope="module")
 def head_pipe():
+    """tiny with a one-block head: scales 7 and 8 in 8 steps (0-4 base head), scale 9 in 15 (head only)."""
     return StarPipeline.load("tiny-sampler")
 
 
@@ -53,7 +55,7 @@ def test_step_sizes_follow_the_arccos_schedule():
 
 def test_a_scale_too_small_for_its_steps_is_refused(sampler_case):
     with pytest.raises(ValueError, match=r"scale 3 \(4x4 = 16 positions\) in 15 steps.*last must be >= 1"):
-        PRESETS["tiny-sampler"].replace(sampler_head=SamplerHeadConfig(from_scale=3, late_from_scale=3))
+        PRESETS["tiny"].replace(sampler_head=SamplerHeadConfig(from_scale=3, late_from_scale=3))
     with pytest.raises(ValueError, match=r"scale 2 \(3x3 = 9 positions\) in 8 steps"):
         StarConfig.from_dict({**PRESETS["tiny"].to_dict(), "sampler_head": {"from_scale": 2}})
     case = json.loads((sampler_case / "config.json").read_text())
@@ -64,7 +66,7 @@ def test_a_scale_too_small_for_its_steps_is_refused(sampler_case):
 
 def test_rules_hold_for_another_schedule(head_pipe):
     """Another version and first scale: the head in every step, 8 steps everywhere, 5 random steps."""
-    rules = SamplerHeadConfig.from_dict({"blocks": 3, "from_scale": 10, "version": "512"})
+    rules = SamplerHeadConfig.from_dict({"blocks": 1, "from_scale": 8, "version": "512"})
     assert (rules.base_head_steps, rules.late_from_scale, rules.random_steps) == (0, None, 5)
     cfg = head_pipe.cfg.replace(sampler_head=rules)
     head = SamplerHead(cfg)
@@ -73,38 +75,41 @@ def test_rules_hold_for_another_schedule(head_pipe):
     commits, calls = {}, []
     _tokens(pipe, [ImageRequest("a kite", seed=4, top_k=20)], on_head_logits=lambda si, step, lg: calls.append((si, step)),
             on_commits=lambda si, images, st, kind: commits.__setitem__(si, (st[0], kind[0])))
-    assert sorted(commits) == [10, 11, 12, 13]
-    assert calls == [(si, step) for si in (10, 11, 12, 13) for step in range(8)]
+    assert sorted(commits) == [8, 9]
+    assert calls == [(si, step) for si in (8, 9) for step in range(8)]
     for si, (step_l, kind_l) in commits.items():
-        sizes = refine_step_sizes(S14[si] ** 2, 8)
+        sizes = refine_step_sizes(S10[si] ** 2, 8)
         assert [int((step_l == s).sum()) for s in range(8)] == list(sizes)      # exactly k per step
         assert torch.equal(kind_l, (step_l < 5).long())                         # random, then by confidence
 
 
-def test_release_rules_commit_counts(head_pipe):
-    commits = {}
-    _tokens(head_pipe, [ImageRequest("a kite", seed=4, top_k=20)],
-            on_commits=lambda si, images, st, kind: commits.__setitem__(si, (st[0], kind[0])))
-    for si in range(9, 14):
-        step_l, kind_l = commits[si]
-        sizes = refine_step_sizes(S14[si] ** 2, 15 if si >= 13 else 8)
+def _check_release_rules(commits: dict, calls: list) -> None:
+    """Commit counts and kinds of the preset's rules (the release's, late rules from scale 9)."""
+    assert sorted(commits) == [7, 8, 9]
+    assert calls == [(si, s) for si in (7, 8) for s in (5, 6, 7)] + [(9, s) for s in range(15)]
+    for si, (step_l, kind_l) in commits.items():
+        sizes = refine_step_sizes(S10[si] ** 2, 15 if si == 9 else 8)
         assert int(step_l.min()) == 0 and int(step_l.max()) < len(sizes)       # every position, once
         by_step = [int((step_l == s).sum()) for s in range(len(sizes))]
         random_by_step = [int(((step_l == s) & (kind_l == 1)).sum()) for s in range(len(sizes))]
         assert random_by_step[:5] == list(sizes[:5]) and sum(random_by_step[5:]) == 0
-        if si < 13:   # base-head steps also commit up to k by confidence
+        if si < 9:    # base-head steps also commit up to k by confidence
             assert all(sizes[s] <= by_step[s] <= 2 * sizes[s] for s in range(5))
+        else:
+            assert by_step == list(sizes)
 
 
-def test_head_images_are_reproducible_and_batch_invariant_among_plain_ones(head_pipe):
+def test_head_images_follow_the_rules_are_reproducible_and_batch_invariant_among_plain_ones(head_pipe):
     target = ImageRequest("a cat on a sofa", seed=1234, cfg=3.0, top_k=40, top_p=0.9, temperature=1.2, sampler="head")
     plain = ImageRequest("a dog", seed=1, cfg=1.0, top_k=40, top_p=0.0, sampler="plain")
     other_head = ImageRequest("mountains", seed=2, negative_prompt="blurry", top_k=5, top_p=0.5)   # auto = head
-    alone, again = _tokens(head_pipe, [target]), _tokens(head_pipe, [target])
+    commits, calls = {}, []
+    alone = _tokens(head_pipe, [target], on_head_logits=lambda si, step, lg: calls.append((si, step)),
+                    on_commits=lambda si, images, st, kind: commits.__setitem__(si, (st[0], kind[0])))
+    _check_release_rules(commits, calls)
     plain_alone = _tokens(head_pipe, [plain])
-    batch = _tokens(head_pipe, [plain, target, other_head])
-    for si in range(len(S14)):
-        assert torch.equal(alone.idx_per_scale[si], again.idx_per_scale[si]), si
+    batch = _tokens(head_pipe, [plain, target, other_head])       # another run: also reproducibility
+    for si in range(len(S10)):
         assert torch.equal(batch.idx_per_scale[si][1], alone.idx_per_scale[si][0]), si
         assert torch.equal(batch.idx_per_scale[si][0], plain_alone.idx_per_scale[si][0]), si
     assert torch.equal(batch.f_hat_NChw[1], alone.f_hat_NChw[0])
@@ -112,8 +117,8 @@ def test_head_images_are_reproducible_and_batch_invariant_among_plain_ones(head_
     other_seed = _tokens(head_pipe, [dataclasses.replace(target, seed=1235)])
     assert not torch.equal(other_seed.idx_per_scale[-1], alone.idx_per_scale[-1])
     as_plain = _tokens(head_pipe, [dataclasses.replace(target, sampler="plain")])
-    same = [torch.equal(as_plain.idx_per_scale[si][0], alone.idx_per_scale[si][0]) for si in range(len(S14))]
-    assert same == [True] * 9 + [False] * 5       # the head changes the refined scales only
+    same = [torch.equal(as_plain.idx_per_scale[si][0], alone.idx_per_scale[si][0]) for si in range(len(S10))]
+    assert same == [True] * 7 + [False] * 3       # the head changes the refined scales only
 
 
 def test_cancel_between_refined_scales(head_pipe):
@@ -122,14 +127,14 @@ def test_cancel_between_refined_scales(head_pipe):
 
     def on_scale(k, S):
         calls.append(k)
-        return [0] if k == 11 else None          # after refined scales 9 and 10
+        return [0] if k == 9 else None           # after refined scales 7 and 8
 
     results = head_pipe.generate(reqs, on_scale=on_scale)
-    assert calls == list(range(1, 15)) and results[0].canceled and results[0].image is None
+    assert calls == list(range(1, 11)) and results[0].canceled and results[0].image is None
     assert np.array_equal(results[1].image, head_pipe.generate(reqs[1:])[0].image)
     stopped = []
-    results = head_pipe.generate(reqs[:1], on_scale=lambda k, S: stopped.append(k) or ([0] if k == 10 else None))
-    assert stopped == list(range(1, 11)) and results[0].canceled
+    results = head_pipe.generate(reqs[:1], on_scale=lambda k, S: stopped.append(k) or ([0] if k == 8 else None))
+    assert stopped == list(range(1, 9)) and results[0].canceled
 
 
 def test_sampler_choice_is_validated(head_pipe, tiny_pipe):
@@ -191,12 +196,21 @@ def test_model_directory_head_keys_must_match_its_config(head_pipe, tmp_path):
                     transformer_dtype=torch.float32)
     assert StarPipeline.load(str(tmp_path / "m")).has_sampler_head
     weights = load_file(tmp_path / "m" / "transformer.safetensors")
-    del weights["feat_extract_blocks.2.ffn.fc1.weight"]
+    del weights["feat_extract_blocks.0.ffn.fc1.weight"]
     save_file(weights, tmp_path / "m" / "transformer.safetensors")
-    with pytest.raises(WeightsMismatchError, match=r"missing keys \(1\): feat_extract_blocks.2.ffn.fc1.weight"):
+    with pytest.raises(WeightsMismatchError, match=r"missing keys \(1\): feat_extract_blocks.0.ffn.fc1.weight"):
         StarPipeline.load(str(tmp_path / "m"))
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     del config["arch"]["sampler_head"]                  # a directory without a head, but head weights
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsMismatchError, match=r"unexpected keys \(\d+\): encoder_proj2.bias"):
         StarPipeline.load(str(tmp_path / "m"))
+
+
+def test_half_precision_head_keeps_float32_logits():
+    pipe = StarPipeline.load("tiny-sampler", dtype=torch.bfloat16)
+    assert pipe.sampler_head.head_proj.weight.dtype == torch.bfloat16
+    assert pipe.sampler_head.head_logits2.weight.dtype == torch.float32
+    seen = set()
+    out = _tokens(pipe, [ImageRequest("a tree", seed=3)], on_head_logits=lambda si, step, lg: seen.add(lg.dtype))
+    assert seen == {torch.float32} and out.idx_per_scale[-1].shape == (1, 16 * 16)
