@@ -26,13 +26,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/star
 
-# Dependencies first (cached while only the source changes), read from pyproject.toml.
+# Dependencies first (cached while only the source changes), read from pyproject.toml: the api
+# and client extras (`star generate` works in the API image too).
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies']))" > /tmp/requirements.txt \
+e = p['optional-dependencies']; print('\n'.join(p['dependencies'] + e['api'] + e['client']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 
 COPY app ./app
+COPY client ./client
 COPY model ./model
 COPY worker ./worker
 RUN pip install --no-deps . \
@@ -73,11 +75,14 @@ RUN if [ -n "$TORCH_SPEC" ]; then \
  && python -c "import torch; print('torch==' + torch.__version__)" > /tmp/keep-torch.txt
 
 COPY pyproject.toml README.md ./
+# The worker extra names the api extra as `star-service[api]`: its requirements are listed instead.
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['worker']))" > /tmp/requirements.txt \
+e = p['optional-dependencies']; print('\n'.join(r for r in p['dependencies'] + e['api'] + e['worker'] \
+if not r.startswith('star-service')))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt --constraint /tmp/keep-torch.txt
 
 COPY app ./app
+COPY client ./client
 COPY model ./model
 COPY worker ./worker
 RUN pip install --no-deps . \

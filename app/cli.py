@@ -124,10 +124,14 @@ def run_api(args: argparse.Namespace, rest: list[str]) -> int:
         os.environ["STAR_HOST"] = args.host
     if args.port:
         os.environ["STAR_PORT"] = str(args.port)
-    import uvicorn
+    try:
+        import uvicorn
 
-    from app.main import create_app
-    from app.settings import ApiSettings
+        from app.main import create_app
+        from app.settings import ApiSettings
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(f"star api needs `{exc.name}`: install the `api` extra (pip install 'star-service[api]').\n")
+        return 2
 
     settings = ApiSettings()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
@@ -301,7 +305,7 @@ def _stop_children(children: Sequence[subprocess.Popen], timeout_s: float) -> No
 def run_serve(args: argparse.Namespace, rest: list[str]) -> int:
     old_handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     from app.redis_server import RedisServer
-    from app.settings import WorkerSettings
+    from worker.settings import WorkerSettings
 
     redis, children, code = RedisServer(data_dir=args.data_dir / "redis"), [], 0
     try:
@@ -338,11 +342,11 @@ def run_serve(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# star generate: a client of a running server (app/cli_generate.py)
+# star generate: a client of a running server (client/cli.py)
 
 
 def _configure_generate(parser: argparse.ArgumentParser) -> None:
-    from app.cli_generate import configure
+    from client.cli import configure
 
     configure(parser)
 
@@ -350,8 +354,12 @@ def _configure_generate(parser: argparse.ArgumentParser) -> None:
 @subcommand("generate", "Generate images on a running server and save them as PNGs.",
             configure=_configure_generate)
 def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
-    from app.cli_generate import run
-
+    try:
+        from client.cli import run
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(f"star generate needs `{exc.name}`: install the `client` extra "
+                         "(pip install 'star-service[client]').\n")
+        return 2
     return run(args)
 
 

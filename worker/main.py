@@ -15,7 +15,7 @@ import signal
 import socket
 
 from app import queue as q
-from app.settings import WorkerSettings
+from worker.settings import WorkerSettings
 from app.storage import LocalStorage
 from worker.health import Health
 from worker.metrics import WorkerMetrics

@@ -78,7 +78,8 @@ def test_env_example_documents_every_setting_and_every_line(root, star_env_names
 
 
 def test_env_example_values_are_valid_settings(root, monkeypatch):
-    from app.settings import ApiSettings, WorkerSettings
+    from app.settings import ApiSettings
+    from worker.settings import WorkerSettings
 
     for _, commented, name, value in env_example(root):
         if name.startswith("STAR_") and not commented:

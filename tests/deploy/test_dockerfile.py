@@ -60,7 +60,7 @@ def test_api_image_is_slim_python_without_torch(dockerfile, root):
     assert re.search(r"ARG PYTHON_IMAGE=python:3\.11-slim", text)
     api = " ".join(args for _, args in dockerfile["api"])
     assert "torch" not in api.replace("'torch' not in sys.modules", "")
-    assert "optional-dependencies" not in api  # base dependencies only
+    assert "['api'] + e['client']" in api and "'worker'" not in api   # the api and client extras only
 
 
 def test_worker_image_uses_a_cuda_pytorch_base_in_the_worker_extra_range(root):
@@ -83,5 +83,5 @@ def test_dockerignore_keeps_the_context_small(root):
     lines = (root / ".dockerignore").read_text().splitlines()
     ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "data", "tests", "**/__pycache__"} <= ignored
-    for needed in ("app", "model", "worker", "pyproject.toml", "README.md"):
+    for needed in ("app", "client", "model", "worker", "pyproject.toml", "README.md"):
         assert needed not in ignored

@@ -59,7 +59,8 @@ def test_every_star_variable_is_a_setting(manifests, unknown_vars):
 
 
 def test_configmap_values_are_valid_settings(manifests, monkeypatch):
-    from app.settings import ApiSettings, WorkerSettings
+    from app.settings import ApiSettings
+    from worker.settings import WorkerSettings
 
     for key, value in manifests[("ConfigMap", "star-config")]["data"].items():
         monkeypatch.setenv(key, value)

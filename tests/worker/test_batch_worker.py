@@ -14,7 +14,7 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegis
 from rq.worker import SimpleWorker
 
 from app import queue as q
-from app.settings import WorkerSettings
+from worker.settings import WorkerSettings
 from app.storage import LocalStorage
 from worker.main import run
 from worker.noop import ImageResult, NoopPipeline

@@ -1,14 +1,14 @@
 """Train a small STAR on the procedural shapes data (on a CPU, or a CUDA GPU) and export a model directory.
 
-    python -m model.train [--recipe shapes] [--work artifacts/shapes-train] [--export model/zoo/shapes]
+    python -m training.train [--recipe shapes] [--work artifacts/shapes-train] [--export model/zoo/shapes]
                           [--stages latents,quant,decoder,encoder,ar,export] [--set ar_steps=400 ...]
                           [--device cpu|cuda] [--workers N] [--from-model model/zoo/shapes]
                           [--ar-init weights.pt] [--transformer-dtype float16] [--note TEXT]
-    python -m model.train --recipe shapes-gpu --from-model model/zoo/shapes --device cuda \
+    python -m training.train --recipe shapes-gpu --from-model model/zoo/shapes --device cuda \
                           --stages latents,quant,ar,export --export model/zoo/shapes   # the shipped model
 
 Stages (each resumable; a finished stage is skipped, an interrupted one continues from its last
-checkpoint in --work; model/train_vae.py explains the VQ-VAE stages):
+checkpoint in --work; training/train_vae.py explains the VQ-VAE stages):
     latents  fitted VQ-VAE latents of the N dataset images          -> latents.pt
     quant    multi-scale residual quantizer fitted to the latents   -> quant.pt, tokens.pt
     decoder  VQ-VAE decoder trained on quantized f_hat -> image     -> decoder.pt
@@ -39,12 +39,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from . import shapes
-from . import train_vae as tv
-from .config import StarConfig
-from .model_dir import write_model_dir
-from .train_ar import stage_ar, new_text_encoder
-from .vqvae import VQVAE
+from model.config import StarConfig
+from model.model_dir import write_model_dir
+from model.vqvae import VQVAE
+from training import shapes
+from training import train_vae as tv
+from training.train_ar import new_text_encoder, stage_ar
 
 STAGES = ("latents", "quant", "decoder", "encoder", "ar", "export")
 
@@ -246,7 +246,7 @@ def seed_from_model(work: Path, recipe: Recipe, model_dir: str) -> Path:
     so the next stages (tokens, transformer, export) build on it. Its VQ-VAE arch must be the recipe's."""
     from safetensors.torch import load_file
 
-    from .model_dir import read_config, resolve_model_path
+    from model.model_dir import read_config, resolve_model_path
 
     path = resolve_model_path(model_dir)
     theirs = StarConfig.from_dict(read_config(path)["arch"])
@@ -272,8 +272,8 @@ def stage_export(work: Path, recipe: Recipe, out: Path, log: Log, transformer_dt
     ar = load_ckpt(work / "ar.pt")
     text = new_text_encoder(recipe)
     text.model.load_state_dict(ar["text"])
-    source = {"trained_by": "python -m model.train", "recipe": recipe.to_dict(),
-              "data": "model/shapes.py", "held_out": [list(c) for c in shapes.HELD_OUT]}
+    source = {"trained_by": "python -m training.train", "recipe": recipe.to_dict(),
+              "data": "training/shapes.py", "held_out": [list(c) for c in shapes.HELD_OUT]}
     if ar.get("step") is not None:
         source["ar_steps_done"] = int(ar["step"])
     if ar.get("elapsed") is not None:
@@ -338,7 +338,7 @@ def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="shapes", choices=sorted(RECIPES))
     ap.add_argument("--work", default="artifacts/shapes-train", help="checkpoints, tokens and log.jsonl")
     ap.add_argument("--export", default=None, help="model directory to write (default: <work>/model)")
