@@ -1,4 +1,5 @@
-# Two entry points: `make run` (whole service, embedded Redis + API + one worker) and `make test`.
+# Two entry points: `make run` (whole service, embedded Redis + API + one worker) and `make test`
+# (lint, then the whole suite).
 # Both bootstrap .venv on a fresh machine with only Python 3.11.
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +12,7 @@ TORCH  ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PORT   ?= 8000
 
-.PHONY: run test venv clean
+.PHONY: run test lint venv clean
 
 venv: $(STAMP)
 
@@ -27,8 +28,14 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	PORT=$(PORT) $(BIN)/star serve --port $(PORT)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# ruff (pyflakes, no print in library code) on everything; mypy on the service packages (app,
+# worker, client); settings in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -152,7 +152,7 @@ class StarClient(_Base):
                 return job
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise StarTimeout(job, timeout)
+                raise StarTimeout(job, timeout or 0.0)
             self._sleep(poll_s if left is None else min(poll_s, left))
 
     def generate(self, prompt: str, *, timeout: float | None = None, poll_s: float = 0.5,
@@ -254,7 +254,7 @@ class AsyncStarClient(_Base):
                 return job
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise StarTimeout(job, timeout)
+                raise StarTimeout(job, timeout or 0.0)
             await self._sleep(poll_s if left is None else min(poll_s, left))
 
     async def generate(self, prompt: str, *, timeout: float | None = None, poll_s: float = 0.5,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
@@ -22,6 +21,7 @@ from .config import PRESETS, StarConfig
 from .kv_cache import KVCache
 from .model_dir import is_model_dir, load_model_dir, parse_dtype, sampling_defaults
 from .random_init import random_transformer, random_vae
+from .request import OFFICIAL_SAMPLING, ImageRequest, ImageResult
 from .sampler import RowParams, make_generators
 from .text import TextEncoder, byte_level_clip_tokenizer, random_clip_text_model
 from .transformer import StarTransformer
@@ -29,32 +29,7 @@ from .vqvae import VQVAE
 from .weights import ModelFileNotFoundError, load_official
 
 log = logging.getLogger(__name__)
-
-
-# The official STAR sampling values: what a request's unset field gets from a model that recommends
-# none (presets, converted official weights). app.schemas.DEFAULT_SAMPLING holds the same numbers.
-OFFICIAL_SAMPLING: dict[str, float | int] = {"cfg": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """One image; a job with n images becomes n of these with seeds seed+i."""
-
-    prompt: str
-    seed: int
-    negative_prompt: str = ""
-    # None: the model's recommendation (StarPipeline.sampling, from config.json), else OFFICIAL_SAMPLING
-    cfg: float | None = None           # guidance scale, ramped over scales: t = cfg * si / (S-1)
-    top_k: int | None = None           # 0 = off
-    top_p: float | None = None         # 0 = off
-    temperature: float | None = None
-
-
-@dataclass
-class ImageResult:
-    image: numpy.ndarray | None     # uint8 [H, W, 3]; None when canceled
-    prompt_truncated: bool          # the prompt had more than 77 CLIP tokens
-    canceled: bool = False
+__all__ = ["StarPipeline", "ImageRequest", "ImageResult", "OFFICIAL_SAMPLING", "images_to_uint8"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -162,11 +162,11 @@ class WorkerProcess:
         return self
 
     def state(self) -> str | None:
-        from app import queue as q
+        from app.jobs.workers import live_workers
 
         conn = redis.Redis.from_url(self.redis_url)
         try:
-            return next((e.state for e in q.live_workers(conn) if e.name == self.name), None)
+            return next((e.state for e in live_workers(conn) if e.name == self.name), None)
         finally:
             conn.close()
 

@@ -6,6 +6,7 @@ reads. Job latency/queue-wait histograms are exported by the API (see app/metric
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, start_http_server
 
@@ -52,7 +53,7 @@ class WorkerMetrics:
         if model_s > 0:
             self.images_per_second.set(images / model_s)
 
-    def observe_gpu_memory(self, device: object) -> None:
+    def observe_gpu_memory(self, device: Any) -> None:
         """Allocated/reserved/peak CUDA memory, only when the model runs on CUDA."""
         if getattr(device, "type", str(device)) != "cuda":
             return

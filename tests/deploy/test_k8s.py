@@ -119,7 +119,7 @@ def test_images_volume_is_shared_read_write_many(manifests):
 
 
 def test_keda_scales_workers_on_the_rq_queue_of_the_model(manifests):
-    from app.queue import queue_name
+    from app.jobs.rq_adapter import queue_name
 
     scaled = manifests[("ScaledObject", "star-worker")]
     assert scaled["apiVersion"].startswith("keda.sh/")

@@ -14,7 +14,7 @@ from model.model_dir import ZOO, read_config, sampling_defaults, write_model_dir
 from model.random_init import random_transformer, random_vae
 from training import shapes
 from training import train_vae as tv
-from training.adherence import HELD_OUT, Verdict, classify, convex_hull_area, evaluate, score
+from training.adherence import HELD_OUT, Verdict, classify, convex_hull_area, score
 from training.train import RECIPES
 from training.train_ar import teacher_forced_logits
 
