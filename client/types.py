@@ -11,7 +11,7 @@ from typing import Any, TypeVar, cast, overload
 import httpx
 
 DEFAULT_SERVER = "http://localhost:8000"
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})   # = app.jobs.states.FINAL (tests/layout)
 T = TypeVar("T")
 
 

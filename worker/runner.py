@@ -75,7 +75,6 @@ class BatchRunner:
     def __init__(self, pipeline, metrics: WorkerMetrics):
         self.pipeline = pipeline
         self.metrics = metrics
-        self.model_name: str = pipeline.name
 
     def warm_up(self, defaults: dict) -> None:
         t0 = time.perf_counter()

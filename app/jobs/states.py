@@ -16,7 +16,6 @@ FinalStatus = Literal["succeeded", "failed", "canceled", "expired"]
 JobStatus = Literal[ActiveStatus, FinalStatus]
 ACTIVE: tuple[str, ...] = get_args(ActiveStatus)
 FINAL: tuple[str, ...] = get_args(FinalStatus)
-STATES: tuple[str, ...] = ACTIVE + FINAL
 
 WAITING = (RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED, RQStatus.CREATED)
 

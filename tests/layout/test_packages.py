@@ -103,3 +103,11 @@ def test_the_job_protocol_owns_its_keys():
         if re.search(r"""["']star:[a-z]""", text) or ".intermediate_queue_key" in text or "._status" in text:
             offenders.append(name)
     assert not offenders, offenders
+
+
+def test_the_client_mirrors_the_one_list_of_final_states():
+    """client/ installs without the server, so it keeps its own copy of app.jobs.states.FINAL."""
+    from app.jobs.states import FINAL
+    from client.types import TERMINAL_STATUSES
+
+    assert TERMINAL_STATUSES == frozenset(FINAL)
