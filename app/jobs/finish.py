@@ -9,7 +9,7 @@ ending: the cancel flag removed, the API key's job slot left, the timings left f
 histograms (`star:metrics:job_timings`, drained by GET /metrics).
 
 succeeded: result {"images": [{id, seed, width, height}], "prompt_truncated", "model_s", "encode_s"}
-failed:    meta error {code, message}; RQ's failure result carries `code: message`
+failed:    meta error {code, message}; RQ's failure result carries the traceback, else `code: message`
 canceled:  RQ's cancel (CanceledJobRegistry)
 expired:   a pulled job past its deadline, never started: failed with code `expired`
 """
