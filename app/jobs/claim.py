@@ -24,7 +24,7 @@ from rq.worker import BaseWorker
 
 from app.jobs import finish
 from app.jobs.keys import OWNER_FIELD
-from app.jobs.rq_adapter import SERIALIZER, give_back, leave_intermediate
+from app.jobs.rq_adapter import SERIALIZER, give_back, leave_intermediate, persist_record
 from app.jobs.states import is_expired
 
 
@@ -110,7 +110,7 @@ def _start_writes(worker: BaseWorker, pipe, job: Job, queue: Queue, token: str) 
     job.prepare_for_execution(worker.name, pipeline=pipe)
     job.save(pipeline=pipe)                  # meta with the sampling values
     pipe.hset(job.key, OWNER_FIELD, token)
-    pipe.persist(job.key)                    # as RQ's worker does: a started record no longer expires
+    persist_record(pipe, job)                # as RQ's worker does: a started record no longer expires
     leave_intermediate(pipe, queue, job.id)
     pipe.execute()
     worker.executions[execution.id] = execution

@@ -11,6 +11,8 @@ Execution, Result, and the worker's public methods. The facts below are about RQ
 - `dequeue_any` moves a job id to the list `queue.intermediate_queue_key` until a worker starts
   it (RQ's SimpleWorker removes it there when it starts a job; so do we);
 - a job's status is the field `status` of its hash `job.key` (read inside a WATCH transaction);
+- a started job's hash has no TTL: RQ's worker PERSISTs it when it starts a job, and so do we, in
+  our start transaction;
 - fields this service adds to the job hash (app.jobs.keys) survive RQ's writes to it.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import as_text
 
@@ -60,6 +63,11 @@ def queue_length(pipe: Pipeline, queue: Queue) -> None:
 def leave_intermediate(pipe: Pipeline | Redis, queue: Queue, job_id: str) -> None:
     """Remove a dequeued job id from RQ's intermediate list (the job starts, ends or goes back)."""
     pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+
+
+def persist_record(pipe: Pipeline, job: Job) -> None:
+    """The started job's record no longer expires (the TTL its enqueue gave a never-started job)."""
+    pipe.persist(job.key)
 
 
 def give_back(conn: Redis, queue: Queue, job_id: str) -> None:

@@ -18,7 +18,8 @@ from rq.results import Result
 from rq.worker import BaseWorker
 
 from app.jobs import keys, submit
-from app.jobs.rq_adapter import SERIALIZER, get_queue, give_back, intermediate_has, stored_status
+from app.jobs.rq_adapter import (SERIALIZER, get_queue, give_back, intermediate_has, persist_record,
+                                  stored_status)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,6 +119,15 @@ def test_the_status_is_the_status_field_of_the_job_hash(conn, queued):
         pipe.watch(job.key)
         assert stored_status(pipe, job.key) is None
         pipe.unwatch()
+
+
+def test_a_started_record_does_not_expire_once_persisted(conn, queued):
+    job, _ = queued
+    assert conn.ttl(job.key) > 0   # a never-started job's record expires after its deadline
+    with conn.pipeline() as pipe:
+        persist_record(pipe, job)
+        pipe.execute()
+    assert conn.ttl(job.key) == -1
 
 
 def test_our_fields_in_the_job_hash_survive_rqs_writes(conn, queued):
