@@ -148,6 +148,7 @@ def check_stop_drains_the_workers() -> None:
     drained = [r for r in records if r["status"] == "succeeded"
                and timestamp(r["timings"]["started_at"]) < stop_at < timestamp(r["timings"]["finished_at"])]
     assert drained, f"no job was running at the stop and finished after it: {statuses}"
+    assert "queued" in statuses, "the workers went on taking jobs after the stop"
     containers = compose("ps", "--all", "--quiet", "worker-0").split()
     assert len(containers) == 2, containers
     codes = subprocess.run(["docker", "inspect", "--format", "{{.State.ExitCode}}", *containers],
