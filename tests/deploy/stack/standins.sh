@@ -23,7 +23,7 @@ standin_rootfs() {
     if [ -s "$tarball" ]; then echo "$tarball"; return 0; fi
     command -v debootstrap >/dev/null || {
         echo "== installing debootstrap" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
     }
     echo "== debootstrap Debian 12 with $STANDIN_PACKAGES (log: $WORK/debootstrap.log)" >&2
     rm -rf "$dir"
