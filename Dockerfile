@@ -1,5 +1,5 @@
-# Two images from one file (BuildKit or the classic builder; no frontend image is pulled, so the
-# only registry access a build needs is its base image, and PyPI or a mirror for the packages):
+# Two images from one file. No `# syntax=` line: BuildKit uses its built-in frontend and pulls no
+# image of its own, so a build needs only its base image and PyPI (or a mirror) for the packages.
 #   docker build --target api    -t star-api .      # python:3.11-slim, no torch (~200 MB)
 #   docker build --target worker -t star-worker .   # CUDA PyTorch base + the worker extra
 #
