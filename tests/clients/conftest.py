@@ -13,10 +13,7 @@ SLOW_WORKER = str(Path(__file__).resolve().parents[1] / "integration" / "slow_wo
 SCALE_DELAY_MS = 80
 
 
-# Package scope: the stack's worker stops when tests/clients is done. A session-scoped one outlived
-# its Redis database, which the rotation of tests/conftest.py then handed to later tests: they were
-# flushed under a live worker and saw it in their registry.
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def stack(new_redis_db, tmp_path_factory, worker_process, api_server):
     from app.settings import ApiSettings
 
