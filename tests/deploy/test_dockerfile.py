@@ -60,7 +60,10 @@ def test_api_image_is_slim_python_without_torch(dockerfile, root):
     assert re.search(r"ARG PYTHON_IMAGE=python:3\.11-slim", text)
     api = " ".join(args for _, args in dockerfile["api"])
     assert "torch" not in api.replace("'torch' not in sys.modules", "")
-    assert "['api'] + e['client']" in api and "'worker'" not in api   # the api and client extras only
+    assert "/tmp/api.txt" in api and "worker.txt" not in api
+    requirements = " ".join(args for _, args in dockerfile["requirements"])
+    api_list = requirements.split("/tmp/api.txt", 1)[1].split("/tmp/worker.txt", 1)[0]
+    assert "e['api'] + e['client']" in api_list and "'worker'" not in api_list   # the api and client extras only
 
 
 def test_worker_image_uses_a_cuda_pytorch_base_in_the_worker_extra_range(root):
