@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 
-from bench.common import emit, machine_info, timed
+from bench.common import emit, machine_info, set_clock, timed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8, help="images per batched call")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="cpu: this process's CPU time instead of wall time (CPU device only)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     return ap.parse_args(argv)
@@ -65,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = StarPipeline.load(args.preset, device=args.device, dtype="auto", vae_dtype=args.vae_dtype)
+    set_clock(args.clock, pipe.device)
     rec = {"kind": "decode", **machine_info(pipe.device), "preset": args.preset, "size": pipe.image_size,
            "device": str(pipe.device), "vae_dtype": args.vae_dtype, "batch_size": args.batch,
-           "threads": torch.get_num_threads(), "reps": args.reps, "pipeline_decode_chunk": pipe.decode_chunk,
+           "threads": torch.get_num_threads(), "reps": args.reps, "clock": args.clock,
+           "pipeline_decode_chunk": pipe.decode_chunk,
            **measure(pipe, args.batch, args.reps)}
     rec["load_avg_1m_after"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     emit(rec, args.json)
