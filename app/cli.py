@@ -18,15 +18,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -124,10 +118,14 @@ def run_api(args: argparse.Namespace, rest: list[str]) -> int:
         os.environ["STAR_HOST"] = args.host
     if args.port:
         os.environ["STAR_PORT"] = str(args.port)
-    import uvicorn
+    try:
+        import uvicorn
 
-    from app.main import create_app
-    from app.settings import ApiSettings
+        from app.main import create_app
+        from app.settings import ApiSettings
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(f"star api needs `{exc.name}`: install the `api` extra (pip install 'star-service[api]').\n")
+        return 2
 
     settings = ApiSettings()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
@@ -148,20 +146,12 @@ DEAD_WORKER_STATES = ("failed",)  # with --live, every other state (or none) cou
 
 def _configure_healthcheck(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", choices=("api", "worker"), help="which local process to check")
-    parser.add_argument("--url", help="override the URL checked (default: from STAR_PORT or "
-                        "STAR_METRICS_PORT on 127.0.0.1)")
+    parser.add_argument("--url", help="override the URL checked (default: from STAR_PORT, or from "
+                        "STAR_METRICS_HOST, STAR_METRICS_PORT and STAR_DEVICE; 127.0.0.1 for 0.0.0.0)")
     parser.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
     parser.add_argument("--live", action="store_true",
                         help="worker: liveness instead of readiness; only `failed` or no answer "
                         "is unhealthy (starting and draining are alive)")
-
-
-def _http_get(url: str, timeout: float) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (local URL)
-            return response.status, response.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", "replace")
 
 
 def worker_state(metrics_text: str) -> str | None:
@@ -179,15 +169,27 @@ def worker_state(metrics_text: str) -> str | None:
     return None
 
 
+def _worker_metrics_url(env: Mapping[str, str]) -> str:
+    """Where the local worker serves /metrics, by the same settings and port rule it uses."""
+    from app.serve import _local
+    from app.settings import worker_metrics_port
+
+    port = worker_metrics_port(int(env.get("STAR_METRICS_PORT", "9100")), env.get("STAR_DEVICE", "auto"))
+    host = _local(env.get("STAR_METRICS_HOST", "127.0.0.1"))
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+
 @subcommand("healthcheck", "Exit 0 if the local api (/healthz) or worker (state ready or busy "
             "in its metrics) is healthy, 1 otherwise.", configure=_configure_healthcheck)
 def run_healthcheck(args: argparse.Namespace, rest: list[str]) -> int:
     if args.target == "api":
         url = args.url or f"http://127.0.0.1:{os.environ.get('STAR_PORT', '8000')}/healthz"
     else:
-        url = args.url or f"http://127.0.0.1:{os.environ.get('STAR_METRICS_PORT', '9100')}/metrics"
+        url = args.url or _worker_metrics_url(os.environ)
     try:
-        status, body = _http_get(url, args.timeout)
+        from app.serve import http_get
+
+        status, body = http_get(url, args.timeout)
     except OSError as exc:
         print(f"unhealthy: {url}: {exc}")
         return 1
@@ -204,145 +206,29 @@ def run_healthcheck(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# star serve: Redis + API + one worker on one machine
+# star serve: Redis + API + one worker on one machine (app/serve.py)
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=os.environ.get("STAR_HOST", "127.0.0.1"),
-                        help="interface the API binds to (default: STAR_HOST or 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")),
-                        help="API port (default: $PORT or 8000)")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"),
-                        help="Redis data (DATA_DIR/redis) and, unless STAR_STORAGE_DIR is set, "
-                        "images (DATA_DIR/images); default ./data")
-    parser.add_argument("--ready-timeout", type=float, default=600.0,
-                        help="seconds to wait for /readyz (default 600)")
-    parser.add_argument("--stop-timeout", type=float, default=60.0,
-                        help="seconds the worker gets to finish its batch on shutdown (default 60)")
+    from app.serve import configure
 
-
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, frame: object) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
-def _sigint_blocked(start: Callable[[], object]) -> None:
-    """Start a child that does not receive the terminal's Ctrl-C: `star serve` stops it in order.
-
-    SIGINT is blocked (not ignored) while forking; a blocked signal mask survives exec, so the
-    child never sees the SIGINT that the terminal sends to the whole process group.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _spawn(argv: list[str], env: dict[str, str], children: list[subprocess.Popen]) -> None:
-    _sigint_blocked(lambda: children.append(subprocess.Popen(argv, env=env)))
-
-
-def _local(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def _serve_env(args: argparse.Namespace, redis_url: str) -> dict[str, str]:
-    from app.redis_server import free_port
-
-    env = dict(os.environ)
-    env["STAR_REDIS_URL"] = redis_url
-    env["STAR_HOST"], env["STAR_PORT"] = args.host, str(args.port)
-    env.setdefault("STAR_PUBLIC_BASE_URL", f"http://{_local(args.host)}:{args.port}")
-    storage = Path(env.get("STAR_STORAGE_DIR") or args.data_dir / "images").resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    env["STAR_STORAGE_DIR"] = str(storage)
-    env.setdefault("STAR_METRICS_PORT", str(free_port()))  # 9100 may be taken on a laptop
-    return env
-
-
-def _label(child: subprocess.Popen) -> str:
-    return "star " + " ".join(child.args[3:])  # args: python -m app.cli SUBCOMMAND ...
-
-
-def _wait_ready(url: str, children: Sequence[subprocess.Popen], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for child in children:
-            if child.poll() is not None:
-                raise RuntimeError(f"{_label(child)} exited with {child.returncode}")
-        try:
-            if _http_get(url, 2.0)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"{url} was not ready within {timeout_s:.0f}s")
-
-
-def _stop_children(children: Sequence[subprocess.Popen], timeout_s: float) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for child in children:
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    configure(parser)
 
 
 @subcommand("serve", "Run everything on this machine: a private Redis, the API and one worker.",
             configure=_configure_serve)
 def run_serve(args: argparse.Namespace, rest: list[str]) -> int:
-    old_handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    from app.redis_server import RedisServer
-    from app.settings import WorkerSettings
+    from app.serve import run
 
-    redis, children, code = RedisServer(data_dir=args.data_dir / "redis"), [], 0
-    try:
-        _sigint_blocked(redis.start)
-        env = _serve_env(args, redis.url)
-        model = env.get("STAR_MODEL") or WorkerSettings.model_fields["model"].default
-        print(f"star serve: Redis at {redis.url}; starting the API and a worker (model {model}); "
-              "waiting for /readyz", file=sys.stderr, flush=True)
-        star = [sys.executable, "-m", "app.cli"]
-        _spawn(star + ["worker"], env, children)
-        _spawn(star + ["api", "--host", args.host, "--port", str(args.port)], env, children)
-        _wait_ready(f"http://{_local(args.host)}:{args.port}/readyz", children, args.ready_timeout)
-        public = env["STAR_PUBLIC_BASE_URL"].rstrip("/")
-        print(f"STAR is serving at {public} (docs: {public}/docs)", flush=True)
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        failed = next(child for child in children if child.poll() is not None)
-        print(f"star serve: {_label(failed)} exited with {failed.returncode}; stopping",
-              file=sys.stderr)
-        code = 1
-    except _Stop:
-        pass
-    except RuntimeError as exc:
-        print(f"star serve: {exc}", file=sys.stderr)
-        code = 1
-    finally:
-        for sig in old_handlers:
-            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not abort the cleanup
-        _stop_children(children, args.stop_timeout)
-        redis.stop()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-    return code
+    return run(args)
 
 
 # --------------------------------------------------------------------------------------------
-# star generate: a client of a running server (app/cli_generate.py)
+# star generate: a client of a running server (client/cli.py)
 
 
 def _configure_generate(parser: argparse.ArgumentParser) -> None:
-    from app.cli_generate import configure
+    from client.cli import configure
 
     configure(parser)
 
@@ -350,8 +236,12 @@ def _configure_generate(parser: argparse.ArgumentParser) -> None:
 @subcommand("generate", "Generate images on a running server and save them as PNGs.",
             configure=_configure_generate)
 def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
-    from app.cli_generate import run
-
+    try:
+        from client.cli import run
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(f"star generate needs `{exc.name}`: install the `client` extra "
+                         "(pip install 'star-service[client]').\n")
+        return 2
     return run(args)
 
 

@@ -4,6 +4,8 @@ error body the same shape: `{"error": {"code": ..., "message": ..., "field": ...
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
@@ -111,7 +113,7 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def validation_message(error: dict) -> tuple[str | None, str]:
+def validation_message(error: Mapping[str, Any]) -> tuple[str | None, str]:
     """(field, message) for one pydantic error, naming the field and its allowed range."""
     loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
     field = ".".join(loc) or None

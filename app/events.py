@@ -7,7 +7,7 @@
                        data: the job, exactly as GET /jobs/{job_id} returns it; then the stream ends
 
 Comment lines (`: ping`) keep idle connections open through proxies. The workers do not publish
-progress, so the stream polls the job's Redis record (app.queue.read_job, in a worker thread so
+progress, so the stream polls the job's Redis record (app.jobs.read.read_job, in a worker thread so
 the event loop never blocks) every STAR_EVENTS_POLL_S seconds and sends only changes.
 """
 from __future__ import annotations
@@ -23,21 +23,21 @@ from fastapi.responses import StreamingResponse
 from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from app import queue as q
 from app.errors import JobNotFound
+from app.jobs.read import JobState, read_job
+from app.jobs.states import FINAL
 from app.schemas import ErrorBody
 from app.settings import ApiSettings
 from app.views import job_view
 
 log = logging.getLogger(__name__)
-FINAL = ("succeeded", "failed", "canceled", "expired")
 
 
 def sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def job_event(state: q.JobState, storage) -> tuple[str, dict]:
+def job_event(state: JobState, storage) -> tuple[str, dict]:
     """The event (name, data) describing a job's current state."""
     if state.status == "queued":
         return "queued", {"id": state.id, "status": "queued", "queue_position": state.queue_position}
@@ -47,9 +47,10 @@ def job_event(state: q.JobState, storage) -> tuple[str, dict]:
     return state.status, job_view(state, storage).model_dump(mode="json")
 
 
-async def job_stream(ctx, state: q.JobState, settings: ApiSettings) -> AsyncIterator[str]:
+async def job_stream(ctx, first: JobState, settings: ApiSettings) -> AsyncIterator[str]:
     yield "retry: 2000\n\n"   # EventSource: reconnect after 2 s if the connection drops
-    job_id, last, last_write = state.id, None, time.monotonic()
+    state: JobState | None = first
+    job_id, last, last_write = first.id, None, time.monotonic()
     while True:
         if state is not None:
             event = job_event(state, ctx.storage)
@@ -63,7 +64,7 @@ async def job_stream(ctx, state: q.JobState, settings: ApiSettings) -> AsyncIter
             last_write = time.monotonic()
         await asyncio.sleep(settings.events_poll_s)
         try:
-            state = await run_in_threadpool(q.read_job, ctx.redis, job_id)
+            state = await run_in_threadpool(read_job, ctx.redis, job_id)
         except RedisError as exc:   # keep the stream; the next poll may succeed
             log.warning("event stream of job %s: Redis unavailable: %s", job_id, exc)
             state = None
@@ -73,7 +74,7 @@ async def job_stream(ctx, state: q.JobState, settings: ApiSettings) -> AsyncIter
             return
 
 
-def create_router(settings: ApiSettings | None = None) -> APIRouter:
+def create_router(settings: ApiSettings) -> APIRouter:
     router = APIRouter(tags=["jobs"])
 
     @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
@@ -82,7 +83,7 @@ def create_router(settings: ApiSettings | None = None) -> APIRouter:
         """Server-Sent Events: `queued` (position), `running` (scale k of S), then one of
         `succeeded`, `failed`, `canceled`, `expired` with the job as GET /jobs/{id} shows it."""
         ctx = request.app.state.ctx
-        state = await run_in_threadpool(q.read_job, ctx.redis, job_id)
+        state = await run_in_threadpool(read_job, ctx.redis, job_id)
         if state is None:
             raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
         return StreamingResponse(job_stream(ctx, state, settings), media_type="text/event-stream",

@@ -4,7 +4,7 @@
 Open without a key: /healthz, /readyz, /metrics (for probes and Prometheus), the web page and its
 assets, /docs and /openapi.json, and GET /images (unguessable, optionally signed URLs that
 browsers and CDNs fetch without headers). Everything else needs `Authorization: Bearer <key>`
-when keys are configured (app.auth).
+when keys are configured (app.auth); the per-key rate is counted in Redis (app.jobs.admission).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import auth
+from app.jobs.admission import count_request
 from app.errors import InvalidRequest, PayloadTooLarge, RateLimited, Unauthorized, error_response, status_for
 from app.schemas import GenerateRequest
 
@@ -66,13 +67,14 @@ async def require_key(request: Request,
     ctx = request.app.state.ctx
     name = auth.ANONYMOUS
     if ctx.keys.enabled:
-        name = ctx.keys.name_of(credentials.credentials) if credentials else None
-        if name is None:
+        known = ctx.keys.name_of(credentials.credentials) if credentials else None
+        if known is None:
             challenge = 'Bearer realm="star"' + (', error="invalid_token"' if credentials else "")
             raise Unauthorized("a valid API key is required: send `Authorization: Bearer <key>`",
                                headers={"WWW-Authenticate": challenge})
+        name = known
         limit = ctx.settings.rate_limit_per_min
-        wait = limit and await run_in_threadpool(auth.count_request, ctx.redis, name, limit)
+        wait = limit and await run_in_threadpool(count_request, ctx.redis, name, limit)
         if wait:
             raise RateLimited(f"more than {limit} requests in this minute for this API key; retry later",
                               headers={"Retry-After": str(wait)})

@@ -1,89 +1,50 @@
 """The HTTP API: `create_app(settings)` builds the FastAPI app (uvicorn --factory app.main:create_app).
 
-Request path: body size (app.guards) -> API key and rate limit (app.guards, app.auth) -> validate
-(app.schemas) -> Idempotency-Key (app.idempotency) -> per-key job slot (app.auth) -> admit and
-enqueue (app.queue) -> 202; a worker runs the job; GET /jobs/{id} reads it back
-(app.queue.read_job) with image URLs from app.storage (signed by app.signing when configured).
-Never imports torch, `model` or `worker`.
+Request path: body size (app.guards) -> API key (app.auth) and rate limit (app.guards) -> validate
+(app.schemas) -> Idempotency-Key and per-key job slot (app.jobs.admission) -> admit and enqueue
+(app.jobs.submit) -> 202; a worker runs the job; GET /jobs/{id} reads it back (app.jobs.read) with
+image URLs from app.storage (signed by app.signing when configured). Never imports torch, `model`
+or `worker`.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import math
-import secrets
-import threading
-import time
-import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
-from redis import Redis
 
-from app import auth, events, idempotency, openai_compat, recovery
-from app import queue as q
-from app.errors import (Forbidden, ImageNotFound, JobConflict, JobNotFound, NoWorker, QueueFull,
-                        SizeNotServed, TooManyJobs, install_error_handlers)
+from app import auth, events, openai_compat
+from app.context import Context, WorkerCache
+from app.errors import Forbidden, ImageNotFound, JobConflict, JobNotFound, NoWorker, install_error_handlers
 from app.guards import BodySizeLimit, check_prompt_length, require_key
+from app.jobs import cancel, reaper, read
+from app.jobs.rq_adapter import connect, queue_name
+from app.jobs.workers import READY_STATES, WorkerEntry, live_workers, served_sizes
 from app.metrics import ApiMetrics
 from app.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView, ModelOut, ModelsOut
 from app.settings import ApiSettings
 from app.signing import SignedStorage, UrlSigner
 from app.storage import LocalStorage
+from app.submission import submit
 from app.views import job_view
 
 log = logging.getLogger("app")
 AUTH = [Depends(require_key)]
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
-def errors(*codes: int) -> dict:
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses: the common error body for each status code."""
     return {code: {"model": ErrorBody} for code in codes}
-
-
-@dataclass
-class Context:
-    settings: ApiSettings
-    redis: Redis
-    storage: LocalStorage | SignedStorage
-    metrics: ApiMetrics
-    keys: auth.ApiKeys
-    workers: WorkerCache
-    signer: UrlSigner | None = None
-
-
-class WorkerCache:
-    """The live-worker registry as POST /generate sees it: re-read at most every `ttl_s` seconds,
-    and at once when no cached worker serves the size asked (so a request for a new worker's size
-    is never refused; as the default size, the largest served, a new size counts within ttl_s).
-    A worker that has just stopped may still be chosen for up to ttl_s, as it could be an instant
-    after any read; its jobs wait in the queue for the model's next worker."""
-
-    def __init__(self, conn: Redis, ttl_s: float):
-        self.conn, self.ttl_s = conn, ttl_s
-        self.entries: list[q.WorkerEntry] = []
-        self.read_at = -math.inf
-        self.lock = threading.Lock()
-
-    def get(self, size: int | None) -> list[q.WorkerEntry]:
-        with self.lock:
-            entries, fresh = self.entries, time.monotonic() - self.read_at < self.ttl_s
-        sizes = q.served_sizes(entries)
-        if fresh and sizes and (size is None or size in sizes):
-            return entries
-        entries = q.live_workers(self.conn)
-        with self.lock:
-            self.entries, self.read_at = entries, time.monotonic()
-        return entries
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -128,7 +89,7 @@ async def _reap_forever(ctx: Context) -> None:
     while True:
         await asyncio.sleep(settings.reaper_s)
         try:
-            outcomes = await run_in_threadpool(recovery.reap, ctx.redis, max_requeues=settings.max_requeues,
+            outcomes = await run_in_threadpool(reaper.reap, ctx.redis, max_requeues=settings.max_requeues,
                                                deadline_s=settings.worker_deadline_s, lock_s=settings.reaper_s)
         except Exception as exc:   # Redis down, or a bug: the next period tries again
             log.warning("reaper pass failed: %s: %s", type(exc).__name__, exc)
@@ -139,7 +100,7 @@ async def _reap_forever(ctx: Context) -> None:
 
 
 # POST /v1/images/generations answers in OpenAI's error shape (app.openai_compat).
-OPENAI_ERRORS = {code: {"description": "An error in OpenAI's shape", "content": {"application/json": {"schema": {
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"description": "An error in OpenAI's shape", "content": {"application/json": {"schema": {
     "type": "object", "required": ["error"], "properties": {"error": {"type": "object"}}}}}}
     for code in (400, 404, 409, 500, 504)}
 
@@ -151,12 +112,12 @@ def _context(settings: ApiSettings) -> Context:
         log.info("API keys: %d configured; requests without a valid key get 401", len(keys.hashes))
     else:
         log.warning("no API keys configured (STAR_API_KEYS, STAR_API_KEYS_FILE): authentication is off")
-    storage = LocalStorage(settings.storage_dir, settings.public_base_url)
+    storage: LocalStorage | SignedStorage = LocalStorage(settings.storage_dir, settings.public_base_url)
     signer = None
     if settings.url_signing_key:
         signer = UrlSigner(settings.url_signing_key.get_secret_value(), settings.url_ttl_s)
         storage = SignedStorage(storage, signer)
-    conn = q.connect(settings.redis_url, retries=2)
+    conn = connect(settings.redis_url, retries=2)
     return Context(settings, conn, storage, ApiMetrics(), keys, WorkerCache(conn, settings.worker_cache_s), signer)
 
 
@@ -179,19 +140,19 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
               responses=errors(401, 409, 413, 422, 429, 503))
     def generate(body: GenerateRequest, response: Response,
                  idempotency_key: Annotated[str | None, Header(
-                     alias="Idempotency-Key", min_length=1, max_length=idempotency.MAX_KEY_CHARS,
+                     alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS,
                      description="Makes retries safe: a POST repeated with the same key and body returns "
                                  "the first one's job; another body with the same key is 409.")] = None,
                  ) -> JobAccepted:
         """Queue a generation request; poll `status_url` (also the `Location` header)."""
         check_prompt_length(body, ctx.settings.max_prompt_chars)
-        job_id, position = _submit(ctx, body, idempotency_key)
+        job_id, position = submit(ctx, body, idempotency_key)
         status_url = f"{base}/jobs/{job_id}"
         response.headers["Location"] = status_url
         state = None
         if position is None:   # the job of an earlier request with this Idempotency-Key
             response.headers["Idempotent-Replayed"] = "true"
-            state = q.read_job(ctx.redis, job_id)
+            state = read.read_job(ctx.redis, job_id)
         if state is not None:
             return JobAccepted(id=job_id, status=state.status, status_url=status_url,
                                queue_position=state.queue_position)
@@ -201,7 +162,7 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
              dependencies=AUTH)
     def get_job(job_id: str) -> JobView:
         """Status, progress, timings, parameters and (on success) image URLs of a job."""
-        state = q.read_job(ctx.redis, job_id)
+        state = read.read_job(ctx.redis, job_id)
         if state is None:
             raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
         return job_view(state, ctx.storage)
@@ -211,60 +172,13 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
     def cancel_job(job_id: str, response: Response) -> JobView:
         """Cancel: a queued job at once (200, also for a job already canceled); a running one at
         its next scale boundary (202, poll until `canceled`). 409 for finished jobs."""
-        outcome = q.request_cancel(ctx.redis, job_id)
+        outcome = cancel.request_cancel(ctx.redis, job_id)
         if outcome is None:
             raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
         if outcome not in ("canceled", "cancel_requested"):
             raise JobConflict(f"job {job_id} is already {outcome}; nothing to cancel")
         response.status_code = 202 if outcome == "cancel_requested" else 200
         return get_job(job_id)
-
-
-def _submit(ctx: Context, body: GenerateRequest, idempotency_key: str | None) -> tuple[str, int | None]:
-    """(job id, queue position); the position is None for the job of an earlier request with the
-    same Idempotency-Key."""
-    name, job_id = auth.current_key.get(), str(uuid.uuid4())
-    if idempotency_key is not None:
-        earlier = idempotency.claim(ctx.redis, name, idempotency_key, idempotency.fingerprint(body), job_id,
-                                    ctx.settings.result_ttl_s)
-        if earlier is not None:
-            return earlier, None
-    try:
-        return job_id, _enqueue_new(ctx, body, job_id, name)
-    except BaseException:
-        if idempotency_key is not None:
-            idempotency.forget(ctx.redis, name, idempotency_key, job_id)
-        raise
-
-
-def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) -> int:
-    """Admit and enqueue a new job (per-key slot, then the queue limit); its queue position."""
-    settings = ctx.settings
-    model, size = _choose_model(ctx, body.size)
-    params = body.model_dump()
-    params["size"] = size
-    if params["seed"] is None:
-        params["seed"] = secrets.randbelow(2**31)
-    limit = settings.max_concurrent_jobs_per_key if ctx.keys.enabled else 0
-    hold_s = int(settings.job_deadline_s) + settings.result_ttl_s
-    if limit and not auth.reserve_job(ctx.redis, name, job_id, limit, hold_s):
-        raise TooManyJobs(f"this API key already has {limit} jobs queued or running "
-                          "(STAR_MAX_CONCURRENT_JOBS_PER_KEY); retry when one ends",
-                          headers={"Retry-After": str(settings.retry_after_s)})
-    try:
-        accepted = q.enqueue(ctx.redis, params, model, deadline_s=settings.job_deadline_s,
-                             result_ttl=settings.result_ttl_s, failure_ttl=settings.failure_ttl_s,
-                             queue_limit=settings.queue_limit, job_id=job_id,
-                             api_key=name if ctx.keys.enabled else None)
-    except BaseException:
-        auth.release_job(ctx.redis, name, job_id)
-        raise
-    if accepted is None:
-        auth.release_job(ctx.redis, name, job_id)
-        raise QueueFull(f"the queue of model {model} is full ({settings.queue_limit} jobs); retry later",
-                        headers={"Retry-After": str(settings.retry_after_s)})
-    log.info("queued job %s on %s (%d x %dpx)", job_id, model, params["n"], size)
-    return accepted[1]
 
 
 def _add_image_route(app: FastAPI, ctx: Context) -> None:
@@ -279,7 +193,7 @@ def _add_image_route(app: FastAPI, ctx: Context) -> None:
             problem = ctx.signer.check(image_id, expires, sig)
             if problem:
                 raise Forbidden(problem)
-            max_age = min(max_age, ctx.signer.seconds_left(expires))
+            max_age = min(max_age, ctx.signer.seconds_left(expires or "0"))   # checked above
         path = ctx.storage.find(image_id)
         if path is None:
             raise ImageNotFound(f"no image {image_id}")
@@ -299,7 +213,7 @@ def _add_service_routes(app: FastAPI, ctx: Context) -> None:
     def readyz() -> JSONResponse:
         """Redis answers and at least one worker is ready or busy."""
         ctx.redis.ping()
-        ready = [e for e in q.live_workers(ctx.redis) if e.state in q.READY_STATES and e.size]
+        ready = [e for e in live_workers(ctx.redis) if e.state in READY_STATES and e.size]
         if not ready:
             raise NoWorker("no live worker is ready (none registered, or all starting/draining)")
         return JSONResponse({"status": "ready", "workers": len(ready),
@@ -318,22 +232,9 @@ def _add_service_routes(app: FastAPI, ctx: Context) -> None:
         return Response(ctx.metrics.scrape(ctx.redis), media_type=CONTENT_TYPE_LATEST)
 
 
-def _choose_model(ctx: Context, size: int | None) -> tuple[str, int]:
-    entries = ctx.workers.get(size)
-    sizes = q.served_sizes(entries)
-    if not sizes:
-        raise NoWorker("no live worker serves any model; start a worker (star worker) and retry")
-    size = size or max(sizes)
-    model = q.model_for_size(entries, size)
-    if model is None:
-        served = ", ".join(map(str, sizes))
-        raise SizeNotServed(f"size {size} is not served; served sizes: {served}", field="size")
-    return model, size
-
-
 def _models(ctx: Context) -> ModelsOut:
-    groups: dict[tuple[str, int], list[q.WorkerEntry]] = {}
-    for entry in q.live_workers(ctx.redis):
+    groups: dict[tuple[str, int], list[WorkerEntry]] = {}
+    for entry in live_workers(ctx.redis):
         if entry.size:
             groups.setdefault((entry.model, entry.size), []).append(entry)
     out = []
@@ -342,8 +243,8 @@ def _models(ctx: Context) -> ModelsOut:
         for e in entries:
             states[e.state] = states.get(e.state, 0) + 1
         sampling = next((e.sampling for e in entries if e.sampling), None)
-        out.append(ModelOut(name=model, size=size, queue=q.queue_name(model), workers=len(entries),
-                            queue_depth=q.queue_depth(ctx.redis, model), states=states,
+        out.append(ModelOut(name=model, size=size, queue=queue_name(model), workers=len(entries),
+                            queue_depth=read.queue_depth(ctx.redis, model), states=states,
                             max_batch=max(e.max_batch for e in entries), sampling=sampling))
-    sizes = q.served_sizes(e for es in groups.values() for e in es)
+    sizes = served_sizes(e for es in groups.values() for e in es)
     return ModelsOut(models=out, sizes=sizes, default_size=max(sizes) if sizes else None)

@@ -7,7 +7,7 @@ What this process exports, and where each number comes from:
 - star_workers{model, state}: live workers from the Redis registry at scrape time.
 - star_job_latency_seconds{model, status} and star_job_queue_wait_seconds{model}: observed here
   when scraped, from the timings each worker leaves in Redis as it finishes a job
-  (app.queue.record_finished). Every finished job is observed once by exactly one API replica,
+  (app.jobs.finish). Every finished job is observed once by exactly one API replica,
   so sum the series across replicas. Jobs canceled while still queued never reach a worker and
   are not observed.
 The workers export their own batch metrics on their own port (worker/metrics.py).
@@ -21,7 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from redis import Redis
 
-from app import queue as q
+from app.jobs.read import all_queue_depths, drain_finished
+from app.jobs.workers import live_workers
 
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
@@ -50,15 +51,15 @@ class ApiMetrics:
     def scrape(self, conn: Redis) -> bytes:
         """Refresh the Redis-backed series, then render everything."""
         self.queue_depth.clear()
-        for model, depth in q.all_queue_depths(conn).items():
+        for model, depth in all_queue_depths(conn).items():
             self.queue_depth.labels(model).set(depth)
         self.workers.clear()
         counts: dict[tuple[str, str], int] = {}
-        for entry in q.live_workers(conn):
+        for entry in live_workers(conn):
             counts[(entry.model, entry.state)] = counts.get((entry.model, entry.state), 0) + 1
         for (model, state), count in counts.items():
             self.workers.labels(model, state).set(count)
-        for item in q.drain_finished(conn):
+        for item in drain_finished(conn):
             if item.get("latency_s") is not None:
                 self.job_latency.labels(item["model"], item["status"]).observe(item["latency_s"])
             if item.get("queue_wait_s") is not None:

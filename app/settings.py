@@ -1,13 +1,15 @@
-"""Process settings, read from `STAR_*` environment variables (pydantic-settings).
+"""Process settings, read from `STAR_*` environment variables (pydantic-settings): those every
+process reads (`CommonSettings`) and the API's (`ApiSettings`); the worker's are in worker/settings.py.
 
 Three kinds of configuration are kept apart in this project: these process settings, the
 architecture config (dataclasses in `model/`), and per-request parameters (`app/schemas.py`).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -65,34 +67,12 @@ class ApiSettings(CommonSettings):
     openai_poll_s: float = Field(0.25, gt=0, description="How often a waiting POST /v1/images/generations re-reads "
                                  "its job.")
 
-class WorkerSettings(CommonSettings):
-    """Settings of `star worker`."""
 
-    model: str = Field("shapes", description="Model directory (converted weights), the name of a model shipped in "
-                       "`model/zoo` (`shapes`: the 128 px demo model), a preset name such as `tiny` (random "
-                       "weights), or `noop[:SIZE[:SCALE_MS]]` (flat grey images, for service benchmarks).")
-    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
-    dtype: str = Field("auto", description="`auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16` or `float16`.")
-    max_batch: int = Field(8, ge=1, description="Most images run in one model call (a request with n images counts n).")
-    max_wait_ms: int = Field(50, ge=0, description="How long the worker waits for more jobs to fill a batch.")
-    heartbeat_s: float = Field(10.0, gt=0, description="Worker heartbeat period.")
-    metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0 disables).")
-    name: str | None = Field(None, description="Worker name (default: host + pid).")
-    warmup: bool = Field(True, description="Run one small generation after loading, before taking jobs.")
-    encode_threads: int = Field(2, ge=1, description="Threads encoding and storing PNGs off the model's critical path.")
-    trust_pickle: bool = Field(False, description="Allow loading pickled checkpoints (only files you trust).")
-    drain_grace_s: float = Field(90.0, gt=0, description="After SIGTERM, how long the batch in progress may run "
-                                 "before its jobs are put back on the queue and the worker exits.")
-    max_batch_auto: bool = Field(False, description="On CUDA, size the max batch from the free GPU memory after "
-                                 "loading (model/memory.py) instead of STAR_MAX_BATCH, and reserve its KV cache.")
-    memory_margin: float = Field(0.1, ge=0, lt=1, description="Fraction of the free GPU memory that "
-                                 "STAR_MAX_BATCH_AUTO leaves unused.")
-    compile: bool = Field(False, description="torch.compile the per-scale step for batch-size buckets (powers of two "
-                          "up to the max batch) and compile them all at start (minutes; CUDA).")
+def worker_metrics_port(base: int, device: str) -> int:
+    """The metrics port rule: `base` + N for device `cuda:N` (`base` for cpu, auto, cuda); 0 stays 0.
 
-    @model_validator(mode="after")
-    def _deadline_after_heartbeat(self) -> "WorkerSettings":
-        if self.worker_deadline_s <= self.heartbeat_s:
-            raise ValueError(f"worker_deadline_s ({self.worker_deadline_s}) must exceed "
-                             f"heartbeat_s ({self.heartbeat_s})")
-        return self
+    One worker per GPU on one host (`--device cuda:N`) then gets its own port with no setting; inside
+    a container each worker sees its GPU as cuda:0 and listens on `base`.
+    """
+    match = re.fullmatch(r"\s*cuda:(\d+)\s*", device)
+    return base + int(match.group(1)) if base and match else base

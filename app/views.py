@@ -1,12 +1,14 @@
 """The job record as clients see it (GET /jobs/{id}, the final SSE event, the OpenAI route)."""
 from __future__ import annotations
 
-from app import queue as q
+from app.jobs.read import JobState
+from app.jobs.states import ACTIVE
 from app.schemas import ImageOut, JobParameters, JobView, Progress, Timings
+from app.signing import SignedStorage
 from app.storage import LocalStorage
 
 
-def job_view(state: q.JobState, storage: LocalStorage) -> JobView:
+def job_view(state: JobState, storage: LocalStorage | SignedStorage) -> JobView:
     def seconds(a, b):
         return round((b - a).total_seconds(), 3) if a and b else None
 
@@ -17,7 +19,7 @@ def job_view(state: q.JobState, storage: LocalStorage) -> JobView:
     return JobView(
         id=state.id, status=state.status, model=state.model, queue_position=state.queue_position,
         progress=Progress(**state.progress) if state.progress else None,
-        cancel_requested=state.cancel_requested and state.status in ("queued", "running"),
+        cancel_requested=state.cancel_requested and state.status in ACTIVE,
         timings=Timings(queued_at=state.queued_at, started_at=state.started_at, finished_at=state.finished_at,
                         queue_wait_s=seconds(state.queued_at, state.started_at), model_s=state.model_s,
                         total_s=seconds(state.queued_at, state.finished_at)),

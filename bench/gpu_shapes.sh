@@ -8,11 +8,11 @@
 #   DEVICE=cpu IMAGES=300 AR_SECONDS=5 PROMPTS=2 CONFIGS="a:ar_batch=8" bash bench/gpu_shapes.sh   # dry run
 #
 # Steps:
-#   1. data     python -m model.train --from-model model/zoo/shapes --stages latents,quant: IMAGES
+#   1. data     python -m training.train --from-model model/zoo/shapes --stages latents,quant: IMAGES
 #               procedural images -> latents -> tokens with the shipped VQ-VAE (kept as it is)
 #   2. train    per CONFIGS entry "name:key=value,key=value" (recipe overrides, arch.depth=4 etc.),
 #               in parallel: --stages ar,export with ar_seconds=AR_SECONDS, then
-#               python -m model.adherence <model> --seeds SWEEP_SEEDS SWEEP (a sampling sweep)
+#               python -m training.adherence <model> --seeds SWEEP_SEEDS SWEEP (a sampling sweep)
 #   3. collect  OUT/weights-<name>.pt (transformer + text encoder state dicts, float16 when the
 #               float32 file would pass MAX_MB), OUT/shapes-runs.tgz (recipes, logs, sweeps),
 #               and a summary on stdout; exit status 0 when at least one recipe trained
@@ -44,7 +44,7 @@ read -r -a sweep <<< "$SWEEP"
 common=(--set "images=$IMAGES" --device "$DEVICE" --no-progress --threads 2)
 
 t0=$(date +%s)
-"$PY" -m model.train --work "$WORK/data" --from-model model/zoo/shapes --stages latents,quant \
+"$PY" -m training.train --work "$WORK/data" --from-model model/zoo/shapes --stages latents,quant \
   --workers "$WORKERS" "${common[@]}" > "$WORK/data.out" 2>&1 || { cat "$WORK/data.out"; exit 1; }
 echo "gpu_shapes: data ($IMAGES images) in $(( $(date +%s) - t0 )) s" >&2
 
@@ -55,9 +55,9 @@ for entry in $CONFIGS; do
   for f in latents tokens quant decoder encoder; do ln -sf "$WORK/data/$f.pt" "$d/$f.pt"; done
   extra=(); IFS=, read -r -a kv <<< "$sets"; for x in "${kv[@]}"; do extra+=(--set "$x"); done
   (
-    "$PY" -m model.train --work "$d" --stages ar,export --export "$d/model" "${common[@]}" \
+    "$PY" -m training.train --work "$d" --stages ar,export --export "$d/model" "${common[@]}" \
       --set "ar_seconds=$AR_SECONDS" --set ar_steps=1000000 --set ckpt_every=5000 "${extra[@]}" > "$d/train.out" 2>&1 \
-    && "$PY" -m model.adherence "$d/model" --device "$DEVICE" --prompts "$PROMPTS" --seeds "$SWEEP_SEEDS" \
+    && "$PY" -m training.adherence "$d/model" --device "$DEVICE" --prompts "$PROMPTS" --seeds "$SWEEP_SEEDS" \
          "${sweep[@]}" > "$d/sweep.json" 2> "$d/sweep.err"
     echo "gpu_shapes: $name finished (rc $?) at $(( $(date +%s) - t0 )) s" >&2
   ) &

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
@@ -22,6 +21,7 @@ from .config import PRESETS, StarConfig
 from .kv_cache import KVCache
 from .model_dir import is_model_dir, load_model_dir, parse_dtype, sampling_defaults
 from .random_init import random_sampler_head, random_transformer, random_vae
+from .request import OFFICIAL_SAMPLING, SAMPLERS, ImageRequest, ImageResult
 from .sampler import RowParams, make_generators
 from .sampler_head import SamplerHead
 from .text import TextEncoder, byte_level_clip_tokenizer, random_clip_text_model
@@ -30,36 +30,7 @@ from .vqvae import VQVAE
 from .weights import ModelFileNotFoundError, load_official
 
 log = logging.getLogger(__name__)
-
-
-# The official STAR sampling values: what a request's unset field gets from a model that recommends
-# none (presets, converted official weights). app.schemas.DEFAULT_SAMPLING holds the same numbers.
-OFFICIAL_SAMPLING: dict[str, float | int] = {"cfg": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
-# ImageRequest.sampler: "auto" (the sampler head where the model has one, as the official code runs
-# star-1024-sampler), "head" (causal-driven stable sampling; the model must have a head) or "plain".
-SAMPLERS = ("auto", "head", "plain")
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """One image; a job with n images becomes n of these with seeds seed+i."""
-
-    prompt: str
-    seed: int
-    negative_prompt: str = ""
-    # None: the model's recommendation (StarPipeline.sampling, from config.json), else OFFICIAL_SAMPLING
-    cfg: float | None = None           # guidance scale, ramped over scales: t = cfg * si / (S-1)
-    top_k: int | None = None           # 0 = off
-    top_p: float | None = None         # 0 = off
-    temperature: float | None = None
-    sampler: str | None = None         # None = "auto"; see SAMPLERS
-
-
-@dataclass
-class ImageResult:
-    image: numpy.ndarray | None     # uint8 [H, W, 3]; None when canceled
-    prompt_truncated: bool          # the prompt had more than 77 CLIP tokens
-    canceled: bool = False
+__all__ = ["StarPipeline", "ImageRequest", "ImageResult", "OFFICIAL_SAMPLING", "SAMPLERS", "images_to_uint8"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -82,6 +53,21 @@ def place_transformer_(model: StarTransformer, device: torch.device, dtype: torc
         model.head_logits.float()
     model.reset_buffers_(device)
     return model
+
+
+# Images per VQ-VAE decoder call, per device type, where a batched call is proven bit-identical
+# to one image per call. CPU, float32: yes (oneDNN convolutions and image-by-image GroupNorm,
+# model/vae_blocks.py; tests/model/test_decode_batch.py), in chunks of 8 to bound the decoder's
+# memory. CUDA: not proven (cuDNN chooses its convolution algorithms by shape, batch size
+# included; `python -m bench.decode` checks it on a GPU), so one image per call. Anything else: 1.
+BATCH_INVARIANT_DECODE_CHUNK = {"cpu": 8}
+
+
+def decode_chunk_for(device: torch.device, vae_dtype: torch.dtype) -> int:
+    """Images per decoder call that keep every image independent of its batch (see above)."""
+    if vae_dtype != torch.float32:
+        return 1
+    return BATCH_INVARIANT_DECODE_CHUNK.get(torch.device(device).type, 1)
 
 
 def images_to_uint8(img_N3HW: torch.Tensor) -> numpy.ndarray:
@@ -114,6 +100,8 @@ class StarPipeline:
             self.vae.decoder.to(memory_format=torch.channels_last)
             self.vae.post_quant_conv.to(memory_format=torch.channels_last)
         self.text_encoder = text_encoder.to(self.device)
+        # images per VQ-VAE decoder call: more than one only where that is bit-identical (decode_chunk_for)
+        self.decode_chunk = decode_chunk_for(self.device, next(self.vae.parameters()).dtype)
         self._cache: KVCache | None = None
         # The model directory's recommended cfg/top_k/top_p/temperature (config.json "sampling";
         # {} for presets): what a request's unset fields get (with_defaults), here and in the service.
@@ -229,12 +217,15 @@ class StarPipeline:
         return sampler
 
     @torch.inference_mode()
-    def decode(self, f_hat_NChw: torch.Tensor, chunk: int = 1) -> torch.Tensor:
+    def decode(self, f_hat_NChw: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """VQ-VAE decode (float32 unless the VAE was cast) to images in [0, 1], [N, 3, H, W].
 
-        chunk images per decoder call; the default 1 keeps every image bit-identical whatever the
-        batch (convolutions round differently with the batch size) and bounds activation memory.
+        chunk images per decoder call (None: self.decode_chunk, see decode_chunk_for): every image
+        comes out bit-identical whatever the batch only where batched calls are proven to be.
         """
+        chunk = self.decode_chunk if chunk is None else chunk
+        if chunk < 1:
+            raise ValueError(f"decode chunk must be >= 1, got {chunk}")
         fmt = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         parts = [self.vae.fhat_to_img(f_hat_NChw[i:i + chunk].contiguous(memory_format=fmt))
                  for i in range(0, f_hat_NChw.shape[0], chunk)]

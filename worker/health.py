@@ -1,10 +1,10 @@
 """Worker health: a state (starting, ready, busy, draining, failed) published in the Redis worker
-registry (app.queue) and in the worker's metrics, by a heartbeat thread that also keeps RQ's
+registry (app.jobs.workers) and in the worker's metrics, by a heartbeat thread that also keeps RQ's
 heartbeats of in-flight jobs alive while the main thread is inside a long model call, runs the
 reaper of dead workers' jobs (hooks), and watches the drain grace period after SIGTERM.
 
 The registry entry lives `deadline_s` (STAR_WORKER_DEADLINE_S) after each beat: a worker silent
-that long is presumed dead and its running jobs are re-queued (app.recovery).
+that long is presumed dead and its running jobs are re-queued (app.jobs.reaper).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from redis import Redis
 
-from app import queue as q
+from app.jobs.workers import WorkerEntry, publish_worker, remove_worker
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Health:
     """Owns the worker's registry entry; `beat()` runs every `period_s` on its own thread."""
 
-    def __init__(self, conn: Redis, entry: q.WorkerEntry, period_s: float, metrics: WorkerMetrics,
+    def __init__(self, conn: Redis, entry: WorkerEntry, period_s: float, metrics: WorkerMetrics,
                  deadline_s: float | None = None, grace_s: float = float("inf")):
         self.conn = conn
         self.entry = entry
@@ -54,7 +54,7 @@ class Health:
 
     def publish(self) -> None:
         try:
-            q.publish_worker(self.conn, self.entry, ttl_s=self.deadline_s)
+            publish_worker(self.conn, self.entry, ttl_s=self.deadline_s)
         except Exception as exc:  # Redis hiccup: the next beat retries
             log.warning("worker %s: could not publish its heartbeat: %s", self.entry.name, exc)
 
@@ -67,7 +67,7 @@ class Health:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         try:
-            q.remove_worker(self.conn, self.entry.name)
+            remove_worker(self.conn, self.entry.name)
         except Exception as exc:   # it expires after three heartbeat periods anyway
             log.warning("worker %s: could not remove its registry entry: %s", self.entry.name, exc)
 

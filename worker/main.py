@@ -4,7 +4,8 @@ within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0.
 
 States: starting (loading, warming up) -> ready <-> busy -> draining -> gone; `failed` if the
 model cannot be loaded (exit 1) or a device error left the device unusable (its jobs go back to
-the queue; exit 3, for the supervisor to start a fresh process).
+the queue; exit 3, for the supervisor to start a fresh process). A metrics port already taken is
+exit 1 with a message, before the model loads.
 """
 from __future__ import annotations
 
@@ -14,23 +15,28 @@ import os
 import signal
 import socket
 
-from app import queue as q
-from app.settings import WorkerSettings
+from app.jobs.rq_adapter import connect, queue_name
+from app.jobs.workers import WorkerEntry
 from app.storage import LocalStorage
 from worker.health import Health
 from worker.metrics import WorkerMetrics
 from worker.noop import NoopPipeline
+from worker.publish import Publisher
 from worker.rq_worker import BatchWorker
-from worker.runner import BatchRunner, pipeline_sampling
+from worker.runner import BatchRunner
+from worker.sampling import model_defaults
+from worker.settings import WorkerSettings
 from worker.speed import prepare_model
 
 log = logging.getLogger("worker")
 EXIT_DEVICE_FAILURE = 3
+EXIT_METRICS_PORT = 1
 
 OPTIONS = {  # flag -> setting (each overrides its STAR_* variable)
     "--model": "model", "--redis-url": "redis_url", "--device": "device", "--dtype": "dtype",
-    "--max-batch": "max_batch", "--max-wait-ms": "max_wait_ms", "--metrics-port": "metrics_port",
-    "--name": "name", "--storage-dir": "storage_dir", "--log-level": "log_level",
+    "--max-batch": "max_batch", "--max-wait-ms": "max_wait_ms", "--metrics-host": "metrics_host",
+    "--metrics-port": "metrics_port", "--name": "name", "--storage-dir": "storage_dir",
+    "--log-level": "log_level",
 }
 
 
@@ -65,12 +71,19 @@ def main(argv: list[str] | None = None) -> int:
 def run(settings: WorkerSettings, pipeline=None, burst: bool = False) -> int:
     """Run a worker until stopped (or, with burst, until its queue is empty); `pipeline`
     (already loaded) is for tests and benchmarks."""
-    conn = q.connect(settings.redis_url, socket_timeout=None)
     metrics = WorkerMetrics()
-    metrics.serve(settings.metrics_port)
+    try:   # before the model loads: a worker that cannot start says so at once
+        metrics.serve(settings.metrics_listen_port, settings.metrics_host)
+    except OSError as exc:
+        log.error("cannot serve /metrics on %s:%d: %s. Another process holds it (another worker on this host "
+                  "with the same STAR_METRICS_PORT and device?): give each worker its own STAR_METRICS_PORT "
+                  "(--metrics-port), or 0 to disable its metrics", settings.metrics_host,
+                  settings.metrics_listen_port, exc.strerror or exc)
+        return EXIT_METRICS_PORT
+    conn = connect(settings.redis_url, socket_timeout=None)
     name = settings.name or f"{socket.gethostname()}.{os.getpid()}"
-    entry = q.WorkerEntry(name=name, model=settings.model, state="starting", max_batch=settings.max_batch,
-                          max_wait_ms=settings.max_wait_ms, host=socket.gethostname(), pid=os.getpid())
+    entry = WorkerEntry(name=name, model=settings.model, state="starting", max_batch=settings.max_batch,
+                        max_wait_ms=settings.max_wait_ms, host=socket.gethostname(), pid=os.getpid())
     health = Health(conn, entry, settings.heartbeat_s, metrics, deadline_s=settings.worker_deadline_s,
                     grace_s=settings.drain_grace_s)
     health.start()
@@ -91,7 +104,7 @@ def _serve(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetric
         return 1
     if health.drain_requested:
         log.info("worker %s: stop requested while starting", health.entry.name)
-        worker.runner.close()
+        worker.publisher.close()
         return 0
     health.set_state("ready")
     worker.work(burst=burst, logging_level=settings.log_level.upper())
@@ -105,22 +118,22 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     entry = health.entry
     settings = prepare_model(settings, pipeline)   # STAR_MAX_BATCH_AUTO, STAR_COMPILE (worker/speed.py)
     entry.max_batch = settings.max_batch
-    entry.model, entry.size, entry.queue = pipeline.name, pipeline.image_size, q.queue_name(pipeline.name)
+    entry.model, entry.size, entry.queue = pipeline.name, pipeline.image_size, queue_name(pipeline.name)
     entry.device = str(getattr(pipeline, "device", ""))
-    entry.sampling = pipeline_sampling(pipeline)   # what requests without sampling fields get
+    entry.sampling = model_defaults(pipeline)   # what requests without sampling fields get
     metrics.info.info({"model": pipeline.name, "size": str(pipeline.image_size), "device": entry.device,
                        "max_batch": str(settings.max_batch), "max_wait_ms": str(settings.max_wait_ms)})
     health.publish()
-    storage = LocalStorage(settings.storage_dir, settings.public_base_url)
-    runner = BatchRunner(pipeline, storage, metrics, conn, encode_threads=settings.encode_threads,
-                         sampling=entry.sampling)
+    runner = BatchRunner(pipeline, metrics)
+    publisher = Publisher(LocalStorage(settings.storage_dir, settings.public_base_url), metrics, pipeline.name,
+                          settings.encode_threads)
     if settings.warmup:
-        runner.warm_up()
+        runner.warm_up(entry.sampling)
     log.info("worker %s: model %s (%dpx) on %s; queue %s; batches of up to %d images, %d ms wait; "
              "sampling defaults %s", entry.name, pipeline.name, pipeline.image_size, entry.device, entry.queue,
              settings.max_batch, settings.max_wait_ms, entry.sampling)
-    return BatchWorker(entry.queue, connection=conn, name=entry.name, runner=runner, health=health,
-                       max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+    return BatchWorker(entry.queue, connection=conn, name=entry.name, runner=runner, publisher=publisher,
+                       health=health, sampling=entry.sampling, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                        result_ttl=settings.result_ttl_s, deadline_s=settings.worker_deadline_s,
                        max_requeues=settings.max_requeues)
 

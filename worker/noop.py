@@ -2,37 +2,18 @@
 
 `STAR_MODEL=noop[:SIZE[:SCALE_MS]]`, e.g. `noop`, `noop:1024` or `noop:512:20` (20 ms per scale).
 It measures the service around the model (queue, batching, PNG, storage) and lets tests hold a
-batch open between scales. Imports neither torch nor `model`.
+batch open between scales. Imports no torch: its requests and results are model.request's.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
+from model.request import ImageRequest, ImageResult
+
 SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's 256-px schedule; S = 10 scales
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """Same fields as model.pipeline.ImageRequest (used when the model package is not imported)."""
-
-    prompt: str
-    seed: int
-    negative_prompt: str = ""
-    cfg: float = 4.0
-    top_k: int = 600
-    top_p: float = 0.8
-    temperature: float = 1.0
-
-
-@dataclass
-class ImageResult:
-    image: np.ndarray | None
-    prompt_truncated: bool
-    canceled: bool = False
 
 
 class NoopPipeline:

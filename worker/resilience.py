@@ -40,13 +40,16 @@ def retry_redis(action: Callable[[], T], what: str, give_up_s: float = 300.0,
 class RedisTolerant(SimpleWorker):
     """RQ worker whose housekeeping survives Redis being away for a while."""
 
+    def stopping(self) -> bool:
+        """Whether a stop was asked for (the start-up registration stops retrying then)."""
+        return False
+
     def set_state(self, state: str, pipeline=None) -> None:
         if pipeline is not None:
             return super().set_state(state, pipeline=pipeline)
         try:
-            super().set_state(state)
+            super().set_state(state)   # RQ keeps the state in memory before writing it
         except REDIS_DOWN as exc:
-            self._state = state
             log.debug("worker state %s not written: %s", state, exc)
 
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
@@ -72,7 +75,7 @@ class RedisTolerant(SimpleWorker):
 
     def bootstrap(self, *args, **kwargs) -> None:
         retry_redis(lambda: super(RedisTolerant, self).bootstrap(*args, **kwargs), "worker registration",
-                    give_up_s=float("inf"), stop=lambda: self._stop_requested)
+                    give_up_s=float("inf"), stop=self.stopping)
 
     def teardown(self) -> None:
         try:

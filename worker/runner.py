@@ -1,150 +1,127 @@
-"""Run one batch: build the model requests, make one model call, then encode and store each job's
-PNGs on a thread pool (off the model's critical path) and end each job on its own.
+"""Run: one model call for a batch of started jobs, and a typed outcome for each job.
+
+`BatchRunner.run(batch, on_scale)` builds the model requests (worker.sampling), calls the pipeline
+once and returns one outcome per job, in order: Succeeded (its images, not yet stored), Failed
+(a code and a message), Canceled, or Released (taken away from this worker, or the whole batch
+given back when the drain grace ran out). It never talks to Redis: progress and cancels reach it
+through `on_scale(k, scales, live_job_ids)`, called after each scale, which answers the jobs to
+stop now ({job id: "canceled" | "lost"}) or raises BatchReleased.
 
 A failing request never fails its batch-mates: if the batched call raises, each job is run again
-alone, so only the request that fails alone is marked failed. Out of device memory, the call is
-split in halves and retried (worker.devices); a device error that leaves the device unusable
-(illegal memory access, device-side assert) raises DeviceFailure: the worker gives its batch back
-and exits.
+alone, so only the request that fails alone fails. Out of device memory, the call is split in
+halves and retried (worker.devices); a device error that leaves the device unusable (illegal
+memory access, device-side assert) raises DeviceFailure: the worker gives its batch back and exits.
 """
 from __future__ import annotations
 
 import logging
-import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
-from app import recovery
-from app.schemas import fill_sampling, model_sampling_defaults
-from app.storage import Storage, new_image_id
+from model.request import ImageRequest, ImageResult
 from worker.devices import DeviceFailure, DoesNotFit, free_device_memory, is_fatal_device_error, is_oom
 from worker.metrics import WorkerMetrics
-from worker.png import encode_png, png_text
-from worker.resilience import REDIS_DOWN
+from worker.sampling import image_requests
 
 log = logging.getLogger(__name__)
-__all__ = ["BatchRunner", "BatchReleased", "DeviceFailure"]
+__all__ = ["BatchRunner", "BatchReleased", "DeviceFailure", "Work", "Outcome", "Succeeded", "Failed",
+           "Canceled", "Released", "ScaleCallback"]
 
 
 class BatchReleased(Exception):
-    """Raised at a scale boundary once the drain grace is over: the batch's jobs are requeued."""
+    """Raised by on_scale once the drain grace is over: the batch's jobs go back to the queue."""
 
 
-def request_class(pipeline: object) -> type:
-    """The ImageRequest type of a pipeline (the noop pipeline avoids importing torch)."""
-    from worker.noop import NoopPipeline
+@dataclass(frozen=True)
+class Work:
+    """One started job as the model sees it."""
 
-    if isinstance(pipeline, NoopPipeline):
-        from worker.noop import ImageRequest
-    else:
-        from model.pipeline import ImageRequest
-    return ImageRequest
+    job_id: str
+    params: dict      # the request, every field filled (API names)
 
 
-def image_requests(make: type, params: dict) -> list:
-    """The n model requests of one job (sampling fields already filled): image i uses seed + i."""
-    return [make(prompt=params["prompt"], seed=params["seed"] + i, negative_prompt=params["negative_prompt"],
-                 cfg=params["guidance_scale"], top_k=params["top_k"], top_p=params["top_p"],
-                 temperature=params["temperature"]) for i in range(params["n"])]
-
-
-@dataclass
-class BatchReport:
-    """Collects one batch's numbers; the last job to finish writes the batch's log line."""
-
-    job_ids: list[str]
-    images: int
-    queue_wait_s: list[float]
+@dataclass(frozen=True)
+class Succeeded:
+    job_id: str
+    results: list[ImageResult]   # one per image, seed order
     model_s: float
-    pending: int
-    encode_s: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def done(self, encode_s: float = 0.0) -> None:
-        with self.lock:
-            self.encode_s += encode_s
-            self.pending -= 1
-            if self.pending:
-                return
-        wait = max(self.queue_wait_s, default=0.0)
-        log.info("batch jobs=%s size=%d images=%d queue_wait_max=%.3fs model=%.3fs encode=%.3fs",
-                 ",".join(self.job_ids), len(self.job_ids), self.images, wait, self.model_s, self.encode_s)
 
 
-def pipeline_sampling(pipeline: object) -> dict:
-    """The effective sampling defaults of a loaded pipeline (API names): its model directory's
-    "sampling" block (`pipeline.sampling`, from model.model_dir.sampling_defaults) over the
-    service's DEFAULT_SAMPLING; ValueError if the directory's values are out of the API's bounds."""
-    return model_sampling_defaults(getattr(pipeline, "sampling", None))
+@dataclass(frozen=True)
+class Failed:
+    job_id: str
+    code: str                    # model_error, out_of_memory
+    message: str
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Canceled:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Released:
+    job_id: str
+    reason: str                  # "lost": re-queued away from this worker; "drain": the grace ran out
+
+
+Outcome = Succeeded | Failed | Canceled | Released
+ScaleCallback = Callable[[int, int, list[str]], Mapping[str, str]]
 
 
 class BatchRunner:
-    def __init__(self, pipeline, storage: Storage, metrics: WorkerMetrics, conn, encode_threads: int = 2,
-                 sampling: dict | None = None):
+    def __init__(self, pipeline, metrics: WorkerMetrics):
         self.pipeline = pipeline
-        self.storage = storage
         self.metrics = metrics
-        self.conn = conn
-        self.model_name: str = pipeline.name
-        self.sampling = sampling if sampling is not None else pipeline_sampling(pipeline)
-        self.make_request = request_class(pipeline)
-        self.pool = ThreadPoolExecutor(encode_threads, thread_name_prefix="star-encode")
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
-    def warm_up(self) -> None:
+    def warm_up(self, defaults: dict) -> None:
         t0 = time.perf_counter()
-        params = fill_sampling({"prompt": "warm-up", "negative_prompt": "", "n": 1, "seed": 0}, self.sampling)
-        self.pipeline.generate(image_requests(self.make_request, params))
+        self.pipeline.generate(image_requests({"prompt": "warm-up", "negative_prompt": "", "n": 1, "seed": 0,
+                                               **defaults}))
         log.info("warm-up generation took %.2fs", time.perf_counter() - t0)
 
-    def run(self, batch: list, finisher) -> None:
-        """One model call for `batch` (Running jobs); each job ends through `finisher`."""
-        requests, rows = [], {}
-        for running in batch:
-            rows[running.job.id] = range(len(requests), len(requests) + running.images)
-            requests += image_requests(self.make_request, running.params)
-        stopped: set[str] = set()
+    def run(self, batch: Sequence[Work], on_scale: ScaleCallback) -> list[Outcome]:
+        """One model call for `batch`; one outcome per job, in order."""
+        requests: list[ImageRequest] = []
+        rows: dict[str, range] = {}
+        for work in batch:
+            mine = image_requests(work.params)
+            rows[work.job_id] = range(len(requests), len(requests) + len(mine))
+            requests += mine
+        stopped: dict[str, str] = {}
         t0 = time.perf_counter()
         try:
-            results = self._generate(requests, self._on_scale(batch, rows, stopped, finisher))
+            results = self._generate(requests, self._rows_to_stop(batch, rows, stopped, on_scale))
         except BatchReleased:
-            return   # the drain grace ran out: the jobs are back on the queue
+            return [Released(work.job_id, "drain") for work in batch]
         except Exception as exc:
             if is_fatal_device_error(exc):
                 raise DeviceFailure(f"{type(exc).__name__}: {exc}") from exc
-            error = exc
+            error: Exception | None = exc
         else:
             error = None
         if error is not None:   # handled outside the except block: solo reruns don't chain tracebacks
-            self._after_model_error(batch, finisher, error)
-            return
+            return self._after_model_error(batch, on_scale, error)
         model_s = time.perf_counter() - t0
         if len(results) != len(requests):   # a bug outside any one request: nothing is published
             raise RuntimeError(f"the pipeline returned {len(results)} results for {len(requests)} requests")
-        self._dispatch(batch, rows, results, stopped, model_s, finisher)
-
-    def _dispatch(self, batch: list, rows: dict, results: list, stopped: set[str], model_s: float,
-                  finisher) -> None:
         self.metrics.observe_batch(len(batch), len(results), model_s)
         self.metrics.observe_gpu_memory(getattr(self.pipeline, "device", "cpu"))
-        report = BatchReport([r.job.id for r in batch], len(results), [_queue_wait(r.job) for r in batch],
-                             model_s, pending=len(batch))
-        for running in batch:
-            mine = [results[i] for i in rows[running.job.id]]
-            too_large = next((r for r in mine if isinstance(r, DoesNotFit)), None)
-            if running.job.id in stopped or any(getattr(r, "canceled", False) for r in mine):
-                finisher.finish_canceled(running)
-                report.done()
-            elif too_large is not None:
-                finisher.finish_failed(running, "out_of_memory", too_large.message)
-                report.done()
-            else:
-                running.stage = "encode"
-                self.pool.submit(self._store, running, mine, model_s, finisher, report)
+        return [self._outcome(work.job_id, [results[i] for i in rows[work.job_id]], stopped, model_s)
+                for work in batch]
+
+    @staticmethod
+    def _outcome(job_id: str, results: list, stopped: dict[str, str], model_s: float) -> Outcome:
+        too_large = next((r for r in results if isinstance(r, DoesNotFit)), None)
+        if stopped.get(job_id) == "lost":
+            return Released(job_id, "lost")
+        if job_id in stopped or any(r.canceled for r in results):
+            return Canceled(job_id)
+        if too_large is not None:
+            return Failed(job_id, "out_of_memory", too_large.message)
+        return Succeeded(job_id, results, model_s)
 
     def _generate(self, requests: list, on_scale, start: int = 0) -> list:
         """The model call; out of device memory, the requests are split in halves and each half
@@ -168,71 +145,23 @@ class BatchRunner:
         return (self._generate(requests[:half], on_scale, start)
                 + self._generate(requests[half:], on_scale, start + half))
 
-    def _on_scale(self, batch: list, rows: dict, stopped: set[str], finisher):
-        """Progress and cancel flags at each scale boundary; returns every row to stop so far
-        (canceled, or re-queued away from this worker)."""
-        tokens = {r.job.id: r.token for r in batch}
-
-        def on_scale(k: int, scales: int) -> list[int]:
-            if finisher.released:
-                raise BatchReleased()
-            live = [r.job for r in batch if r.job.id not in stopped]
-            try:
-                canceled, lost = recovery.scale_boundary(self.conn, live, tokens, k, scales)
-            except REDIS_DOWN as exc:   # progress is best-effort; the batch goes on
-                log.warning("scale %d/%d: progress not recorded (Redis unavailable: %s)", k, scales, exc)
-                canceled = lost = set()
-            stopped.update(canceled, lost)
-            return [i for job_id in stopped for i in rows[job_id]]
-        return on_scale
-
-    def _after_model_error(self, batch: list, finisher, exc: Exception) -> None:
-        if len(batch) == 1:
-            log.error("job %s failed in the model: %s", batch[0].job.id, exc)
-            finisher.finish_failed(batch[0], "model_error", f"{type(exc).__name__}: {exc}",
-                                   (type(exc), exc, exc.__traceback__))
-            return
-        log.warning("batch of %d failed (%s); running each job alone to isolate the failure", len(batch), exc)
-        for running in batch:
-            self.run([running], finisher)
-
-    def _store(self, running, results: list, model_s: float, finisher, report: BatchReport) -> None:
-        """Encode + store one job's PNGs, then mark it finished (runs on the encode pool). If the
-        job was taken away from this worker meanwhile, its PNGs are deleted unpublished."""
-        t0 = time.perf_counter()
-        try:
-            images = [self._store_one(running.params, running.params["seed"] + i, result.image)
-                      for i, result in enumerate(results)]
-        except Exception as exc:
-            log.exception("job %s: storing its images failed", running.job.id)
-            self._guarded(finisher.finish_failed, running, "storage_error",   # no paths in the answer
-                          f"the images could not be stored ({type(exc).__name__}; details in the worker's log)",
-                          sys.exc_info())
-        else:
-            encode_s = time.perf_counter() - t0
-            self.metrics.encode_seconds.observe(encode_s)
-            self.metrics.images.inc(len(images))
-            published = self._guarded(finisher.finish_succeeded, running, {
-                "images": images, "prompt_truncated": any(r.prompt_truncated for r in results),
-                "model_s": round(model_s, 4), "encode_s": round(encode_s, 4)})
-            if not published:
-                for image in images:
-                    self.storage.delete(image["id"])
-        report.done(time.perf_counter() - t0)
-
-    def _store_one(self, params: dict, seed: int, image) -> dict:
-        image_id = new_image_id()
-        self.storage.put(image_id, encode_png(image, png_text(params, seed, self.model_name)))
-        height, width = image.shape[:2]
-        return {"id": image_id, "seed": seed, "width": width, "height": height}
-
     @staticmethod
-    def _guarded(finish, running, *args) -> bool:
-        try:
-            return finish(running, *args) is not False
-        except Exception:
-            log.exception("job %s: could not record its outcome", running.job.id)
-            return False
+    def _rows_to_stop(batch: Sequence[Work], rows: dict[str, range], stopped: dict[str, str],
+                      on_scale: ScaleCallback) -> Callable[[int, int], list[int]]:
+        """The pipeline's on_scale: asks the worker's callback about the jobs still running and
+        returns every row to stop so far (canceled, or re-queued away from this worker)."""
+        def rows_to_stop(k: int, scales: int) -> list[int]:
+            live = [work.job_id for work in batch if work.job_id not in stopped]
+            stopped.update(on_scale(k, scales, live))
+            return [i for job_id in stopped for i in rows[job_id]]
+        return rows_to_stop
+
+    def _after_model_error(self, batch: Sequence[Work], on_scale: ScaleCallback, exc: Exception) -> list[Outcome]:
+        if len(batch) == 1:
+            log.error("job %s failed in the model: %s", batch[0].job_id, exc)
+            return [Failed(batch[0].job_id, "model_error", f"{type(exc).__name__}: {exc}", exc)]
+        log.warning("batch of %d failed (%s); running each job alone to isolate the failure", len(batch), exc)
+        return [outcome for work in batch for outcome in self.run([work], on_scale)]
 
 
 def _window(on_scale, start: int, length: int):
@@ -240,9 +169,3 @@ def _window(on_scale, start: int, length: int):
     def inner(k: int, scales: int) -> list[int]:
         return [i - start for i in on_scale(k, scales) if start <= i < start + length]
     return inner
-
-
-def _queue_wait(job) -> float:
-    if job.started_at and job.enqueued_at:
-        return (job.started_at - job.enqueued_at).total_seconds()
-    return 0.0

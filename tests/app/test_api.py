@@ -9,14 +9,17 @@ import pytest
 from fastapi.testclient import TestClient
 from rq.job import Job, JobStatus
 
-from app import queue as q
+from app.jobs.keys import WORKERS_SET, WORKER_KEY
+from app.jobs.read import queue_depth
+from app.jobs.rq_adapter import SERIALIZER, queue_name
+from app.jobs.workers import WorkerEntry, live_workers, publish_worker
 
 PROMPT = {"prompt": "a red fox in the snow"}
 
 
 def publish(conn, name="w1", model="tiny", size=256, state="ready", max_batch=8, sampling=None):
-    q.publish_worker(conn, q.WorkerEntry(name=name, model=model, state=state, size=size,
-                                         queue=q.queue_name(model), max_batch=max_batch, sampling=sampling),
+    publish_worker(conn, WorkerEntry(name=name, model=model, state=state, size=size,
+                                         queue=queue_name(model), max_batch=max_batch, sampling=sampling),
                      ttl_s=60)
 
 
@@ -74,7 +77,7 @@ def test_invalid_requests_are_422_naming_the_field_and_range(client, conn, body,
     publish(conn)
     error = assert_error(client.post("/generate", json=body), 422, "invalid_request", field)
     assert expect in error["message"]
-    assert q.queue_depth(conn, "tiny") == 0
+    assert queue_depth(conn, "tiny") == 0
 
 
 def test_a_body_that_is_not_json_is_422(client, conn):
@@ -151,7 +154,7 @@ def test_generate_queues_a_job_and_reports_it(client, conn):
     request = client.get(f"/jobs/{second['id']}").json()["request"]
     assert request["seed"] == 7 and request["top_k"] == 0 and request["temperature"] == 0.5
     assert request["guidance_scale"] is None and request["top_p"] is None
-    assert q.queue_depth(conn, "star-512") == 1 and q.queue_depth(conn, "tiny") == 1
+    assert queue_depth(conn, "star-512") == 1 and queue_depth(conn, "tiny") == 1
 
 
 def test_draining_and_sizeless_workers_serve_nothing(client, conn):
@@ -183,8 +186,8 @@ def test_cancel_a_queued_job_at_once(client, conn):
     job_id = client.post("/generate", json=PROMPT).json()["id"]
     response = client.delete(f"/jobs/{job_id}")
     assert response.status_code == 200 and response.json()["status"] == "canceled"
-    assert q.queue_depth(conn, "tiny") == 0
-    assert Job.fetch(job_id, connection=conn, serializer=q.SERIALIZER).get_status() == JobStatus.CANCELED
+    assert queue_depth(conn, "tiny") == 0
+    assert Job.fetch(job_id, connection=conn, serializer=SERIALIZER).get_status() == JobStatus.CANCELED
     assert client.get(f"/jobs/{job_id}").json()["status"] == "canceled"
     again = client.delete(f"/jobs/{job_id}")   # DELETE is idempotent
     assert again.status_code == 200 and again.json()["status"] == "canceled"
@@ -221,18 +224,18 @@ def test_worker_entries_of_newer_workers_are_read(client, conn):
     import json
 
     entry = {"name": "new", "model": "tiny", "state": "ready", "size": 256, "a_later_field": 1}
-    conn.set(q.WORKER_KEY.format("new"), json.dumps(entry), ex=60)
-    conn.sadd(q.WORKERS_SET, "new")
-    assert [e.name for e in q.live_workers(conn)] == ["new"]
+    conn.set(WORKER_KEY.format("new"), json.dumps(entry), ex=60)
+    conn.sadd(WORKERS_SET, "new")
+    assert [e.name for e in live_workers(conn)] == ["new"]
     assert client.get("/models").json()["sizes"] == [256]
 
 
 def test_a_worker_whose_heartbeat_expired_is_gone(client, conn):
-    q.publish_worker(conn, q.WorkerEntry(name="old", model="tiny", state="ready", size=256), ttl_s=1)
+    publish_worker(conn, WorkerEntry(name="old", model="tiny", state="ready", size=256), ttl_s=1)
     assert client.get("/readyz").status_code == 200
     time.sleep(1.2)
     assert client.get("/readyz").status_code == 503
-    assert conn.smembers(q.WORKERS_SET) == set()
+    assert conn.smembers(WORKERS_SET) == set()
 
 
 def test_redis_down_is_503(make_client):

@@ -1,7 +1,8 @@
 """docs/api.md stays in step with the code: every setting and every route is documented."""
 from pathlib import Path
 
-from app.settings import ApiSettings, WorkerSettings
+from app.settings import ApiSettings
+from worker.settings import WorkerSettings
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
 

@@ -1,11 +1,15 @@
 """Image storage and serving, and the API's Prometheus metrics."""
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import queue as q
+from app.jobs.finish import record_timings
+from app.jobs.keys import TIMINGS_KEY
+from app.jobs.submit import enqueue
 from app.storage import LocalStorage, is_image_id, new_image_id
 
 
@@ -87,15 +91,16 @@ def test_metrics_count_requests_by_route_template_and_status(client):
 
 
 def test_metrics_report_queue_depth_and_finished_job_timings(client, conn):
-    q.enqueue(conn, {"prompt": "x", "n": 1, "size": 256}, "tiny", deadline_s=60, result_ttl=60, failure_ttl=60)
-    q.record_finished(conn, "tiny", "succeeded", latency_s=3.0, queue_wait_s=1.0)
-    q.record_finished(conn, "tiny", "failed", latency_s=0.7, queue_wait_s=None)
+    enqueue(conn, {"prompt": "x", "n": 1, "size": 256}, "tiny", job_id=str(uuid.uuid4()), deadline_s=60, result_ttl=60,
+            failure_ttl=60)
+    record_timings(conn, "tiny", "succeeded", latency_s=3.0, queue_wait_s=1.0)
+    record_timings(conn, "tiny", "failed", latency_s=0.7, queue_wait_s=None)
     metrics = samples(client.get("/metrics").text)
     assert metrics[("star_queue_depth", (("model", "tiny"),))] == 1
     assert metrics[("star_job_latency_seconds_count", (("model", "tiny"), ("status", "succeeded")))] == 1
     assert metrics[("star_job_latency_seconds_sum", (("model", "tiny"), ("status", "failed")))] == 0.7
     assert metrics[("star_job_queue_wait_seconds_count", (("model", "tiny"),))] == 1
     # each finished job is observed once: the timings were drained from Redis
-    assert conn.llen(q.TIMINGS_KEY) == 0
+    assert conn.llen(TIMINGS_KEY) == 0
     again = samples(client.get("/metrics").text)
     assert again[("star_job_latency_seconds_count", (("model", "tiny"), ("status", "succeeded")))] == 1

@@ -1,4 +1,5 @@
-from app.settings import ApiSettings, WorkerSettings
+from app.settings import ApiSettings
+from worker.settings import WorkerSettings
 
 
 def test_settings_read_star_environment(monkeypatch):

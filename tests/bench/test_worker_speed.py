@@ -6,7 +6,7 @@ import pytest
 
 import model.compile
 import model.memory
-from app.settings import WorkerSettings
+from worker.settings import WorkerSettings
 from model.memory import plan_for_pipeline
 from worker.noop import NoopPipeline
 from worker.speed import auto_max_batch, prepare_model

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app import queue as q
+from app.jobs.rq_adapter import queue_name
+from app.jobs.workers import WorkerEntry, publish_worker
 
 SLOW_WORKER = str(Path(__file__).resolve().parents[1] / "integration" / "slow_worker.py")
 SCALE_DELAY_MS = 80
@@ -36,8 +37,8 @@ def idle_api(redis_url, tmp_path, api_server, monkeypatch, conn):
     monkeypatch.setenv("STAR_EVENTS_POLL_S", "0.05")
     monkeypatch.setenv("STAR_EVENTS_HEARTBEAT_S", "0.2")
     monkeypatch.setenv("STAR_OPENAI_POLL_S", "0.05")
-    q.publish_worker(conn, q.WorkerEntry(name="idle", model="tiny", state="ready", size=256,
-                                         queue=q.queue_name("tiny")), ttl_s=60)
+    publish_worker(conn, WorkerEntry(name="idle", model="tiny", state="ready", size=256,
+                                         queue=queue_name("tiny")), ttl_s=60)
     with api_server(ApiSettings(redis_url=redis_url, storage_dir=tmp_path / "images")) as api:
         api.conn = conn
         yield api

@@ -17,7 +17,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from app import cli, cli_generate
+from app import cli
+from client import cli as cli_generate
 from app.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -78,10 +78,10 @@ def test_a_wait_past_the_timeout_is_504_once_and_the_job_is_canceled(stack, api_
 def test_a_caller_that_goes_away_has_its_job_canceled(idle_api, wait_until):
     from rq.registry import CanceledJobRegistry
 
-    from app import queue as q
+    from app.jobs.rq_adapter import get_queue
 
     with pytest.raises(httpx.TimeoutException):   # no worker runs it: the caller gives up
         httpx.post(f"{idle_api.url}/v1/images/generations", json={"prompt": "never mind"}, timeout=0.5)
-    queue = q.get_queue(idle_api.conn, "tiny")
+    queue = get_queue(idle_api.conn, "tiny")
     wait_until(lambda: CanceledJobRegistry(queue=queue).get_job_ids(), timeout=5, what="the job to be canceled")
     assert queue.count == 0

@@ -1,4 +1,4 @@
-"""app.client against the live stack (generate, progress, cancel, typed errors) and, with a mock
+"""The Python client (client/) against the live stack (generate, progress, cancel, typed errors) and, with a mock
 transport, its retry policy (Retry-After on 429/503, bounded, never other 4xx)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.client import (AsyncStarClient, Job, RetryPolicy, StarBusyError, StarClient, StarConnectionError,
+from client import (AsyncStarClient, Job, RetryPolicy, StarBusyError, StarClient, StarConnectionError,
                         StarRequestError, StarServerError, StarTimeout)
 from app.redis_server import free_port
 

@@ -35,14 +35,17 @@ def load_yaml(path: Path) -> list:
 
 
 def settings_env_names() -> set[str]:
-    """`STAR_FOO` for every field `foo` of every settings class in app/settings.py."""
+    """`STAR_FOO` for every field `foo` of every settings class in app/settings.py and worker/settings.py."""
     from pydantic_settings import BaseSettings
 
-    import app.settings as settings_module
+    import app.settings
+    import worker.settings
 
     names = set()
-    for _, cls in inspect.getmembers(settings_module, inspect.isclass):
-        if issubclass(cls, BaseSettings) and cls.__module__ == settings_module.__name__:
+    for settings_module in (app.settings, worker.settings):
+        for _, cls in inspect.getmembers(settings_module, inspect.isclass):
+            if not (issubclass(cls, BaseSettings) and cls.__module__ == settings_module.__name__):
+                continue
             prefix = cls.model_config.get("env_prefix", "")
             names |= {f"{prefix}{field}".upper() for field in cls.model_fields}
     return names

@@ -59,7 +59,8 @@ def test_every_star_variable_is_a_setting(manifests, unknown_vars):
 
 
 def test_configmap_values_are_valid_settings(manifests, monkeypatch):
-    from app.settings import ApiSettings, WorkerSettings
+    from app.settings import ApiSettings
+    from worker.settings import WorkerSettings
 
     for key, value in manifests[("ConfigMap", "star-config")]["data"].items():
         monkeypatch.setenv(key, value)
@@ -118,7 +119,7 @@ def test_images_volume_is_shared_read_write_many(manifests):
 
 
 def test_keda_scales_workers_on_the_rq_queue_of_the_model(manifests):
-    from app.queue import queue_name
+    from app.jobs.rq_adapter import queue_name
 
     scaled = manifests[("ScaledObject", "star-worker")]
     assert scaled["apiVersion"].startswith("keda.sh/")

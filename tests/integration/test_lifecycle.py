@@ -13,7 +13,7 @@ import pytest
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry
 
-from app import queue as q
+from app.jobs.rq_adapter import SERIALIZER, connect
 
 SLOW_WORKER = str(Path(__file__).with_name("slow_worker.py"))
 SCALE_DELAY_MS = 150   # x 10 scales: a batch takes 1.5 s + model time
@@ -94,8 +94,8 @@ def test_cancel_while_running_leaves_the_batch_mate_intact(api, stack):
     assert canceled["progress"] is None and canceled["timings"]["finished_at"]
     finished = until(client, mate, done)
     assert finished["status"] == "succeeded" and len(finished["images"]) == 1
-    conn = q.connect(stack.redis_url)
-    assert Job.fetch(doomed, connection=conn, serializer=q.SERIALIZER).get_status() == JobStatus.CANCELED
+    conn = connect(stack.redis_url)
+    assert Job.fetch(doomed, connection=conn, serializer=SERIALIZER).get_status() == JobStatus.CANCELED
     assert doomed in CanceledJobRegistry("star-tiny", connection=conn).get_job_ids()
 
 
@@ -127,7 +127,7 @@ def test_a_job_past_its_deadline_expires_unrun(api, stack):
     reported = view(client, late)                   # reported by the API before any worker looks
     assert reported["status"] == "expired" and reported["error"]["code"] == "expired"
     assert until(client, busy, done)["status"] == "succeeded"
-    conn = q.connect(stack.redis_url)
+    conn = connect(stack.redis_url)
     until(client, late, lambda v: late in FailedJobRegistry("star-tiny", connection=conn).get_job_ids())
     final = view(client, late)                      # the worker dequeued it and did not run it
     assert final["status"] == "expired" and final["timings"]["started_at"] is None

@@ -121,7 +121,7 @@ def test_the_openai_route_sends_no_defaults_of_its_own(service):
 
 def test_the_python_client_and_the_cli_leave_the_defaults_to_the_model(service, tmp_path, capsys):
     from app.cli import main
-    from app.client import StarClient
+    from client import StarClient
 
     with StarClient(service.url) as star:
         result = star.generate(PROMPT, size=128, seed=1, poll_s=0.05, timeout=60)

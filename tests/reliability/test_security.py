@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app import queue as q
+from app.jobs.keys import ACTIVE_KEY
+from app.jobs.read import queue_depth
+from app.jobs.rq_adapter import connect, get_queue, queue_name
+from app.jobs.workers import WorkerEntry, publish_worker
 from app.storage import LocalStorage
 
 KEYS = {"alice": "alice-secret-key-1", "bob": "bob-secret-key-2"}
@@ -25,8 +28,8 @@ def bearer(name: str) -> dict:
 
 
 def publish(conn, model="noop-64", size=64) -> None:
-    q.publish_worker(conn, q.WorkerEntry(name="w", model=model, state="ready", size=size,
-                                         queue=q.queue_name(model)), ttl_s=60)
+    publish_worker(conn, WorkerEntry(name="w", model=model, state="ready", size=size,
+                                         queue=queue_name(model)), ttl_s=60)
 
 
 @pytest.fixture
@@ -69,7 +72,7 @@ def test_requests_without_a_valid_key_are_401_and_probes_stay_open(make_client, 
                  "/jobs/00000000-0000-4000-8000-000000000000/events"):
         assert client.get(path).status_code == 401, path
     assert client.post("/v1/images/generations", json={"prompt": "x"}).status_code == 401
-    assert q.queue_depth(conn, "noop-64") == 0
+    assert queue_depth(conn, "noop-64") == 0
     for path in ("/healthz", "/readyz", "/metrics", "/", "/static/app.js", "/openapi.json"):
         assert client.get(path).status_code == 200, path
     assert client.post("/generate", json=BODY, headers=bearer("alice")).status_code == 202   # from the file
@@ -120,7 +123,7 @@ def test_concurrent_jobs_per_key_are_limited_and_freed_on_cancel_and_expiry(make
     time.sleep(1.1)   # second and third expire in the queue (no worker): their slots are pruned
     assert [client.post("/generate", json=BODY, headers=bearer("alice")).status_code for _ in range(3)] \
         == [202, 202, 429]
-    assert second not in {m.decode() for m in conn.smembers(q.ACTIVE_KEY.format("alice"))}
+    assert second not in {m.decode() for m in conn.smembers(ACTIVE_KEY.format("alice"))}
 
 
 def test_a_job_slot_is_freed_when_a_worker_ends_the_job(env_stack, h, tmp_path, redis_url):
@@ -132,8 +135,8 @@ def test_a_job_slot_is_freed_when_a_worker_ends_the_job(env_stack, h, tmp_path, 
     for prompt, status in (("fits", "succeeded"), ("huge", "failed"), ("fits again", "succeeded")):
         job_id = h.post(api.client, prompt)
         assert h.wait_job(api.client, job_id, timeout=30)["status"] == status
-    conn = q.connect(redis_url)
-    assert conn.scard(q.ACTIVE_KEY.format("alice")) == 0
+    conn = connect(redis_url)
+    assert conn.scard(ACTIVE_KEY.format("alice")) == 0
 
 
 # ------------------------------------------------------------------------------------ Idempotency-Key
@@ -146,7 +149,7 @@ def test_idempotency_key_returns_the_same_job_and_refuses_another_body(make_clie
     again = client.post("/generate", json=BODY, headers=headers)
     assert first.status_code == again.status_code == 202
     assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
-    assert q.queue_depth(conn, "noop-64") == 1
+    assert queue_depth(conn, "noop-64") == 1
     other = client.post("/generate", json={**BODY, "seed": 1}, headers=headers)
     assert other.status_code == 409 and error_code(other) == "idempotency_conflict"
     bobs = client.post("/generate", json=BODY, headers={**bearer("bob"), "Idempotency-Key": "order-42"})
@@ -161,7 +164,7 @@ def test_a_refused_first_request_leaves_its_idempotency_key_free(make_client, co
     assert client.post("/generate", json=BODY, headers=bearer("alice")).status_code == 202
     headers = {**bearer("alice"), "Idempotency-Key": "retry-me"}
     assert client.post("/generate", json=BODY, headers=headers).status_code == 429   # queue full
-    conn.delete(q.get_queue(conn, "noop-64").key)                                    # room again
+    conn.delete(get_queue(conn, "noop-64").key)                                    # room again
     assert client.post("/generate", json=BODY, headers=headers).status_code == 202
 
 
@@ -186,7 +189,7 @@ def test_bodies_prompts_and_fields_are_limited(make_client, conn):
     assert client.post("/generate", json={"prompt": "ok", "negative_prompt": "n" * 101}).status_code == 422
     assert client.post("/generate", json={"prompt": "ok", "n": 5}).status_code == 422
     assert client.post("/generate", json={"prompt": "ok", "sampler": "ddim"}).status_code == 422
-    assert q.queue_depth(conn, "noop-64") == 0
+    assert queue_depth(conn, "noop-64") == 0
     assert client.post("/generate", json={"prompt": "z" * 100}).status_code == 202
 
 

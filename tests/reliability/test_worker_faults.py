@@ -12,16 +12,16 @@ import pytest
 from rq import Queue
 from rq.job import Job
 
-from app import queue as q
+from app.jobs.rq_adapter import SERIALIZER, connect, queue_name
 from app.redis_server import free_port
 
 
 def job_meta(redis_url: str, job_id: str) -> dict:
-    return Job.fetch(job_id, connection=q.connect(redis_url), serializer=q.SERIALIZER).meta
+    return Job.fetch(job_id, connection=connect(redis_url), serializer=SERIALIZER).meta
 
 
 def registries_are_clean(redis_url: str, model: str = "noop-64") -> None:
-    queue = Queue(q.queue_name(model), connection=q.connect(redis_url))
+    queue = Queue(queue_name(model), connection=connect(redis_url))
     assert queue.started_job_registry.get_job_ids(cleanup=False) == []
     assert queue.failed_job_registry.get_job_ids(cleanup=False) == []
 
@@ -40,7 +40,7 @@ def test_a_worker_killed_mid_batch_loses_no_job(env_stack, h, redis_url, tmp_pat
     for job_id, n in zip(ids, sizes):
         view = h.wait_job(api.client, job_id, timeout=30)
         assert view["status"] == "succeeded" and len(view["images"]) == n, view
-        job = Job.fetch(job_id, connection=q.connect(redis_url), serializer=q.SERIALIZER)
+        job = Job.fetch(job_id, connection=connect(redis_url), serializer=SERIALIZER)
         assert job.meta["requeues"] == 1
         assert job.meta["deadline_at"] > job.enqueued_at.timestamp() + 2.5   # extended when re-queued
     assert len(h.stored_pngs(tmp_path / "images")) == sum(sizes)   # exactly one set per job
@@ -62,7 +62,7 @@ def test_the_api_requeues_the_jobs_of_a_dead_worker_when_no_worker_is_left(env_s
         assert h.view(api.client, job_id)["status"] == "running"
         return
     h.wait_job(api.client, job_id, lambda v: v["status"] == "queued", timeout=20)
-    assert Job.fetch(job_id, connection=q.connect(redis_url), serializer=q.SERIALIZER).meta["requeues"] == 1
+    assert Job.fetch(job_id, connection=connect(redis_url), serializer=SERIALIZER).meta["requeues"] == 1
     start_worker("late")
     done = h.wait_job(api.client, job_id, timeout=30)
     assert done["status"] == "succeeded" and len(done["images"]) == 1, done

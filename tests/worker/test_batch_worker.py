@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -13,11 +14,17 @@ from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
 from rq.worker import SimpleWorker
 
-from app import queue as q
-from app.settings import WorkerSettings
+from app.jobs import submit
+from app.jobs.cancel import request_cancel
+from app.jobs.keys import CANCEL_KEY, WORKERS_SET
+from app.jobs.read import read_job
+from app.jobs.rq_adapter import SERIALIZER, queue_name
+from app.jobs.workers import live_workers
 from app.storage import LocalStorage
+from model.request import ImageResult
 from worker.main import run
-from worker.noop import ImageResult, NoopPipeline
+from worker.noop import NoopPipeline
+from worker.settings import WorkerSettings
 
 
 class SeedPipeline(NoopPipeline):
@@ -56,12 +63,13 @@ def settings(redis_url, tmp_path):
 
 
 def enqueue(conn, p, deadline_s=60.0):
-    job, _ = q.enqueue(conn, p, "noop-64", deadline_s=deadline_s, result_ttl=600, failure_ttl=600)
+    job, _ = submit.enqueue(conn, p, "noop-64", job_id=str(uuid.uuid4()), deadline_s=deadline_s, result_ttl=600,
+                            failure_ttl=600)
     return job.id
 
 
 def state(conn, job_id):
-    return q.read_job(conn, job_id)
+    return read_job(conn, job_id)
 
 
 def test_compatible_jobs_run_as_batches_with_per_request_results(conn, settings):
@@ -79,9 +87,9 @@ def test_compatible_jobs_run_as_batches_with_per_request_results(conn, settings)
             png = Image.open(io.BytesIO(storage.get(img["id"])))
             assert png.text["seed"] == str(img["seed"]) and png.text["prompt"] == f"p{i}"
             assert (np.asarray(png) == img["seed"] % 251).all()
-    finished = FinishedJobRegistry(q.queue_name("noop-64"), connection=conn)
+    finished = FinishedJobRegistry(queue_name("noop-64"), connection=conn)
     assert sorted(finished.get_job_ids()) == sorted(ids)
-    assert conn.smembers(q.WORKERS_SET) == set()   # the worker left the registry on exit
+    assert conn.smembers(WORKERS_SET) == set()   # the worker left the registry on exit
 
 
 def test_a_failing_request_does_not_fail_its_batch_mates(conn, settings):
@@ -93,7 +101,7 @@ def test_a_failing_request_does_not_fail_its_batch_mates(conn, settings):
     failed = state(conn, boom)
     assert failed.status == "failed" and failed.error["code"] == "model_error"
     assert "cannot draw a boom" in failed.error["message"]
-    assert FailedJobRegistry(q.queue_name("noop-64"), connection=conn).get_job_ids() == [boom]
+    assert FailedJobRegistry(queue_name("noop-64"), connection=conn).get_job_ids() == [boom]
 
 
 def test_a_job_dequeued_past_its_deadline_expires_without_running(conn, settings):
@@ -102,10 +110,10 @@ def test_a_job_dequeued_past_its_deadline_expires_without_running(conn, settings
     time.sleep(0.1)
     fresh = enqueue(conn, params("fresh"))
     run(settings, pipeline=pipe, burst=True)
-    assert pipe.batches == [["fresh"]]
+    assert pipe.batches == [["fresh"]] and state(conn, fresh).status == "succeeded"
     view = state(conn, late)
     assert view.status == "expired" and view.error["code"] == "expired" and view.started_at is None
-    assert FailedJobRegistry(q.queue_name("noop-64"), connection=conn).get_job_ids() == [late]
+    assert FailedJobRegistry(queue_name("noop-64"), connection=conn).get_job_ids() == [late]
 
 
 def test_cancel_while_running_stops_only_that_job(conn, settings):
@@ -113,27 +121,27 @@ def test_cancel_while_running_stops_only_that_job(conn, settings):
 
     def cancel_b_at_scale_2(k, requests):
         if k == 2:
-            assert q.request_cancel(conn, ids["b"]) == "cancel_requested"
+            assert request_cancel(conn, ids["b"]) == "cancel_requested"
 
     pipe = SeedPipeline(cancel_b_at_scale_2)
     ids = {name: enqueue(conn, params(name, seed=7 * i)) for i, name in enumerate("abc")}
     run(settings, pipeline=pipe, burst=True)
     assert state(conn, ids["b"]).status == "canceled"
-    job_b = Job.fetch(ids["b"], connection=conn, serializer=q.SERIALIZER)
+    job_b = Job.fetch(ids["b"], connection=conn, serializer=SERIALIZER)
     assert job_b.get_status() == JobStatus.CANCELED and job_b.ended_at is not None
-    assert ids["b"] in CanceledJobRegistry(q.queue_name("noop-64"), connection=conn).get_job_ids()
+    assert ids["b"] in CanceledJobRegistry(queue_name("noop-64"), connection=conn).get_job_ids()
     for name in "ac":
         view = state(conn, ids[name])
         assert view.status == "succeeded" and view.images[0]["seed"] == 7 * "abc".index(name)
-    assert not conn.exists(q.CANCEL_KEY.format(ids["b"]))
+    assert not conn.exists(CANCEL_KEY.format(ids["b"]))
 
 
 def test_a_job_canceled_while_queued_never_runs(conn, settings):
     pipe = SeedPipeline()
     gone, kept = enqueue(conn, params("gone")), enqueue(conn, params("kept"))
-    assert q.request_cancel(conn, gone) == "canceled"
+    assert request_cancel(conn, gone) == "canceled"
     run(settings, pipeline=pipe, burst=True)
-    assert pipe.batches == [["kept"]]
+    assert pipe.batches == [["kept"]] and state(conn, kept).status == "succeeded"
     assert state(conn, gone).status == "canceled"
 
 
@@ -141,24 +149,24 @@ def test_a_job_canceled_while_queued_never_runs(conn, settings):
 def test_a_job_changed_between_dequeue_and_start_is_dropped_and_its_batch_mates_run(conn, settings, monkeypatch, change):
     """Injected race: the job's record changes after the worker took it off the queue, just before
     it is marked started. It must not run, and the rest of the batch must."""
-    from worker.rq_worker import BatchWorker
+    from app.jobs import claim
 
     pipe = SeedPipeline()
     ids = {name: enqueue(conn, params(name)) for name in ("first", "victim", "last")}
-    start_once = BatchWorker._start_once
+    start = claim.start
 
-    def racing(self, job):
+    def racing(worker, job, queue, defaults):
         if job.id == ids["victim"]:
             if change == "canceled":
                 conn.hset(job.key, "status", JobStatus.CANCELED.value)
             else:
                 conn.delete(job.key)
-        return start_once(self, job)
+        return start(worker, job, queue, defaults)
 
-    monkeypatch.setattr(BatchWorker, "_start_once", racing)
+    monkeypatch.setattr(claim, "start", racing)
     run(settings, pipeline=pipe, burst=True)
     assert pipe.batches == [["first", "last"]]
-    assert not conn.lrange(Queue(q.queue_name("noop-64"), connection=conn).intermediate_queue_key, 0, -1)
+    assert not conn.lrange(Queue(queue_name("noop-64"), connection=conn).intermediate_queue_key, 0, -1)
     for name in ("first", "last"):
         assert state(conn, ids[name]).status == "succeeded"
 
@@ -167,10 +175,10 @@ def test_heartbeats_and_state_stay_alive_during_a_long_batch(conn, settings):
     seen = []
 
     def observe(k, requests):
-        job = Job.fetch(job_id, connection=conn, serializer=q.SERIALIZER)
-        worker = next(e for e in q.live_workers(conn) if e.name == "w-test")
+        job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
+        worker = next(e for e in live_workers(conn) if e.name == "w-test")
         seen.append((job.last_heartbeat, worker.state, worker.heartbeat_at,
-                     job_id in Queue(q.queue_name("noop-64"), connection=conn).started_job_registry))
+                     job_id in Queue(queue_name("noop-64"), connection=conn).started_job_registry))
 
     pipe = SeedPipeline(observe, scale_s=0.15)   # 10 scales: 1.5 s, heartbeat period 0.2 s
     job_id = enqueue(conn, params("slow"))
@@ -211,13 +219,13 @@ def test_a_worker_bug_fails_the_started_jobs_and_the_worker_goes_on(conn, settin
     for job_id in first + [last]:
         view = state(conn, job_id)
         assert view.status == "failed" and view.error["code"] == "internal_error", view
-    assert Queue(q.queue_name("noop-64"), connection=conn).started_job_registry.count == 0
+    assert Queue(queue_name("noop-64"), connection=conn).started_job_registry.count == 0
 
 
 def test_a_model_that_does_not_load_exits_1_and_leaves_no_worker_behind(conn, settings):
     bad = settings.model_copy(update={"model": "noop:not-a-size"})
     assert run(bad) == 1
-    assert q.live_workers(conn) == []
+    assert live_workers(conn) == []
 
 
 def test_run_restores_the_signal_handlers(conn, settings):
@@ -283,7 +291,7 @@ def test_a_model_without_sampling_defaults_gets_the_global_ones(conn, settings):
 def test_the_worker_advertises_its_models_sampling_defaults(conn, settings):
     seen = []
     pipe = SamplingPipeline({"cfg": 3})
-    pipe.hook = lambda k, requests: seen.extend(e.sampling for e in q.live_workers(conn))
+    pipe.hook = lambda k, requests: seen.extend(e.sampling for e in live_workers(conn))
     enqueue(conn, params("x"))
     run(settings, pipeline=pipe, burst=True)
     assert seen and seen[0] == {"guidance_scale": 3.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
@@ -292,4 +300,4 @@ def test_the_worker_advertises_its_models_sampling_defaults(conn, settings):
 def test_a_model_whose_sampling_defaults_are_out_of_range_does_not_start(conn, settings, caplog):
     assert run(settings, pipeline=SamplingPipeline({"top_p": 2.0}), burst=True) == 1
     assert "top_p=2.0 is invalid" in caplog.text and "a number from 0.0 to 1.0" in caplog.text
-    assert q.live_workers(conn) == []
+    assert live_workers(conn) == []

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from worker.batcher import Collector
-from worker.noop import ImageRequest, NoopPipeline
+from model.request import ImageRequest
+from worker.noop import NoopPipeline
 from worker.png import encode_png, png_text
 
 
@@ -105,32 +106,50 @@ def test_noop_pipeline_spec_size_and_cancel():
 
 
 def test_model_sampling_defaults_and_filling_requests():
-    from app.schemas import DEFAULT_SAMPLING, fill_sampling, model_sampling_defaults
+    from types import SimpleNamespace
 
-    assert model_sampling_defaults(None) == model_sampling_defaults({}) == DEFAULT_SAMPLING
-    shapes = model_sampling_defaults({"cfg": 3, "top_k": 0, "top_p": 0.0, "temperature": 1})
+    from app.jobs.claim import with_defaults
+    from app.schemas import DEFAULT_SAMPLING
+    from worker.sampling import model_defaults
+
+    def defaults(sampling):
+        return model_defaults(SimpleNamespace(sampling=sampling))
+
+    assert defaults(None) == defaults({}) == model_defaults(object()) == DEFAULT_SAMPLING
+    shapes = defaults({"cfg": 3, "top_k": 0, "top_p": 0.0, "temperature": 1})
     assert shapes == {"guidance_scale": 3.0, "top_k": 0, "top_p": 0.0, "temperature": 1.0}
-    assert model_sampling_defaults({"top_k": 50}) == {**DEFAULT_SAMPLING, "top_k": 50}
+    assert defaults({"top_k": 50}) == {**DEFAULT_SAMPLING, "top_k": 50}
     with pytest.raises(ValueError, match="unknown sampling default 'guidance'"):
-        model_sampling_defaults({"guidance": 2})
+        defaults({"guidance": 2})
     with pytest.raises(ValueError, match=r"temperature=0 is invalid.*greater than 0.0"):
-        model_sampling_defaults({"temperature": 0})
+        defaults({"temperature": 0})
     request = {"prompt": "x", "guidance_scale": None, "top_k": 5}
-    assert fill_sampling(request, shapes) == {"prompt": "x", "guidance_scale": 3.0, "top_k": 5, "top_p": 0.0,
+    assert with_defaults(request, shapes) == {"prompt": "x", "guidance_scale": 3.0, "top_k": 5, "top_p": 0.0,
                                               "temperature": 1.0}
     assert request == {"prompt": "x", "guidance_scale": None, "top_k": 5}   # not modified
 
 
-def test_the_global_sampling_defaults_are_the_pipelines_own():
-    """One set of numbers: app.schemas.DEFAULT_SAMPLING = model.pipeline.OFFICIAL_SAMPLING (what an
-    unset ImageRequest field gets from a model without recommendations) = the noop request's defaults."""
-    from dataclasses import fields
+def test_api_names_become_the_models_in_one_place():
+    from worker.sampling import image_requests
+
+    params = {"prompt": "a fox", "negative_prompt": "blur", "n": 2, "seed": 7, "guidance_scale": 2.5, "top_k": 3,
+              "top_p": 0.5, "temperature": 0.9}
+    assert image_requests(params) == [ImageRequest("a fox", 7, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9),
+                                      ImageRequest("a fox", 8, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9)]
+
+
+def test_the_global_sampling_defaults_are_the_pipelines_own_and_one_request_type_serves_both_pipelines():
+    """One set of numbers: app.schemas.DEFAULT_SAMPLING = model.request.OFFICIAL_SAMPLING (what an
+    unset ImageRequest field gets from a model without recommendations), mapped by worker.sampling;
+    the no-op pipeline takes model.pipeline's ImageRequest, and importing it needs no torch."""
+    import subprocess
+    import sys
 
     from app.schemas import DEFAULT_SAMPLING
-    from model.pipeline import OFFICIAL_SAMPLING
+    from model.request import OFFICIAL_SAMPLING
+    from worker.sampling import API_NAMES
 
-    def as_api(values: dict) -> dict:
-        return {"guidance_scale": values["cfg"], **{k: values[k] for k in ("top_k", "top_p", "temperature")}}
-
-    assert as_api(OFFICIAL_SAMPLING) == DEFAULT_SAMPLING
-    assert as_api({f.name: f.default for f in fields(ImageRequest)}) == DEFAULT_SAMPLING
+    assert {API_NAMES[k]: v for k, v in OFFICIAL_SAMPLING.items()} == DEFAULT_SAMPLING
+    code = ("import sys; import worker.noop, model.request; assert 'torch' not in sys.modules; "
+            "from model.pipeline import ImageRequest; assert worker.noop.ImageRequest is ImageRequest")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

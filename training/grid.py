@@ -1,8 +1,8 @@
-"""A grid of example outputs with their prompts: `python -m model.grid` writes docs/examples.png.
+"""A grid of example outputs with their prompts: `python -m training.grid` writes docs/examples.png.
 
-    python -m model.grid [--model shapes] [--out docs/examples.png] [--prompts 12] [--seed 0] [--cols 4]
+    python -m training.grid [--model shapes] [--out docs/examples.png] [--prompts 12] [--seed 0] [--cols 4]
 
-Prompts are the first held-out combinations (captions never used in training, see model/shapes.py),
+Prompts are the first held-out combinations (captions never used in training, see training/shapes.py),
 spread over all five shapes; each cell is one image (seed fixed per cell) shown at 1.625x, its prompt
 under it, and what the adherence scorer saw (a tick when shape and both colours match).
 Sampling parameters come from the model directory's config.json.
@@ -16,14 +16,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .adherence import classify, held_out_targets
-from .shapes import caption
+from training.adherence import classify, held_out_targets
+from training.shapes import caption
 
 CELL, PAD, LABEL_H = 208, 8, 46
 
 
 def make_grid(pipe, combos: list[tuple[str, str, str]], seed: int, sampling: dict, cols: int) -> Image.Image:
-    from .pipeline import ImageRequest
+    from model.pipeline import ImageRequest
 
     results = pipe.generate([ImageRequest(caption(*c), seed=seed + i, **sampling) for i, c in enumerate(combos)])
     rows = (len(combos) + cols - 1) // cols
@@ -44,7 +44,7 @@ def make_grid(pipe, combos: list[tuple[str, str, str]], seed: int, sampling: dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m model.grid", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.grid", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="shapes", help="model directory or shipped model name (default shapes)")
     ap.add_argument("--out", default="docs/examples.png")
     ap.add_argument("--prompts", type=int, default=12)
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from .model_dir import sampling_defaults
-    from .pipeline import StarPipeline
+    from model.model_dir import sampling_defaults
+    from model.pipeline import StarPipeline
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)

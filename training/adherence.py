@@ -1,7 +1,7 @@
 """Prompt adherence of a shapes model: classify each generated image's shape and colours, report accuracy.
 
-    python -m model.adherence MODEL_DIR --prompts 28 --seeds 0,1,2 [--cfg 3 --top-k 0 --top-p 0]
-    python -m model.adherence MODEL_DIR --seeds 100,101 --cfg 1.5,3,5 --top-k 0,20   # a sweep
+    python -m training.adherence MODEL_DIR --prompts 28 --seeds 0,1,2 [--cfg 3 --top-k 0 --top-p 0]
+    python -m training.adherence MODEL_DIR --seeds 100,101 --cfg 1.5,3,5 --top-k 0,20   # a sweep
 
 The scorer is plain image analysis (no learned parts):
   background  the named colour nearest to most pixels of the 3-pixel border;
@@ -13,7 +13,7 @@ The scorer is plain image analysis (no learned parts):
               its convex hull (then a star or a triangle, else a circle, square or triangle), and
               its bounding box gets each candidate's outline drawn into it (the outlines the
               dataset draws): the best intersection-over-union wins.
-Prompts are the held-out combinations of model/shapes.py (never captions of training images), taken
+Prompts are the held-out combinations of training/shapes.py (never captions of training images), taken
 round-robin over the five shapes (`held_out_targets`). Every (prompt, seed) pair is one image. Sampling parameters not given
 on the command line come from the model directory's config.json ("sampling"), else the defaults
 of model.pipeline (OFFICIAL_SAMPLING). Prints one JSON object; with several values for a sampling option (comma-separated)
@@ -25,12 +25,12 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shapes import COLOUR_NAMES, COLOURS, HELD_OUT, SHAPES, caption, draw_outline
+from training.shapes import COLOUR_NAMES, COLOURS, HELD_OUT, SHAPES, caption, draw_outline
 
 PALETTE = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
 BORDER = 3
@@ -177,7 +177,7 @@ def held_out_targets(m: int) -> list[tuple[str, str, str]]:
 
 def evaluate(pipe, m: int, seeds: list[int], sampling: dict, batch: int = 8) -> tuple[dict, list]:
     """Generate every (held-out prompt, seed) image with pipe and score it; also return the rows."""
-    from .pipeline import ImageRequest
+    from model.pipeline import ImageRequest
 
     jobs = [(t, s) for t in held_out_targets(m) for s in seeds]
     rows, t0 = [], time.perf_counter()
@@ -199,8 +199,8 @@ def samplings_from(model_dir: str, args: argparse.Namespace) -> list[dict]:
     model directory's defaults."""
     import itertools
 
-    from .model_dir import sampling_defaults
-    from .pipeline import OFFICIAL_SAMPLING
+    from model.model_dir import sampling_defaults
+    from model.pipeline import OFFICIAL_SAMPLING
 
     base = {**OFFICIAL_SAMPLING, **sampling_defaults(model_dir)}   # what an unset field would run with
     given = {k: getattr(args, k) for k in SAMPLING_OPTIONS if getattr(args, k) is not None}
@@ -216,7 +216,7 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m model.adherence", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.adherence", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="model directory or preset name (e.g. shapes)")
     ap.add_argument("--prompts", type=int, default=len(HELD_OUT), help=f"M held-out prompts (default {len(HELD_OUT)}: all)")
     ap.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from .pipeline import StarPipeline
+    from model.pipeline import StarPipeline
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -103,7 +103,7 @@ class ProgressLine:
 
 
 def run(args: argparse.Namespace, *, transport=None) -> int:
-    from app.client import DEFAULT_SERVER, StarClient
+    from client.http import DEFAULT_SERVER, StarClient
 
     server = (args.server or os.environ.get("STAR_SERVER") or DEFAULT_SERVER).rstrip("/")
     api_key = args.api_key or os.environ.get("STAR_API_KEY") or None
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace, *, transport=None) -> int:
 
 
 def _generate(client, args: argparse.Namespace, paths: list[Path], progress: ProgressLine) -> int:
-    from app.client import StarError, StarTimeout
+    from client.http import StarError, StarTimeout
 
     options = {"negative_prompt": args.negative_prompt, "size": args.size, "n": args.n, "seed": args.seed,
                "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
@@ -168,7 +168,7 @@ def _generate(client, args: argparse.Namespace, paths: list[Path], progress: Pro
 
 def _report(exc: Exception, server: str) -> int:
     """Print what went wrong and return its exit code."""
-    from app.client import StarConnectionError, StarHTTPError, StarRequestError
+    from client.http import StarConnectionError, StarHTTPError, StarRequestError
 
     if isinstance(exc, StarRequestError):
         where = f" `{exc.field}`" if exc.field else ""
@@ -187,7 +187,7 @@ def _report(exc: Exception, server: str) -> int:
 
 
 def _cancel(client, job_id: str) -> None:
-    from app.client import StarError
+    from client.http import StarError
 
     try:
         client.cancel(job_id)

@@ -1,14 +1,14 @@
 """Train a small STAR on the procedural shapes data (on a CPU, or a CUDA GPU) and export a model directory.
 
-    python -m model.train [--recipe shapes] [--work artifacts/shapes-train] [--export model/zoo/shapes]
+    python -m training.train [--recipe shapes] [--work artifacts/shapes-train] [--export model/zoo/shapes]
                           [--stages latents,quant,decoder,encoder,ar,export] [--set ar_steps=400 ...]
                           [--device cpu|cuda] [--workers N] [--from-model model/zoo/shapes]
                           [--ar-init weights.pt] [--transformer-dtype float16] [--note TEXT]
-    python -m model.train --recipe shapes-gpu --from-model model/zoo/shapes --device cuda \
+    python -m training.train --recipe shapes-gpu --from-model model/zoo/shapes --device cuda \
                           --stages latents,quant,ar,export --export model/zoo/shapes   # the shipped model
 
 Stages (each resumable; a finished stage is skipped, an interrupted one continues from its last
-checkpoint in --work; model/train_vae.py explains the VQ-VAE stages):
+checkpoint in --work; training/train_vae.py explains the VQ-VAE stages):
     latents  fitted VQ-VAE latents of the N dataset images          -> latents.pt
     quant    multi-scale residual quantizer fitted to the latents   -> quant.pt, tokens.pt
     decoder  VQ-VAE decoder trained on quantized f_hat -> image     -> decoder.pt
@@ -30,21 +30,19 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from . import shapes
-from . import train_vae as tv
-from .config import StarConfig
-from .model_dir import write_model_dir
-from .train_ar import stage_ar, new_text_encoder
-from .vqvae import VQVAE
+from model.config import StarConfig
+from model.model_dir import write_model_dir
+from training import shapes
+from training import train_vae as tv
+from training.checkpoints import Log, done, load_ckpt, new_vae, run_loop, save_ckpt, vae_from
+from training.train_ar import new_text_encoder, stage_ar
 
 STAGES = ("latents", "quant", "decoder", "encoder", "ar", "export")
 
@@ -98,86 +96,12 @@ RECIPES = {
 }
 
 
-# ---- bookkeeping -------------------------------------------------------------------------------------
-class Log:
-    """Append-only JSON lines, flushed per line."""
-
-    def __init__(self, path: Path):
-        self.path, self.t0 = path, time.perf_counter()
-
-    def write(self, **fields) -> None:
-        fields["seconds"] = round(time.perf_counter() - self.t0, 3)
-        with self.path.open("a") as f:
-            f.write(json.dumps(fields) + "\n")
-
-
-def load_ckpt(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-
-
-def save_ckpt(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def run_loop(stage: str, work: Path, total: int, ckpt: dict | None, modules: dict, opt, step_fn, log: Log,
-             every: int, progress: bool, extra: dict | Callable[[], dict] | None = None,
-             stop: Callable[[int], bool] | None = None) -> int:
-    """Steps ckpt['step'] .. total-1 of step_fn(step) -> (loss, lr, info); checkpoint every `every`.
-    extra (or extra(), read at each save) adds fields to the checkpoint. stop(step), if given, ends the
-    loop early after that step (checkpointed). Returns the steps done."""
-    start = ckpt["step"] if ckpt else 0
-    if ckpt:
-        for name, module in modules.items():
-            module.load_state_dict(ckpt[name])
-        opt.load_state_dict(ckpt["opt"])
-
-    def save(step: int) -> None:
-        save_ckpt(work / f"{stage}.pt", {**{k: m.state_dict() for k, m in modules.items()},
-                                         "opt": opt.state_dict(), "step": step,
-                                         **((extra() if callable(extra) else extra) or {})})
-
-    bar = tqdm(range(start, total), desc=stage, initial=start, total=total, disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        loss, lr, info = step_fn(step)
-        log.write(stage=stage, step=step, loss=round(loss, 6), lr=lr, **info)
-        bar.set_postfix(loss=f"{loss:.4f}", **{k: v for k, v in info.items() if not isinstance(v, float)})
-        ending = stop is not None and stop(step)
-        if (step + 1) % every == 0 or step + 1 == total or ending:
-            save(step + 1)
-        if ending:
-            bar.close()
-            return step + 1
-    if start >= total and not ckpt:
-        save(total)
-    return max(start, total)
-
-
 def stage_steps(recipe: Recipe) -> dict[str, int]:
     """The step count that finishes each trained stage."""
     return {"quant": recipe.rq_steps, "decoder": recipe.dec_steps, "encoder": recipe.enc_steps, "ar": recipe.ar_steps}
 
 
-def done(work: Path, stage: str, total: int) -> bool:
-    ckpt = load_ckpt(work / f"{stage}.pt")
-    return ckpt is not None and ckpt["step"] >= total
-
-
 # ---- VQ-VAE stages ---------------------------------------------------------------------------------
-def new_vae(recipe: Recipe) -> VQVAE:
-    if recipe.arch.vae_channels != shapes.LATENT_CHANNELS:
-        raise ValueError(f"the shapes latents have {shapes.LATENT_CHANNELS} channels, arch has {recipe.arch.vae_channels}")
-    torch.manual_seed(recipe.seed)
-    return VQVAE(recipe.arch)
-
-
-def vae_from(work: Path, recipe: Recipe, stage: str) -> VQVAE:
-    vae = new_vae(recipe)
-    vae.load_state_dict(load_ckpt(work / f"{stage}.pt")["vae"])
-    return vae
-
-
 def stage_latents(work: Path, recipe: Recipe, log: Log, progress: bool, workers: int = 1) -> None:
     with tqdm(total=recipe.images, desc="latents", disable=not progress, dynamic_ncols=True) as bar:
         f = tv.dataset_latents(recipe.data_seed, recipe.images, progress=bar, workers=workers)
@@ -246,7 +170,7 @@ def seed_from_model(work: Path, recipe: Recipe, model_dir: str) -> Path:
     so the next stages (tokens, transformer, export) build on it. Its VQ-VAE arch must be the recipe's."""
     from safetensors.torch import load_file
 
-    from .model_dir import read_config, resolve_model_path
+    from model.model_dir import read_config, resolve_model_path
 
     path = resolve_model_path(model_dir)
     theirs = StarConfig.from_dict(read_config(path)["arch"])
@@ -272,8 +196,8 @@ def stage_export(work: Path, recipe: Recipe, out: Path, log: Log, transformer_dt
     ar = load_ckpt(work / "ar.pt")
     text = new_text_encoder(recipe)
     text.model.load_state_dict(ar["text"])
-    source = {"trained_by": "python -m model.train", "recipe": recipe.to_dict(),
-              "data": "model/shapes.py", "held_out": [list(c) for c in shapes.HELD_OUT]}
+    source = {"trained_by": "python -m training.train", "recipe": recipe.to_dict(),
+              "data": "training/shapes.py", "held_out": [list(c) for c in shapes.HELD_OUT]}
     if ar.get("step") is not None:
         source["ar_steps_done"] = int(ar["step"])
     if ar.get("elapsed") is not None:
@@ -338,7 +262,7 @@ def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="shapes", choices=sorted(RECIPES))
     ap.add_argument("--work", default="artifacts/shapes-train", help="checkpoints, tokens and log.jsonl")
     ap.add_argument("--export", default=None, help="model directory to write (default: <work>/model)")

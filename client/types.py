@@ -6,22 +6,26 @@ import os
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast, overload
 
 import httpx
 
 DEFAULT_SERVER = "http://localhost:8000"
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})   # = app.jobs.states.FINAL (tests/layout)
 T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------ response types
 
+@overload
+def _parse(cls: type[T], data: dict[str, Any]) -> T: ...
+@overload
+def _parse(cls: type[T], data: dict[str, Any] | None) -> T | None: ...
 def _parse(cls: type[T], data: dict[str, Any] | None) -> T | None:
     """A dataclass from a JSON object: known fields only (newer servers may add fields)."""
     if data is None:
         return None
-    return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+    return cls(**{f.name: data[f.name] for f in fields(cast(Any, cls)) if f.name in data})
 
 
 def _time(value: str | None) -> datetime | None:

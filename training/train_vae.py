@@ -1,4 +1,5 @@
-"""VQ-VAE stages of `python -m model.train`, fitted to the shapes data (CPU-sized).
+"""VQ-VAE stages of `python -m training.train`, fitted to the shapes data (CPU-sized). Longer than
+350 lines: the four stages and the fitted latent space they share read best in one place.
 
 The VQ-VAE keeps VAR's layout and multi-scale residual quantizer; what is fitted rather than
 learnt end to end is its latent space. With 32 base channels every GroupNorm at 64 and 128 px
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import shapes
-from .vqvae import VQVAE
+from model.vqvae import VQVAE
+from training import shapes
 
 
 

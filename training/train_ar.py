@@ -1,4 +1,4 @@
-"""Transformer stage of `python -m model.train`: STAR teacher-forced on the multi-scale tokens.
+"""Transformer stage of `python -m training.train`: STAR teacher-forced on the multi-scale tokens.
 
 One row per image, conditioned on its own caption (10% replaced by "" so the model also learns the
 unconditional branch that classifier-free guidance subtracts). All L tokens are predicted at once
@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import shapes
-from . import train_vae as tv
-from .random_init import random_transformer
-from .rope import apply_rope
-from .text import TextEncoder
-from .transformer import Block, StarTransformer
+from model.random_init import random_transformer
+from model.rope import apply_rope
+from model.text import TextEncoder
+from model.transformer import Block, StarTransformer
+from training import shapes
+from training import train_vae as tv
+from training.checkpoints import load_ckpt, run_loop, vae_from
 
 
 def _scaled_unit(x: torch.Tensor, scale_mul_1H11: torch.Tensor | None, max_log: float = 0.0) -> torch.Tensor:
@@ -80,8 +81,6 @@ def new_text_encoder(recipe) -> TextEncoder:
 def ar_data(work: Path, recipe, text: TextEncoder, device: str | torch.device = "cpu") -> dict:
     """Targets, teacher-forcing inputs and tokenized captions of the dataset (+ the empty caption,
     last), on `device`. Captions are tokenized once per distinct caption."""
-    from .train import load_ckpt, vae_from
-
     device = torch.device(device)
     vae = vae_from(work, recipe, "quant").to(device)
     tokens = load_ckpt(work / "tokens.pt")["tokens"].to(device)
@@ -119,7 +118,6 @@ def stage_ar(work: Path, recipe, log, progress: bool, device: str = "cpu", init:
     weights-*.pt) to start from instead of random weights (fine-tuning); ignored when resuming."""
     import time
 
-    from .train import load_ckpt, run_loop
 
     device = torch.device(device)
     model = random_transformer(recipe.arch, recipe.seed)

@@ -5,15 +5,15 @@
         for image in result.images:
             image.save(f"fox-{image.seed}.png")
 
-Only httpx and the standard library: this module ships with the API-only install (no torch).
+Only httpx and the standard library (the `client` extra): no FastAPI, no torch.
 
 Retries: 429 (queue full) and 503 (no worker, Redis down) are retried after the server's
 `Retry-After` (else an exponential backoff), within `RetryPolicy.max_attempts` and
 `max_total_s`; no other 4xx is ever retried. GET and DELETE are also retried after network
 errors; POST is not (the request may have reached the server). Retrying a POST after a 429/503 is
 safe because the server refused it before queueing anything, and each `submit` creates a fresh
-job; every `submit` sends one `Idempotency-Key` (the same on its retries), which the server
-ignores today and may honour later.
+job; every `submit` sends one `Idempotency-Key` (the same on its retries), so a retry the server
+had in fact accepted returns the first job instead of queueing a second one.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from app.client_types import (
+from client.types import (
     DEFAULT_SERVER, TERMINAL_STATUSES, _parse, Progress, ImageRef, Timings, JobParameters, JobError,
     Job, Accepted, ModelInfo, Models, GeneratedImage, Generation, StarError, StarConnectionError,
     StarHTTPError, StarRequestError, StarBusyError, StarServerError, StarTimeout, JobFailed,
@@ -152,7 +152,7 @@ class StarClient(_Base):
                 return job
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise StarTimeout(job, timeout)
+                raise StarTimeout(job, timeout or 0.0)
             self._sleep(poll_s if left is None else min(poll_s, left))
 
     def generate(self, prompt: str, *, timeout: float | None = None, poll_s: float = 0.5,
@@ -254,7 +254,7 @@ class AsyncStarClient(_Base):
                 return job
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise StarTimeout(job, timeout)
+                raise StarTimeout(job, timeout or 0.0)
             await self._sleep(poll_s if left is None else min(poll_s, left))
 
     async def generate(self, prompt: str, *, timeout: float | None = None, poll_s: float = 0.5,

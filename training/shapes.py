@@ -11,7 +11,7 @@ every pair of (shape, colour), (shape, background) and (colour, background), sti
 Image i of a dataset is a pure function of (seed, i): `draw_example(seed, i)`. Shapes are drawn 4x
 supersampled and box-filtered down, so edges are anti-aliased. The geometry of every shape lives
 in `draw_outline` (normalised to its bounding box) and is shared with the scorer's templates.
-`latent(spec)` is the VQ-VAE latent the shapes model is fitted to (see model/train_vae.py).
+`latent(spec)` is the VQ-VAE latent the shapes model is fitted to (see training/train_vae.py).
 
 `write_shapes_clip_tokenizer(dir)` writes a CLIP BPE tokenizer (byte-level alphabet plus merges that
 make each caption word one token); `shapes_text_encoder(...)` pairs it with a small CLIPTextModel.
@@ -30,7 +30,7 @@ IMAGE_SIZE = 128
 SUPERSAMPLE = 4
 SHAPES = ("circle", "square", "triangle", "star", "ring")
 # The eight corners of the RGB cube: every colour component is 0 or 255, so the shapes VQ-VAE can
-# decode a colour exactly as three signs (see model/train_vae.py).
+# decode a colour exactly as three signs (see training/train_vae.py).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -239,7 +239,7 @@ def _learn_merges(words) -> list[tuple[str, str]]:
     Merges are learned BPE-style (most frequent pair first, ties by the pair itself), so applying
     them in rank order, as the tokenizer does, rebuilds every word whole.
     """
-    from .text import _bytes_to_unicode
+    from model.text import _bytes_to_unicode
 
     table = _bytes_to_unicode()
     seqs = []
@@ -266,7 +266,7 @@ def _learn_merges(words) -> list[tuple[str, str]]:
 
 def shapes_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges): the byte-level CLIP alphabet, the merged symbols, then the two special tokens."""
-    from .text import EOT, SOT, _bytes_to_unicode
+    from model.text import EOT, SOT, _bytes_to_unicode
 
     symbols = list(_bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols]
@@ -299,7 +299,7 @@ def shapes_text_encoder(hidden: int = 64, layers: int = 2, seed: int = 0, max_le
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .text import TextEncoder
+    from model.text import TextEncoder
 
     tokenizer = shapes_clip_tokenizer()
     vocab_size = len(tokenizer.get_vocab())

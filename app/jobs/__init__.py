@@ -1,0 +1,36 @@
+"""The job protocol: every Redis key, Lua script and state transition of a job's life, and the
+worker registry, shared by the API and the workers. No other module touches these keys.
+
+A request is one RQ job on its model's queue `star-<model>` (so `rq info`, RQ's registries and
+result TTLs tell the truth). Its life, in the order of the data path:
+
+    submit   admission.py  API    rate limit, per-key job slot, Idempotency-Key
+    queue    submit.py     API    admit under the queue limit and enqueue (state: queued)
+    claim    claim.py      worker pull, then start under WATCH with a fresh owner token (running)
+    run      progress.py   worker progress k of S and cancel flags at each scale boundary
+    publish  (worker)      the worker stores the PNGs (app.storage) before it finishes the job
+    finish   finish.py     worker claim the outcome with the token, record it (succeeded, failed,
+                                  canceled; expired for a pulled job past its deadline)
+    read     read.py       API    the job as clients see it; cancel.py: DELETE /jobs/{id}
+
+States (states.py, the one list): queued, running, succeeded, failed, canceled, expired.
+
+    queued  -> running     a worker's start (claim.start), exclusive with a cancel (WATCH)
+    queued  -> canceled    the API (cancel.request_cancel: RQ's cancel)
+    queued  -> expired     read as such by the API once past its deadline; recorded by the worker
+                           that pulls it (finish.expired)
+    running -> succeeded | failed | canceled    the owning worker only (finish; the token claim)
+    running -> queued      release.py: the reaper (its worker is lost) or the worker itself
+                           (drain past its grace, device error, shutdown); counted requeues end
+                           as failed `worker_lost` past STAR_MAX_REQUEUES, a requested cancel
+                           as canceled
+What fences a second runner: the owner token in the job's record (keys.OWNER_FIELD). Progress
+and the outcome claim are conditional on it (Lua); a release removes it first. A worker presumed
+dead that comes back finds its token gone: it drops its results and records nothing.
+
+Worker registry (workers.py): `star:worker:<name>` entries with a heartbeat TTL; the reaper
+(reaper.py) re-queues the running jobs of workers whose entry expired.
+
+Modules: keys.py (every key, TTL, Lua script), states.py, rq_adapter.py (what we rely on in RQ
+beyond its documented calls), and the steps above. Import the modules, not this package.
+"""

@@ -1,0 +1,43 @@
+"""Cancel (API side): a queued job is canceled at once with RQ's cancel; a running one gets the flag
+`star:cancel:<id>`, which its worker reads at the next scale boundary (app.jobs.progress) and then
+ends the job as canceled (app.jobs.finish). The flag is set first, so a job that starts meanwhile
+still sees it.
+"""
+from __future__ import annotations
+
+from redis import Redis, WatchError
+from rq.utils import now
+
+from app.jobs import keys
+from app.jobs.admission import release_slot
+from app.jobs.read import fetch_job
+from app.jobs.states import public_status
+
+
+def request_cancel(conn: Redis, job_id: str) -> str | None:
+    """queued -> 'canceled' at once; running -> 'cancel_requested'; otherwise the job's public
+    status. None if the job is unknown."""
+    job = fetch_job(conn, job_id)
+    if job is None:
+        return None
+    conn.set(keys.CANCEL_KEY.format(job.id), 1, ex=keys.CANCEL_FLAG_TTL_S)
+    with conn.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(job.key)  # the worker's start writes this key: cancel and start exclude
+                job.get_status(refresh=True)
+                status = public_status(job)
+                if status != "queued":
+                    pipe.unwatch()
+                    return "cancel_requested" if status == "running" else status
+                pipe.multi()
+                job.cancel(pipeline=pipe)
+                job.ended_at = now()
+                job.save(pipeline=pipe, include_meta=False)
+                job.cleanup(job.result_ttl or keys.CANCEL_FLAG_TTL_S, pipeline=pipe, remove_from_queue=False)
+                if (job.meta or {}).get("api_key"):
+                    release_slot(pipe, job.meta["api_key"], job.id)
+                pipe.execute()
+                return "canceled"
+            except WatchError:
+                continue

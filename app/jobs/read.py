@@ -1,0 +1,111 @@
+"""Read (API side): a job as clients see it, queue depths, and the finished jobs' timings.
+
+JobState is built from RQ's record of the job: its status (app.jobs.states), kwargs (the request),
+meta (progress, the sampling values it runs with, model time, error) and result (image ids).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import cast
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from app.jobs import keys
+from app.jobs.rq_adapter import SERIALIZER, get_queue, star_queues
+from app.jobs.states import public_status
+
+
+@dataclass
+class JobState:
+    """A job as the API reports it (see app.schemas.JobView)."""
+
+    id: str
+    status: str
+    model: str
+    params: dict
+    queue_position: int | None = None
+    progress: dict | None = None
+    cancel_requested: bool = False
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    model_s: float | None = None
+    images: list[dict] | None = None
+    prompt_truncated: bool | None = None
+    error: dict | None = None
+
+
+def fetch_job(conn: Redis, job_id: str) -> Job | None:
+    """One of our jobs, or None for unknown ids and foreign RQ jobs."""
+    if not keys.JOB_ID_RE.match(job_id):
+        return None
+    try:
+        job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
+    except NoSuchJobError:
+        return None
+    if not (job.origin or "").startswith(keys.QUEUE_PREFIX) or job.func_name != keys.JOB_FUNC:
+        return None
+    return job
+
+
+def public_statuses(conn: Redis, job_ids: list[str]) -> list[str]:
+    """Public status of each id ('gone' when its record no longer exists)."""
+    jobs = Job.fetch_many(job_ids, connection=conn, serializer=SERIALIZER) if job_ids else []
+    return [public_status(job) if job is not None else "gone" for job in jobs]
+
+
+def read_job(conn: Redis, job_id: str) -> JobState | None:
+    job = fetch_job(conn, job_id)
+    if job is None:
+        return None
+    meta = job.meta or {}
+    state = JobState(
+        id=job.id, status=public_status(job), model=meta.get("model", ""),
+        params={**job.kwargs, **(meta.get("sampling") or {})},   # sampling: the values the worker used
+        queued_at=job.enqueued_at, started_at=job.started_at, finished_at=job.ended_at,
+        model_s=meta.get("model_s"), error=meta.get("error"),
+        cancel_requested=bool(conn.exists(keys.CANCEL_KEY.format(job.id))),
+    )
+    if state.status == "queued":
+        state.queue_position = Queue(job.origin, connection=conn).get_job_position(job.id) or 0
+    elif state.status == "running":
+        state.progress = meta.get("progress")
+    elif state.status == "succeeded":
+        result = job.return_value() or {}
+        state.images = result.get("images", [])
+        state.prompt_truncated = result.get("prompt_truncated")
+    elif state.status == "failed" and not state.error:
+        state.error = _failure(job)
+    elif state.status == "expired":
+        state.error = state.error or {"code": "expired", "message": "the job waited past its deadline"}
+    return state
+
+
+def _failure(job: Job) -> dict:
+    """The error of a job failed outside our own failure path (RQ's cleanup, a stock worker)."""
+    result = job.latest_result()
+    text = ((result.exc_string if result else "") or "the job failed").strip()
+    if "AbandonedJobError" in text:
+        return {"code": "worker_lost", "message": "its worker stopped while running it and the job was not "
+                "re-queued in time (RQ's cleanup failed it)"}
+    return {"code": "job_failed", "message": text.splitlines()[-1]}
+
+
+def queue_depth(conn: Redis, model: str) -> int:
+    return get_queue(conn, model).count
+
+
+def all_queue_depths(conn: Redis) -> dict[str, int]:
+    """Depth of every star queue RQ knows about, by model (queue name without the prefix)."""
+    return {q.name[len(keys.QUEUE_PREFIX):]: q.count for q in star_queues(conn)}
+
+
+def drain_finished(conn: Redis, limit: int = keys.TIMINGS_CAP) -> list[dict]:
+    """The timings finished jobs left (app.jobs.finish), each taken by one reader (GET /metrics)."""
+    raw = cast(list[bytes], conn.lpop(keys.TIMINGS_KEY, limit) or [])
+    return [json.loads(item) for item in raw]

@@ -1,0 +1,88 @@
+"""POST /generate's way into the queue: Idempotency-Key, per-key job slot, model choice, admit and
+enqueue (app.jobs), with the protocol's refusals turned into the API's errors (app.errors)."""
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+
+from app import auth
+from app.context import Context
+from app.errors import IdempotencyConflict, JobConflict, NoWorker, QueueFull, SizeNotServed, TooManyJobs
+from app.jobs import admission, submit as protocol
+from app.jobs.workers import model_for_size, served_sizes
+from app.schemas import GenerateRequest
+
+log = logging.getLogger("app")
+
+
+def submit(ctx: Context, body: GenerateRequest, idempotency_key: str | None) -> tuple[str, int | None]:
+    """(job id, queue position); the position is None for the job of an earlier request with the
+    same Idempotency-Key."""
+    name, job_id = auth.current_key.get(), str(uuid.uuid4())
+    if idempotency_key is not None:
+        earlier = _claim_idempotency(ctx, name, idempotency_key, body, job_id)
+        if earlier is not None:
+            return earlier, None
+    try:
+        return job_id, _enqueue_new(ctx, body, job_id, name)
+    except BaseException:
+        if idempotency_key is not None:
+            admission.forget_idempotency(ctx.redis, name, idempotency_key, job_id)
+        raise
+
+
+def _claim_idempotency(ctx: Context, name: str, key: str, body: GenerateRequest, job_id: str) -> str | None:
+    """None for a new Idempotency-Key (now bound to job_id), else the job of the earlier request."""
+    try:
+        return admission.claim_idempotency(ctx.redis, name, key, admission.fingerprint(body.model_dump(mode="json")),
+                                           job_id, ctx.settings.result_ttl_s)
+    except admission.IdempotencyMismatch:
+        raise IdempotencyConflict("this Idempotency-Key was already used with a different request body; "
+                                  "use a new key for a new request", field="Idempotency-Key") from None
+    except admission.StillAccepting:
+        raise JobConflict("a request with this Idempotency-Key is still being accepted; retry shortly",
+                          field="Idempotency-Key") from None
+
+
+def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) -> int:
+    """Admit and enqueue a new job (per-key slot, then the queue limit); its queue position."""
+    settings = ctx.settings
+    model, size = choose_model(ctx, body.size)
+    params = body.model_dump()
+    params["size"] = size
+    if params["seed"] is None:
+        params["seed"] = secrets.randbelow(2**31)
+    limit = settings.max_concurrent_jobs_per_key if ctx.keys.enabled else 0
+    hold_s = int(settings.job_deadline_s) + settings.result_ttl_s
+    if limit and not admission.reserve_slot(ctx.redis, name, job_id, limit, hold_s):
+        raise TooManyJobs(f"this API key already has {limit} jobs queued or running "
+                          "(STAR_MAX_CONCURRENT_JOBS_PER_KEY); retry when one ends",
+                          headers={"Retry-After": str(settings.retry_after_s)})
+    try:
+        accepted = protocol.enqueue(ctx.redis, params, model, deadline_s=settings.job_deadline_s,
+                             result_ttl=settings.result_ttl_s, failure_ttl=settings.failure_ttl_s,
+                             queue_limit=settings.queue_limit, job_id=job_id,
+                             api_key=name if ctx.keys.enabled else None)
+    except BaseException:
+        admission.release_slot(ctx.redis, name, job_id)
+        raise
+    if accepted is None:
+        admission.release_slot(ctx.redis, name, job_id)
+        raise QueueFull(f"the queue of model {model} is full ({settings.queue_limit} jobs); retry later",
+                        headers={"Retry-After": str(settings.retry_after_s)})
+    log.info("queued job %s on %s (%d x %dpx)", job_id, model, params["n"], size)
+    return accepted[1]
+
+
+def choose_model(ctx: Context, size: int | None) -> tuple[str, int]:
+    entries = ctx.workers.get(size)
+    sizes = served_sizes(entries)
+    if not sizes:
+        raise NoWorker("no live worker serves any model; start a worker (star worker) and retry")
+    size = size or max(sizes)
+    model = model_for_size(entries, size)
+    if model is None:
+        served = ", ".join(map(str, sizes))
+        raise SizeNotServed(f"size {size} is not served; served sizes: {served}", field="size")
+    return model, size

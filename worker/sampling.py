@@ -1,0 +1,42 @@
+"""The one place where the service's sampling vocabulary meets the model's.
+
+The service names the sampling parameters as its API does (guidance_scale, top_k, top_p,
+temperature: app.schemas) from the HTTP body to the job record, the PNG text chunks and the logs;
+the model names guidance `cfg` (model.request.ImageRequest, a model directory's config.json
+"sampling" block). MODEL_NAMES maps one to the other, in both directions here and nowhere else.
+"""
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from app.schemas import DEFAULT_SAMPLING, SAMPLING_FIELDS, GenerateRequest, allowed_range
+from model.request import ImageRequest
+
+MODEL_NAMES = {"guidance_scale": "cfg", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature"}
+API_NAMES = {model: api for api, model in MODEL_NAMES.items()}
+
+
+def image_requests(params: dict) -> list[ImageRequest]:
+    """The n model requests of one job (every sampling field filled): image i uses seed + i."""
+    sampling = {MODEL_NAMES[name]: params[name] for name in SAMPLING_FIELDS}
+    return [ImageRequest(prompt=params["prompt"], seed=params["seed"] + i, negative_prompt=params["negative_prompt"],
+                         **sampling) for i in range(params["n"])]
+
+
+def model_defaults(pipeline: object) -> dict:
+    """The sampling defaults a loaded pipeline serves with, in API names: its model directory's
+    recommendation (`pipeline.sampling`, model names, any subset) over DEFAULT_SAMPLING, checked
+    against the request bounds (ValueError names the bad value)."""
+    values = dict(DEFAULT_SAMPLING)
+    for key, value in (getattr(pipeline, "sampling", None) or {}).items():
+        if key not in API_NAMES:
+            raise ValueError(f"unknown sampling default {key!r}; known: {sorted(API_NAMES)}")
+        values[API_NAMES[key]] = value
+    try:
+        checked = GenerateRequest(prompt="-", **values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error.get("loc") else "?"
+        raise ValueError(f"the model's sampling default {name}={values.get(name)!r} is invalid: {error['msg']} "
+                         f"({allowed_range(name)})") from None
+    return {name: getattr(checked, name) for name in SAMPLING_FIELDS}
