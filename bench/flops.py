@@ -11,6 +11,11 @@ What is counted, per image, guidance (CFG) included:
   once per request: text K/V of every layer 2*N*T*D*2C*depth, start token 2*B*D*C
   text encoder (CLIP), per distinct text: per layer 2*T*D*3D (QKV) + 2*T*D*D (out)
     + 2*2*T*D*I (MLP) + 4*T*T*D (scores + AV)
+  sampler head (images that use it), every head step of a refined scale (r = 1 + l rows: the
+  text row and the scale's positions):
+    word_embed_head 2*N*l*Cvae*C, head_proj 2*B*r*2C*C, per block QKV + projection 2*B*r*C*4C,
+    scores + AV 4*B*r*r*C, FFN 2 * 2*B*r*C*hidden; head_logits2 2*B*l*C*V;
+    once per request: its text rows 2*B*D*C
 with B = 2N rows (conditional + unconditional) and N images. Elementwise work (norms, RoPE,
 softmax, sampling, VQ feature maps) is not counted. The same 2*m*n*k rule gives the FLOP/s of
 the reference matmul, so the two are comparable.
@@ -70,17 +75,47 @@ def request_flops(cfg, images: int = 1, guidance: bool = True) -> dict[str, int]
             "start_tokens": matmul_flops(B, cfg.embed_dim, cfg.text_dim)}
 
 
+def sampler_head_flops(cfg, si: int, images: int = 1) -> dict[str, int]:
+    """FLOPs of the sampler head at scale si for `images` images that use it (every head step of the
+    scale; {} on scales it does not refine or without a head). Guidance rows always run."""
+    rules = cfg.sampler_head
+    if rules is None or si < rules.from_scale:
+        return {}
+    calls = sum(not rules.uses_base_head(si, step) for step in range(rules.steps_at(si)))
+    N, B = images, 2 * images
+    C, V, blocks = cfg.embed_dim, cfg.vocab_size, rules.blocks
+    hidden = round(C * cfg.mlp_ratio)
+    l = cfg.patch_nums[si] ** 2
+    r = 1 + l
+    per_call = {
+        "head_word_embed": matmul_flops(N * l, C, cfg.vae_channels),
+        "head_proj": matmul_flops(B * r, C, 2 * C),
+        "head_attn_linear": blocks * (matmul_flops(B * r, 3 * C, C) + matmul_flops(B * r, C, C)),
+        "head_attn_scores": blocks * 2 * matmul_flops(B * r, r, C),
+        "head_ffn": blocks * 2 * matmul_flops(B * r, hidden, C),
+        "head_logits": matmul_flops(B * l, V, C),
+    }
+    return {k: calls * v for k, v in per_call.items()}
+
+
 def generation_flops(cfg, images: int = 1, text: TextEncoderShape | None = None, texts: int | None = None,
-                     guidance: bool = True) -> dict:
+                     guidance: bool = True, head_images: int = 0) -> dict:
     """All token-stage FLOPs of one batch: {'total', 'per_image', 'per_scale': [...], 'parts': {...}}.
 
     texts: distinct texts the text encoder runs on (default images + 1: every prompt and one shared
-    empty negative prompt); the text encoder is left out when `text` is None.
+    empty negative prompt); the text encoder is left out when `text` is None. head_images: how many
+    of the images use the sampler head (cfg.sampler_head must be set when > 0).
     """
+    if head_images and cfg.sampler_head is None:
+        raise ValueError(f"{cfg.name} has no sampler head")
     parts: dict[str, int] = dict(request_flops(cfg, images, guidance))
+    if head_images:
+        parts["head_text_rows"] = matmul_flops(2 * head_images, cfg.embed_dim, cfg.text_dim)
     per_scale = []
     for si in range(cfg.num_scales):
         f = scale_flops(cfg, si, images, guidance)
+        if head_images:
+            f.update(sampler_head_flops(cfg, si, head_images))
         per_scale.append(sum(f.values()))
         for k, v in f.items():
             parts[k] = parts.get(k, 0) + v

@@ -3,6 +3,7 @@ of the model pipeline at several batch sizes, with a stage breakdown.
 
     python -m bench.sampler --preset small --batch-sizes 1,8 --device cpu --dtype float32 --json
     python -m bench.sampler --preset star-1024 --batch-sizes auto --device cuda --dtype bf16 --json
+    python -m bench.sampler --preset small-sampler --sampler plain,head --batch-sizes 1 --device cpu --json
 
 Per batch size, every rep runs the stages the worker runs, timed one by one: text encoding
 (`encode_prompts`), token generation (`sample_tokens`: the scale loop), VQ decoding (`decode` and
@@ -17,7 +18,12 @@ batch and after every batch size; the highest is used) as the machine's practica
 the text encoder and the transformer, guidance rows included) / token stage seconds / that peak.
 
 One extra run per batch size synchronises at every scale for the per-scale breakdown (transformer
-step, sampling, VQ feature update); it is not part of the timed reps.
+step, sampling, VQ feature update, and the sampler head's refinement of a scale); it is not part of
+the timed reps.
+
+--sampler plain,head runs the sweep once per sampler (every image of a batch with that sampler;
+the model must have a sampler head for "head") and then reports, per batch size, what the head
+costs over plain sampling (`kind: "sampler_cost"`: seconds and FLOPs, head / plain).
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ PROMPT = "benchmark image {i}: a red fox standing in fresh snow at dawn, 35mm ph
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.sampler", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small", help="model preset (random weights) or model directory")
+    ap.add_argument("--sampler", default="auto",
+                    help="comma list of auto, head, plain: the requests' sampler (one sweep each; default auto)")
     ap.add_argument("--size", type=int, default=None, help="image size in pixels (must match the preset)")
     ap.add_argument("--batch-sizes", default="1,2,4,8",
                     help="comma list, or 'auto': powers of two up to what fits in free CUDA memory (model/memory.py)")
@@ -62,10 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _requests(n: int):
+def _requests(n: int, sampler: str = "auto"):
     from model.pipeline import ImageRequest
 
-    return [ImageRequest(prompt=PROMPT.format(i=i), seed=1000 + i) for i in range(n)]
+    return [ImageRequest(prompt=PROMPT.format(i=i), seed=1000 + i, sampler=sampler) for i in range(n)]
 
 
 def run_once(pipe, requests, decode: bool) -> dict:
@@ -90,56 +98,63 @@ def run_once(pipe, requests, decode: bool) -> dict:
 
 
 def scale_breakdown(pipe, requests) -> tuple[list[dict], float]:
-    """Per-scale seconds of the transformer step, sampling (guidance + filtering + draw) and the VQ
-    feature update, from one run that synchronises around each (wrappers applied from outside)."""
+    """Per-scale seconds of the transformer step, sampling (guidance + filtering + draw), the VQ
+    feature update and the sampler head's refinement (head images on refined scales: its draws,
+    commits and head calls), from one run that synchronises around each (wrappers applied from
+    outside; a wrapped call inside another is counted once, by the outer one)."""
     import model.autoregress as ar
 
     dev, tr, vae = pipe.device, pipe.transformer, pipe.vae
     cfg = pipe.cfg
-    rows = [{"scale": si, "side": pn, "tokens": pn * pn, "transformer_s": 0.0, "sampling_s": 0.0, "vq_s": 0.0}
-            for si, pn in enumerate(cfg.patch_nums)]
-    state = {"si": 0}
+    rows = [{"scale": si, "side": pn, "tokens": pn * pn, "transformer_s": 0.0, "sampling_s": 0.0, "vq_s": 0.0,
+             "refine_s": 0.0} for si, pn in enumerate(cfg.patch_nums)]
+    state = {"si": 0, "inside": False}
 
     def wrap(fn, key, scale_of=None):
         def inner(*args, **kw):
+            if state["inside"]:
+                return fn(*args, **kw)
             si = scale_of(args) if scale_of else state["si"]
+            state["si"], state["inside"] = si, True
             sync(dev)
             t0 = time.perf_counter()
-            out = fn(*args, **kw)
-            sync(dev)
+            try:
+                out = fn(*args, **kw)
+                sync(dev)
+            finally:
+                state["inside"] = False
             rows[si][key] += time.perf_counter() - t0
             return out
         return inner
 
-    saved = {"guide": ar.guide, "sample_rows": ar.sample_rows}
-    had_step = "scale_logits" in tr.__dict__
-    step = tr.scale_logits
-
-    def step_and_mark(x, si, cache, text):
-        state["si"] = si
-        return step(x, si, cache, text)
-
-    tr.scale_logits = wrap(step_and_mark, "transformer_s", scale_of=lambda a: a[1])
+    saved = {"guide": ar.guide, "sample_rows": ar.sample_rows, "refine": ar.Refinement.sample}
+    had = {name: name in tr.__dict__ for name in ("scale_logits", "blocks_forward", "logits")}
+    methods = {name: getattr(tr, name) for name in had}
+    tr.scale_logits = wrap(methods["scale_logits"], "transformer_s", scale_of=lambda a: a[1])
+    tr.blocks_forward = wrap(methods["blocks_forward"], "transformer_s", scale_of=lambda a: a[1])
+    tr.logits = wrap(methods["logits"], "transformer_s")
     vae.add_scale_ = wrap(vae.add_scale_, "vq_s", scale_of=lambda a: a[2])
     ar.guide = wrap(saved["guide"], "sampling_s")
     ar.sample_rows = wrap(saved["sample_rows"], "sampling_s")
+    ar.Refinement.sample = wrap(saved["refine"], "refine_s", scale_of=lambda a: a[1])
     try:
         cond, _ = pipe.encode_prompts([r.prompt for r in requests], [r.negative_prompt for r in requests])
         _, total = timed(lambda: pipe.sample_tokens(cond, requests), dev)
     finally:
-        ar.guide, ar.sample_rows = saved["guide"], saved["sample_rows"]
+        ar.guide, ar.sample_rows, ar.Refinement.sample = saved["guide"], saved["sample_rows"], saved["refine"]
         del vae.add_scale_
-        if had_step:
-            tr.scale_logits = step
-        else:
-            del tr.scale_logits
+        for name, was_set in had.items():
+            if was_set:
+                setattr(tr, name, methods[name])
+            else:
+                delattr(tr, name)
     return rows, total
 
 
-def bench_batch(pipe, n: int, args, peak: dict, flops: dict) -> dict:
+def bench_batch(pipe, n: int, args, peak: dict, flops: dict, sampler: str = "auto") -> dict:
     import torch
 
-    requests = _requests(n)
+    requests = _requests(n, sampler)
     mem = PeakMemory(pipe.device)
     decode = not args.no_decode
     for _ in range(args.warmup):
@@ -155,7 +170,8 @@ def bench_batch(pipe, n: int, args, peak: dict, flops: dict) -> dict:
     peak["matmul_flops_per_s"] = ref
     tok_flops = flops["total"]
     rec = {
-        "kind": "batch", "preset": args.preset, "size": pipe.image_size, "device": str(pipe.device),
+        "kind": "batch", "preset": args.preset, "sampler": pipe.resolve_sampler(sampler),
+        "size": pipe.image_size, "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""), "compile": bool(args.compile), "batch_size": n,
         "images_per_s": n / best["generate_s"], "s_per_image": best["generate_s"] / n,
         "latency_s": best["generate_s"], "median_s_per_image": med["generate_s"] / n,
@@ -192,12 +208,13 @@ def batch_sizes(args, pipe) -> list[int]:
     return list(default_buckets(max(1, most)))
 
 
-def flop_counts(pipe, n: int) -> dict:
+def flop_counts(pipe, n: int, sampler: str = "auto") -> dict:
     from bench.flops import TextEncoderShape, decoder_flops, generation_flops
 
     text = TextEncoderShape.of(pipe.text_encoder.model.config, pipe.cfg.text_len)
     texts = len({PROMPT.format(i=i) for i in range(n)} | {""})
-    g = generation_flops(pipe.cfg, n, text, texts)
+    head_images = n if pipe.resolve_sampler(sampler) == "head" else 0
+    g = generation_flops(pipe.cfg, n, text, texts, head_images=head_images)
     g["decoder_per_image"] = decoder_flops(pipe.cfg)
     return g
 
@@ -208,7 +225,7 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def sweep(pipe, sizes: list[int], args, peak: dict, report) -> list[dict]:
+def sweep(pipe, sizes: list[int], args, peak: dict, report, sampler: str = "auto") -> list[dict]:
     """bench_batch at every size (then doubling with --until-oom); an out-of-memory error ends it."""
     import torch
 
@@ -223,7 +240,7 @@ def sweep(pipe, sizes: list[int], args, peak: dict, report) -> list[dict]:
         i += 1
         try:
             pipe.reserve(n)
-            rec = bench_batch(pipe, n, args, peak, flop_counts(pipe, n))
+            rec = bench_batch(pipe, n, args, peak, flop_counts(pipe, n, sampler), sampler)
         except Exception as exc:  # noqa: BLE001 - an OOM ends the sweep, anything else is re-raised
             if not is_oom(exc):
                 raise
@@ -253,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.size is not None and args.size != pipe.image_size:
         print(f"--size {args.size}: preset {args.preset} makes {pipe.image_size} px images", file=sys.stderr)
         return 2
+    samplers = [x for x in args.sampler.replace(" ", "").split(",") if x]
+    try:
+        for sampler in samplers:
+            pipe.resolve_sampler(sampler)
+    except ValueError as e:
+        print(f"--sampler: {e}", file=sys.stderr)
+        return 2
     out_file = open(args.out, "a", encoding="utf-8") if args.out else None
 
     def report(rec: dict) -> None:
@@ -271,15 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         compile_pipeline(pipe, sizes, mode=args.compile_mode, backend=args.compile_backend,
                          dynamic=args.compile_dynamic)
         report({"kind": "compile", "buckets": sizes, "warmup_s": warm_up(pipe, sizes)})
-    records = sweep(pipe, sizes, args, peak, report)
-    if records:
-        best = max(records, key=lambda r: r["images_per_s"])
-        report({"kind": "summary", "preset": args.preset, "device": str(pipe.device),
-                "dtype": str(pipe.dtype).replace("torch.", ""), "compile": bool(args.compile),
-                "s_per_image_batch1": next((r["s_per_image"] for r in records if r["batch_size"] == 1), None),
-                "best_images_per_s": best["images_per_s"], "best_batch_size": best["batch_size"],
-                "token_stage_fraction_at_best": best["token_stage_fraction_of_matmul_peak"],
-                "matmul_flops_per_s": peak["matmul_flops_per_s"]})
+    records = []
+    for sampler in samplers:
+        done = sweep(pipe, sizes, args, peak, report, sampler)
+        if done:
+            report(summary(done, args, pipe, peak))
+        records += done
+    for rec in sampler_costs(records):
+        report(rec)
     if args.plot and records:
         plot(args.plot, records)
     if out_file:
@@ -287,17 +310,49 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def summary(records: list[dict], args, pipe, peak: dict) -> dict:
+    best = max(records, key=lambda r: r["images_per_s"])
+    return {"kind": "summary", "preset": args.preset, "sampler": records[0].get("sampler"),
+            "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""), "compile": bool(args.compile),
+            "s_per_image_batch1": next((r["s_per_image"] for r in records if r["batch_size"] == 1), None),
+            "best_images_per_s": best["images_per_s"], "best_batch_size": best["batch_size"],
+            "token_stage_fraction_at_best": best["token_stage_fraction_of_matmul_peak"],
+            "matmul_flops_per_s": peak["matmul_flops_per_s"]}
+
+
+def sampler_costs(records: list[dict]) -> list[dict]:
+    """Per batch size measured with both samplers: what the sampler head costs over plain sampling."""
+    by = {(r.get("sampler"), r["batch_size"]): r for r in records}
+    out = []
+    for (sampler, n), head in sorted(by.items(), key=lambda kv: kv[0][1]):
+        plain = by.get(("plain", n))
+        if sampler != "head" or plain is None:
+            continue
+        out.append({"kind": "sampler_cost", "batch_size": n,
+                    "plain_s_per_image": plain["s_per_image"], "head_s_per_image": head["s_per_image"],
+                    "s_per_image_head_over_plain": head["s_per_image"] / plain["s_per_image"],
+                    "token_stage_head_over_plain": head["token_stage_s"] / plain["token_stage_s"],
+                    "flops_head_over_plain": head["flops_per_image"] / plain["flops_per_image"],
+                    "plain_flops_per_image": plain["flops_per_image"], "head_flops_per_image": head["flops_per_image"]})
+    return out
+
+
 def plot(path: str, records: list[dict]) -> str:
     from bench.plot import line_panels
 
     r0 = records[0]
     title = f"bench.sampler {r0['preset']} {r0['size']}px {r0['device']} {r0['dtype']}"
-    pts = lambda key: [(r["batch_size"], r[key]) for r in records]  # noqa: E731
+    samplers = list(dict.fromkeys(r.get("sampler") for r in records))
+
+    def series(key: str, label: str) -> dict:
+        named = (lambda s: label) if len(samplers) == 1 else (lambda s: f"{label} ({s})")  # noqa: E731
+        return {named(s): [(r["batch_size"], r[key]) for r in records if r.get("sampler") == s] for s in samplers}
+
     return line_panels(path, title, [
-        {"title": "images per second", "x_label": "batch size", "series": {"images/s": pts("images_per_s")}},
+        {"title": "images per second", "x_label": "batch size", "series": series("images_per_s", "images/s")},
         {"title": "fraction of the matmul peak", "x_label": "batch size",
-         "series": {"token stage": pts("token_stage_fraction_of_matmul_peak"),
-                    "whole generation": pts("fraction_of_matmul_peak")}},
+         "series": {**series("token_stage_fraction_of_matmul_peak", "token stage"),
+                    **series("fraction_of_matmul_peak", "whole generation")}},
     ])
 
 

@@ -1,13 +1,20 @@
-"""The scale loop: next-scale prediction with a static KV cache, guidance and per-image sampling."""
+"""The scale loop: next-scale prediction with a static KV cache, guidance and per-image sampling.
+
+Images that ask for the sampler head have their scales from `from_scale` on refined step by step
+(model/refine.py); every other scale, and every scale of the other images, is drawn at once.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .kv_cache import KVCache
-from .sampler import RowParams, guide, sample_rows
+from .refine import OnCommits, OnHeadLogits, Refinement
+from .sampler import ImageRandom, RowParams, as_random, guide, sample_rows
+from .sampler_head import SamplerHead
 from .transformer import StarTransformer
 from .vqvae import VQVAE
 
@@ -39,33 +46,57 @@ class ScaleOutput:
 
 @torch.inference_mode()
 def sample_scales(model: StarTransformer, vae: VQVAE, cond: Conditioning, params: RowParams,
-                  gens: list[torch.Generator], cache: KVCache, *, on_scale: OnScale | None = None,
-                  on_logits: OnLogits | None = None) -> ScaleOutput:
+                  gens: ImageRandom | Sequence[torch.Generator], cache: KVCache, *,
+                  on_scale: OnScale | None = None, on_logits: OnLogits | None = None,
+                  head: SamplerHead | None = None, head_images: Sequence[int] = (),
+                  on_head_logits: OnHeadLogits | None = None, on_commits: OnCommits | None = None) -> ScaleOutput:
     """Run all scales for N images (2N rows: conditional then unconditional).
 
-    on_logits(si, logits_BlV) sees the head's float32 logits before guidance (for checks).
+    on_logits(si, logits_BlV) sees the base model's float32 logits before guidance (for checks).
     on_scale(k, S) is called after scale k (1-based) is sampled and may return image indices to
     cancel; canceled images keep their rows (so nothing else changes) and the loop stops early
     once every image is canceled. Nothing in the loop reads tensor values on the host.
+    head_images: the images refined with `head` (see model/refine.py); on_head_logits(si, step,
+    logits_BlV) sees the sampler head's logits of those images' rows, on_commits(si, images,
+    step_Nl, kind_Nl) when and how each of their positions was committed.
     """
     cfg = model.cfg
     N, S, H = cond.num_images, cfg.num_scales, cfg.patch_nums[-1]
-    if len(gens) != N or params.cfg_N.shape[0] != N:
-        raise ValueError(f"{N} images but {len(gens)} generators and {params.cfg_N.shape[0]} parameter rows")
+    rand = as_random(gens)
+    if len(rand) != N or params.cfg_N.shape[0] != N:
+        raise ValueError(f"{N} images but {len(rand)} generators and {params.cfg_N.shape[0]} parameter rows")
     if 2 * N > cache.max_rows:
         raise ValueError(f"KV cache holds {cache.max_rows} rows, {2 * N} needed")
+    if head_images and head is None:
+        raise ValueError("head_images given but no sampler head")
     text = model.text_kv(cond.hidden_NTD, cond.mask_NT)
     x_BlC = model.start_tokens(torch.cat((cond.pooled_cond_ND, cond.pooled_uncond_ND)))
-    f_hat_NChw = torch.zeros(N, cfg.vae_channels, H, H, dtype=vae.quantize.embedding.weight.dtype,
-                             device=x_BlC.device)
+    codebook_VCv = vae.quantize.embedding.weight
+    f_hat_NChw = torch.zeros(N, cfg.vae_channels, H, H, dtype=codebook_VCv.dtype, device=x_BlC.device)
+    refinement = Refinement(head, head_images, N, cond.pooled_cond_ND, cond.pooled_uncond_ND, params, rand,
+                            codebook_VCv) if head_images else None
+    # A compiled step (model/compile.py) pads the rows to a bucket and returns logits only; the refined
+    # scales need the hidden states, so a batch with head images runs every scale eagerly (one row
+    # layout in the KV cache throughout).
+    scale_logits = model.scale_logits if refinement is None else partial(StarTransformer.scale_logits, model)
     idx_per_scale: list[torch.Tensor] = []
     canceled = [False] * N
     for si in range(S):
-        logits_BlV = model.scale_logits(x_BlC, si, cache, text)
+        refined = refinement is not None and si >= refinement.from_scale
+        if refined:   # the head also needs the hidden states before the logit LayerNorm
+            h_BlC = model.blocks_forward(x_BlC, si, cache, text)
+            logits_BlV = model.logits(h_BlC)
+        else:
+            logits_BlV = scale_logits(x_BlC, si, cache, text)
         if on_logits is not None:
             on_logits(si, logits_BlV)
         logits_NlV = guide(logits_BlV, params.guidance_t(si, S))
-        idx_Nl = sample_rows(logits_NlV, params, gens)
+        if refined:
+            begin, end = cfg.begin_ends[si]
+            rope_lc = torch.cat((model.rope_freqs(0, 1), model.rope_freqs(begin, end)))
+            idx_Nl = refinement.sample(si, logits_NlV, h_BlC, rope_lc, on_head_logits, on_commits)
+        else:
+            idx_Nl = sample_rows(logits_NlV, params, rand)
         idx_per_scale.append(idx_Nl)
         f_next_NlCv = vae.add_scale_(f_hat_NChw, idx_Nl, si)
         if f_next_NlCv is not None:

@@ -113,7 +113,8 @@ def warm_up(pipe, buckets: Sequence[int]) -> dict[int, float]:
 
     seconds = {}
     for b in sorted(set(buckets)):
-        requests = [ImageRequest(prompt="warm-up", seed=i) for i in range(b)]
+        # plain: batches with sampler-head images run eagerly (autoregress.sample_scales)
+        requests = [ImageRequest(prompt="warm-up", seed=i, sampler="plain") for i in range(b)]
         t0 = time.perf_counter()
         cond, _ = pipe.encode_prompts([r.prompt for r in requests], [r.negative_prompt for r in requests])
         pipe.sample_tokens(cond, requests)

@@ -8,6 +8,9 @@ Counted from the architecture (model/config.py), not measured:
                intermediates) and the float32 logits / sampling buffers of that scale
   per decode   the VQ-VAE decoder's activations for one decode call (`decode(chunk=1)` decodes one
                image at a time, so this does not grow with the batch)
+  sampler head its weights (transformer dtype; head_logits2 float32) and, per image, what the
+               refinement of the largest refined scale keeps besides the base step (counted for
+               every image, whichever sampler it asks for)
 The activation figures are deliberately generous (several live copies of the widest tensor);
 `max_batch` also keeps a safety margin of the free memory.
 """
@@ -80,6 +83,38 @@ def decode_bytes(cfg: StarConfig, vae_dtype: torch.dtype = torch.float32, chunk:
     return chunk * (5 * widest * _itemsize(vae_dtype) + attention)
 
 
+def sampler_head_params(cfg: StarConfig) -> tuple[int, int]:
+    """(sampler-head parameters in the transformer's dtype, head_logits2 parameters kept float32);
+    (0, 0) without a head."""
+    if cfg.sampler_head is None:
+        return 0, 0
+    C, D, V, Cv = cfg.embed_dim, cfg.text_dim, cfg.vocab_size, cfg.vae_channels
+    hidden = round(C * cfg.mlp_ratio)
+    block = (C * 3 * C + 2 * C + cfg.num_heads + C * C + C       # self-attention
+             + C * hidden + hidden + hidden * C + C)              # FFN
+    other = Cv * C + C + cfg.num_scales * C + D * C + C + C + 2 * C * C + C
+    return cfg.sampler_head.blocks * block + other, C * V + V
+
+
+def sampler_head_step_bytes_per_image(cfg: StarConfig, dtype: torch.dtype) -> int:
+    """The refinement of the largest refined scale, per image, on top of step_bytes_per_image
+    (generous): the head's activations on 2 rows x (1 + l) tokens, its float32 logits, guided and
+    noise buffers, the base hidden states and guided logits kept for the scale, the committed
+    codebook vectors and masks; 0 without a head."""
+    if cfg.sampler_head is None:
+        return 0
+    l = cfg.patch_nums[-1] ** 2
+    C, V = cfg.embed_dim, cfg.vocab_size
+    hidden = round(C * cfg.mlp_ratio)
+    rows, size = 2, _itemsize(dtype)
+    # rows and ctx (2C), their concat (2C), x, LN(x), QKV (3C), q and k (float32 during RoPE),
+    # attention output, projection, FFN hidden x 2
+    per_token = (2 * C + 2 * C + C + C + 3 * C + C + C + 2 * hidden) * size + 2 * C * 4
+    logits = rows * l * V * 4 + 3 * l * V * 4        # head logits of both rows; guided, noise, candidates
+    kept = rows * l * C * size + l * V * 4 + l * (cfg.vae_channels * 4 + 8 * 4)
+    return rows * (l + 1) * per_token + logits + kept
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """What a pipeline needs on its device, in bytes (see the module docstring)."""
@@ -112,10 +147,13 @@ class MemoryPlan:
 def plan_for_config(cfg: StarConfig, dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32,
                     text_encoder_bytes: int = 0, fp32_head: bool = True) -> MemoryPlan:
     body, head = transformer_params(cfg)
+    sampler_body, sampler_logits = sampler_head_params(cfg)
+    body, head = body + sampler_body, head + sampler_logits
     weights = (body * _itemsize(dtype) + head * (4 if fp32_head else _itemsize(dtype))
                + vae_params(cfg) * _itemsize(vae_dtype) + text_encoder_bytes)
-    return MemoryPlan(cfg.image_size, weights, kv_cache_bytes_per_image(cfg, dtype),
-                      step_bytes_per_image(cfg, dtype), decode_bytes(cfg, vae_dtype))
+    step = step_bytes_per_image(cfg, dtype) + sampler_head_step_bytes_per_image(cfg, dtype)
+    return MemoryPlan(cfg.image_size, weights, kv_cache_bytes_per_image(cfg, dtype), step,
+                      decode_bytes(cfg, vae_dtype))
 
 
 def plan_for_pipeline(pipe) -> MemoryPlan:
@@ -126,8 +164,11 @@ def plan_for_pipeline(pipe) -> MemoryPlan:
     vae_dtype = next(pipe.vae.parameters()).dtype
     cfg = pipe.cfg
     weights = nbytes(pipe.transformer) + nbytes(pipe.vae) + nbytes(pipe.text_encoder.model)
-    return MemoryPlan(cfg.image_size, weights, kv_cache_bytes_per_image(cfg, pipe.dtype),
-                      step_bytes_per_image(cfg, pipe.dtype), decode_bytes(cfg, vae_dtype))
+    if pipe.sampler_head is not None:
+        weights += nbytes(pipe.sampler_head)
+    step = step_bytes_per_image(cfg, pipe.dtype) + sampler_head_step_bytes_per_image(cfg, pipe.dtype)
+    return MemoryPlan(cfg.image_size, weights, kv_cache_bytes_per_image(cfg, pipe.dtype), step,
+                      decode_bytes(cfg, vae_dtype))
 
 
 def free_device_bytes(device) -> int | None:

@@ -2,7 +2,8 @@
 
     config.json               {"format": "star-model", "format_version": 1, "name", "arch": {...},
                                "transformer_dtype", "vae_dtype", "source": {...}}
-    transformer.safetensors   transformer weights (bf16, fp16 or fp32), official key names
+    transformer.safetensors   transformer weights (bf16, fp16 or fp32), official key names; with the
+                              sampler head's keys when "arch" has a "sampler_head" (its rules)
     vae.safetensors           VQ-VAE weights (float32 by default), official key names
     CLIP/tokenizer/           CLIPTokenizer files
     CLIP/text_encoder/        CLIPTextModel (save_pretrained layout)
@@ -24,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import StarConfig
-from .weights import ModelFileNotFoundError, WeightsError, build_transformer, build_vae
+from .weights import (ModelFileNotFoundError, WeightsError, WeightsMismatchError, build_transformer_and_head,
+                      build_vae)
 
 FORMAT, FORMAT_VERSION = "star-model", 1
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -127,19 +129,24 @@ def read_config(path: str | Path) -> dict:
 
 
 def load_model_dir(path: str | Path):
-    """(name, config, transformer, vae, CLIP folder) from a model directory, weights as stored."""
+    """(name, config, transformer, sampler head or None, vae, CLIP folder) from a model directory,
+    weights as stored."""
     path = resolve_model_path(path)
     config = read_config(path)
-    cfg = StarConfig.from_dict(config["arch"])
+    try:
+        cfg = StarConfig.from_dict(config["arch"])
+    except ValueError as e:   # WeightsMismatchError is a ValueError too
+        raise WeightsMismatchError(f"{path / 'config.json'}: invalid \"arch\": {e}") from None
     files = {}
     for part in ("transformer", "vae"):
         f = path / f"{part}.safetensors"
         if not f.is_file():
             raise ModelFileNotFoundError(f"model directory {path} lacks {f.name}")
         files[part] = f
-    transformer = build_transformer(cfg, mmap_safetensors(files["transformer"]), f"{files['transformer']}")
+    weights = mmap_safetensors(files["transformer"])
+    transformer, head = build_transformer_and_head(cfg, weights, f"{files['transformer']}")
     vae = build_vae(cfg, mmap_safetensors(files["vae"]), f"{files['vae']}")
-    return config.get("name") or path.name, cfg, transformer, vae, path / "CLIP"
+    return config.get("name") or path.name, cfg, transformer, head, vae, path / "CLIP"
 
 
 def sampling_defaults(spec: str | Path) -> dict:

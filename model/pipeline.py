@@ -20,16 +20,17 @@ from .autoregress import Conditioning, ScaleOutput, sample_scales
 from .config import PRESETS, StarConfig
 from .kv_cache import KVCache
 from .model_dir import is_model_dir, load_model_dir, parse_dtype, sampling_defaults
-from .random_init import random_transformer, random_vae
-from .request import OFFICIAL_SAMPLING, ImageRequest, ImageResult
+from .random_init import random_sampler_head, random_transformer, random_vae
+from .request import OFFICIAL_SAMPLING, SAMPLERS, ImageRequest, ImageResult
 from .sampler import RowParams, make_generators
+from .sampler_head import SamplerHead
 from .text import TextEncoder, byte_level_clip_tokenizer, random_clip_text_model
 from .transformer import StarTransformer
 from .vqvae import VQVAE
 from .weights import ModelFileNotFoundError, load_official
 
 log = logging.getLogger(__name__)
-__all__ = ["StarPipeline", "ImageRequest", "ImageResult", "OFFICIAL_SAMPLING", "images_to_uint8"]
+__all__ = ["StarPipeline", "ImageRequest", "ImageResult", "OFFICIAL_SAMPLING", "SAMPLERS", "images_to_uint8"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -78,13 +79,22 @@ class StarPipeline:
     def __init__(self, name: str, cfg: StarConfig, transformer: StarTransformer, vae: VQVAE,
                  text_encoder: TextEncoder, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float32", *, vae_dtype: str | torch.dtype = "float32",
-                 fp32_head: bool = True):
-        """vae_dtype and fp32_head=False lower the precision of the decode / the logits (only on request)."""
+                 fp32_head: bool = True, sampler_head: SamplerHead | None = None):
+        """vae_dtype and fp32_head=False lower the precision of the decode / the logits (only on request).
+        sampler_head: the optional head of causal-driven stable sampling (cfg.sampler_head set)."""
+        if (sampler_head is None) != (cfg.sampler_head is None):
+            raise ValueError(f"model {name!r}: config {'has' if cfg.sampler_head else 'has no'} sampler_head, "
+                             f"but the sampler head module was {'not ' if sampler_head is None else ''}given")
         self.name, self.cfg = name, cfg
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.image_size, self.patch_nums = cfg.image_size, cfg.patch_nums
         self.transformer = place_transformer_(transformer, self.device, self.dtype, fp32_head)
+        self.sampler_head = sampler_head
+        if sampler_head is not None:
+            sampler_head.to(device=self.device, dtype=self.dtype)
+            if fp32_head:
+                sampler_head.head_logits2.float()
         self.vae = vae.to(device=self.device, dtype=resolve_dtype(vae_dtype, self.device))
         if self.device.type == "cpu":   # oneDNN convolutions run ~10% faster on channels-last maps
             self.vae.decoder.to(memory_format=torch.channels_last)
@@ -111,9 +121,9 @@ class StarPipeline:
         if not is_model_dir(spec):
             raise ModelFileNotFoundError(
                 f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model directory with a config.json")
-        name, cfg, transformer, vae, clip_dir = load_model_dir(spec)
+        name, cfg, transformer, head, vae, clip_dir = load_model_dir(spec)
         text = TextEncoder.from_folder(clip_dir, cfg.text_len)
-        pipe = cls(Path(spec).name, cfg, transformer, vae, text, device, dtype, **precision)
+        pipe = cls(Path(spec).name, cfg, transformer, vae, text, device, dtype, sampler_head=head, **precision)
         pipe.sampling = sampling_defaults(spec)
         return pipe
 
@@ -123,22 +133,29 @@ class StarPipeline:
         """Preset architecture with deterministic random weights and a small random CLIP."""
         cfg = PRESETS[name]
         text = TextEncoder(byte_level_clip_tokenizer(), random_clip_text_model(cfg.text_dim, seed + 2), cfg.text_len)
+        head = random_sampler_head(cfg, seed + 3) if cfg.sampler_head is not None else None
         return cls(name, cfg, random_transformer(cfg, seed), random_vae(cfg, seed + 1), text, device, dtype,
-                   **precision)
+                   sampler_head=head, **precision)
 
     @classmethod
     def from_official(cls, ar_path: str | Path, vae_path: str | Path, clip_dir: str | Path, *,
                       device: str = "cpu", dtype: str | torch.dtype = "float32", trust_pickle: bool = False,
-                      name: str | None = None, use_sampler_head: bool = False, **precision) -> "StarPipeline":
+                      name: str | None = None, use_sampler_head: bool | None = None,
+                      sampler_rules: dict | None = None, **precision) -> "StarPipeline":
         """Straight from the official `.pth` files and `CLIP/` folder (slower than a model directory).
 
-        use_sampler_head=True raises UnsupportedFeatureError: causal-driven stable sampling is not
-        implemented; without it, a checkpoint's sampler-head keys are ignored with a logged note.
+        use_sampler_head: None keeps a sampler head the checkpoint has, True requires one, False
+        leaves it out; sampler_rules: its refinement rules (default: the release's).
         """
-        cfg, transformer, vae = load_official(ar_path, vae_path, name=name, trust_pickle=trust_pickle,
-                                              use_sampler_head=use_sampler_head)
+        cfg, transformer, vae, head = load_official(ar_path, vae_path, name=name, trust_pickle=trust_pickle,
+                                                    use_sampler_head=use_sampler_head, sampler_rules=sampler_rules)
         text = TextEncoder.from_folder(clip_dir, cfg.text_len)
-        return cls(cfg.name, cfg, transformer, vae, text, device, dtype, **precision)
+        return cls(cfg.name, cfg, transformer, vae, text, device, dtype, sampler_head=head, **precision)
+
+    @property
+    def has_sampler_head(self) -> bool:
+        """Whether requests may use causal-driven stable sampling (sampler "head"; "auto" does)."""
+        return self.sampler_head is not None
 
     def reserve(self, max_images: int) -> KVCache:
         """Allocate (or keep) the static KV cache for up to max_images images (2 rows each)."""
@@ -166,21 +183,38 @@ class StarPipeline:
 
     def sample_tokens(self, cond: Conditioning, requests: Sequence[ImageRequest], *,
                       on_scale: Callable[[int, int], Collection[int] | None] | None = None,
-                      on_logits=None) -> ScaleOutput:
-        """The scale loop for len(requests) images; per-image parameters and generators."""
+                      on_logits=None, **probes) -> ScaleOutput:
+        """The scale loop for len(requests) images; per-image parameters, generators and sampler.
+        probes: on_head_logits= / on_commits= of autoregress.sample_scales (checks, debugging)."""
         requests = [self.with_defaults(r) for r in requests]
         params = RowParams.build([r.cfg for r in requests], [r.top_k for r in requests],
                                  [r.top_p for r in requests], [r.temperature for r in requests], self.device)
         gens = make_generators([r.seed for r in requests], self.device)
         cache = self.reserve(len(requests))
-        return sample_scales(self.transformer, self.vae, cond, params, gens, cache,
-                             on_scale=on_scale, on_logits=on_logits)
+        head_images = [i for i, r in enumerate(requests) if r.sampler == "head"]
+        return sample_scales(self.transformer, self.vae, cond, params, gens, cache, on_scale=on_scale,
+                             on_logits=on_logits, head=self.sampler_head, head_images=head_images, **probes)
 
     def with_defaults(self, request: ImageRequest) -> ImageRequest:
         """request with every sampling field it leaves unset (None) filled: the model directory's
-        recommendation (self.sampling), else OFFICIAL_SAMPLING."""
+        recommendation (self.sampling), else OFFICIAL_SAMPLING; and its sampler resolved to "head"
+        or "plain" (ValueError for "head" without a sampler head, or an unknown sampler)."""
         unset = {k: self.sampling.get(k, v) for k, v in OFFICIAL_SAMPLING.items() if getattr(request, k) is None}
+        sampler = self.resolve_sampler(request.sampler)
+        if sampler != request.sampler:
+            unset["sampler"] = sampler
         return dataclasses.replace(request, **unset) if unset else request
+
+    def resolve_sampler(self, sampler: str | None) -> str:
+        """"head" or "plain": what a request's sampler (None = "auto") runs on this model."""
+        if sampler not in (None, *SAMPLERS):
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if sampler == "head" and not self.has_sampler_head:
+            raise ValueError(f"sampler 'head' needs a model with a sampler head; {self.name!r} has none "
+                             "(use 'auto' or 'plain')")
+        if sampler in (None, "auto"):
+            return "head" if self.has_sampler_head else "plain"
+        return sampler
 
     @torch.inference_mode()
     def decode(self, f_hat_NChw: torch.Tensor, chunk: int | None = None) -> torch.Tensor:

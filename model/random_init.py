@@ -1,7 +1,8 @@
 """Deterministic random weights for the presets (`tiny`, `small`, ...): no files, no global RNG.
 
-Modules are built on the meta device, materialised with `to_empty` and filled from one seeded
-generator, so the same seed always gives the same model and nothing else's randomness moves.
+Transformers, VQ-VAEs and sampler heads are built on the meta device, materialised with `to_empty`
+and filled from one seeded generator, so the same seed always gives the same model and nothing
+else's randomness moves.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import StarConfig
+from .sampler_head import SamplerHead
 from .transformer import StarTransformer
 from .vqvae import VQVAE
 
@@ -50,6 +52,12 @@ def random_transformer(cfg: StarConfig, seed: int = 0, std: float = 0.02) -> Sta
     _materialise(model, seed, std)
     model.reset_buffers_("cpu")
     return model
+
+
+def random_sampler_head(cfg: StarConfig, seed: int = 3, std: float = 0.02) -> SamplerHead:
+    with torch.device("meta"):
+        head = SamplerHead(cfg)
+    return _materialise(head, seed, std)
 
 
 def random_vae(cfg: StarConfig, seed: int = 1) -> VQVAE:

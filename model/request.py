@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 # none (presets, converted official weights). app.schemas.DEFAULT_SAMPLING holds the same numbers
 # under the API's names (tests/worker/test_units.py keeps them equal).
 OFFICIAL_SAMPLING: dict[str, float | int] = {"cfg": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
+# ImageRequest.sampler: "auto" (the sampler head where the model has one, as the official code runs
+# star-1024-sampler), "head" (causal-driven stable sampling; the model must have a head) or "plain".
+SAMPLERS = ("auto", "head", "plain")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class ImageRequest:
     top_k: int | None = None           # 0 = off
     top_p: float | None = None         # 0 = off
     temperature: float | None = None
+    sampler: str | None = None         # None = "auto"; see SAMPLERS
 
 
 @dataclass

@@ -4,10 +4,14 @@ Filtering follows VAR's `sample_with_top_k_top_p_`: top-k keeps every logit >= t
 (ties kept); top-p sorts ascending, removes the tokens whose cumulative probability is <= 1 - p
 (the most likely token always stays). k = 0 / p = 0 switch a filter off. The temperature divides
 the filtered logits, then one token is drawn per position with the Gumbel-max trick using noise from
-that image's own generator, so an image never depends on what else is in the batch.
+that image's own generator, so an image never depends on what else is in the batch. A draw can also
+report its confidence (the drawn token's probability under the filtered distribution), which the
+sampler head's refinement (model/refine.py) ranks positions by; its random commit priorities come
+from the same per-image generators (`ImageRandom`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,16 +26,23 @@ class RowParams:
     top_p_N: torch.Tensor        # float64, 0 = off
     temperature_N: torch.Tensor  # float64, > 0
     top_k_max: int | None = None  # largest top_k on the host (0 if any row has top-k off); None: unknown
+    top_k_host: tuple[int, ...] | None = None   # every row's top_k on the host, when known
 
     @classmethod
     def build(cls, cfg, top_k, top_p, temperature, device) -> "RowParams":
         f64 = dict(dtype=torch.float64, device=device)
-        host_k = torch.as_tensor(top_k, dtype=torch.int64).flatten().tolist()
+        host_k = tuple(torch.as_tensor(top_k, dtype=torch.int64).flatten().tolist())
         params = cls(torch.as_tensor(cfg, **f64), torch.as_tensor(top_k, dtype=torch.int64, device=device),
-                     torch.as_tensor(top_p, **f64), torch.as_tensor(temperature, **f64),
-                     0 if not host_k or min(host_k) <= 0 else max(host_k))
+                     torch.as_tensor(top_p, **f64), torch.as_tensor(temperature, **f64), _k_cap(host_k), host_k)
         params.validate()
         return params
+
+    def select(self, rows: Sequence[int]) -> "RowParams":
+        """The parameters of the images `rows` (a list on the host)."""
+        at = torch.as_tensor(list(rows), dtype=torch.int64, device=self.cfg_N.device)
+        host_k = None if self.top_k_host is None else tuple(self.top_k_host[i] for i in rows)
+        return RowParams(self.cfg_N[at], self.top_k_N[at], self.top_p_N[at], self.temperature_N[at],
+                         self.top_k_max if host_k is None else _k_cap(host_k), host_k)
 
     def validate(self) -> None:
         """Raise ValueError on parameters no sampler could use (checked once, before the loop)."""
@@ -48,6 +59,14 @@ class RowParams:
         """t per image at scale si: cfg * si / (S - 1), [N, 1, 1] float64."""
         ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
         return (self.cfg_N * ratio)[:, None, None]
+
+    def guidance_full(self) -> torch.Tensor:
+        """t = cfg per image (not ramped: the sampler head's steps), [N, 1, 1] float64."""
+        return self.cfg_N[:, None, None]
+
+
+def _k_cap(host_k: Sequence[int]) -> int:
+    return 0 if not host_k or min(host_k) <= 0 else max(host_k)
 
 
 def make_generators(seeds: list[int], device: torch.device | str) -> list[torch.Generator]:
@@ -84,13 +103,8 @@ def filter_top_k_top_p_(logits_NlV: torch.Tensor, top_k_N: torch.Tensor, top_p_N
     return logits_NlV.masked_fill_(remove, -torch.inf)
 
 
-def gumbel_noise(shape: tuple[int, int], gens: list[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
-    """[N, l, V] Gumbel(0, 1) noise, row n drawn from gens[n] only."""
-    return _gumbel_(uniform_noise(shape, gens, device, dtype))
-
-
-def uniform_noise(shape: tuple[int, int], gens: list[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
-    """[N, l, V] uniform [0, 1) noise, row n drawn from gens[n] only (written in place, no stack)."""
+def uniform_noise(shape: tuple[int, ...], gens: list[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
+    """[N, *shape] uniform [0, 1) noise, row n drawn from gens[n] only (written in place, no stack)."""
     u = torch.empty((len(gens), *shape), device=device, dtype=dtype)
     for n, g in enumerate(gens):
         torch.rand(shape, generator=g, device=device, dtype=dtype, out=u[n])
@@ -102,8 +116,64 @@ def _gumbel_(u: torch.Tensor) -> torch.Tensor:
     return u.clamp_(min=tiny).log_().neg_().log_().neg_()
 
 
-def sample_rows(logits_NlV: torch.Tensor, params: RowParams, gens: list[torch.Generator]) -> torch.Tensor:
-    """Filter, apply temperature and draw one token per position: idx [N, l] int64.
+class ImageRandom:
+    """Every random number the sampling of N images uses; image n's come from its own generator, in
+    an order fixed by its own request, so an image never depends on the rest of its batch.
+
+    Two kinds: the Gumbel noise of a draw (one per position and token) and the uniform priorities
+    of a refinement step that commits random positions. The golden checker substitutes a subclass
+    (argmax draws, the official run's priorities); nothing else changes between the two.
+    """
+
+    def __init__(self, gens: Sequence[torch.Generator]):
+        self.gens = list(gens)
+
+    def __len__(self) -> int:
+        return len(self.gens)
+
+    def select(self, rows: Sequence[int]) -> "ImageRandom":
+        """The random numbers of the images `rows` (the same generators, not copies)."""
+        return ImageRandom([self.gens[i] for i in rows])
+
+    def gumbel(self, l: int, V: int, device, dtype, at_NlK: torch.Tensor | None = None) -> torch.Tensor:
+        """Gumbel noise of every position and token [N, l, V], or only at the tokens at_NlK [N, l, K]
+        (the same numbers: all l*V uniforms are drawn either way)."""
+        u_NlV = uniform_noise((l, V), self.gens, device, dtype)
+        return _gumbel_(u_NlV if at_NlK is None else u_NlV.gather(-1, at_NlK))
+
+    def priorities(self, si: int, step: int, l: int, device) -> torch.Tensor:
+        """Uniform [0, 1) priorities [N, l] of step `step` of scale si (float32)."""
+        return uniform_noise((l,), self.gens, device, torch.float32)
+
+
+def as_random(gens: "ImageRandom | Sequence[torch.Generator]") -> ImageRandom:
+    return gens if isinstance(gens, ImageRandom) else ImageRandom(gens)
+
+
+@dataclass
+class Filtered:
+    """Guided logits of N images after top-k / top-p and temperature, ready to draw from: either the
+    k_cap largest logits of every position (vals_NlK descending, -inf where filtered out, tokens
+    idx_NlK) or all V logits (idx_NlK None). Drawing several times reuses the filtering."""
+
+    vals_NlK: torch.Tensor
+    idx_NlK: torch.Tensor | None
+    vocab_size: int
+
+    def draw(self, rand: ImageRandom, confidence: bool = False):
+        """One token per position, Gumbel-max with each image's noise: idx [N, l] int64, and with
+        confidence=True also that token's probability under the filtered distribution [N, l]."""
+        l = self.vals_NlK.shape[1]
+        noise = rand.gumbel(l, self.vocab_size, self.vals_NlK.device, self.vals_NlK.dtype, self.idx_NlK)
+        pick_Nl1 = (self.vals_NlK + noise).argmax(dim=-1, keepdim=True)
+        idx_Nl = (pick_Nl1 if self.idx_NlK is None else self.idx_NlK.gather(-1, pick_Nl1)).squeeze(-1)
+        if not confidence:
+            return idx_Nl
+        return idx_Nl, self.vals_NlK.softmax(dim=-1).gather(-1, pick_Nl1).squeeze(-1)
+
+
+def filter_rows(logits_NlV: torch.Tensor, params: RowParams, inplace: bool = True) -> Filtered:
+    """Filtering and temperature of sample_rows (inplace=False leaves logits_NlV untouched).
 
     When every row has top-k on (the default), only the k largest logits of a position can be drawn,
     so the work runs on those candidates (`torch.topk`) instead of sorting and filtering all V
@@ -115,16 +185,20 @@ def sample_rows(logits_NlV: torch.Tensor, params: RowParams, gens: list[torch.Ge
     if k_cap is None:
         k_cap = int(params.top_k_N.min()) and int(params.top_k_N.max())
     if 0 < k_cap < V:
-        return _sample_candidates(logits_NlV, params, gens, k_cap)
-    logits = filter_top_k_top_p_(logits_NlV, params.top_k_N, params.top_p_N)
-    logits = logits / params.temperature_N.to(logits.dtype).view(N, 1, 1)
-    noise = gumbel_noise((l, V), gens, logits.device, logits.dtype)
-    return (logits + noise).argmax(dim=-1)
+        return _candidates(logits_NlV, params, k_cap)
+    logits = filter_top_k_top_p_(logits_NlV if inplace else logits_NlV.clone(), params.top_k_N, params.top_p_N)
+    return Filtered(logits / params.temperature_N.to(logits.dtype).view(N, 1, 1), None, V)
 
 
-def _sample_candidates(logits_NlV: torch.Tensor, params: RowParams, gens: list[torch.Generator],
-                       k_cap: int) -> torch.Tensor:
-    """sample_rows on the k_cap largest logits of each position (every row's top_k <= k_cap)."""
+def sample_rows(logits_NlV: torch.Tensor, params: RowParams,
+                gens: "ImageRandom | Sequence[torch.Generator]") -> torch.Tensor:
+    """Filter, apply temperature and draw one token per position: idx [N, l] int64 (may modify
+    logits_NlV in place)."""
+    return filter_rows(logits_NlV, params).draw(as_random(gens))
+
+
+def _candidates(logits_NlV: torch.Tensor, params: RowParams, k_cap: int) -> Filtered:
+    """The k_cap largest logits of each position, filtered as VAR does (every row's top_k <= k_cap)."""
     N, l, V = logits_NlV.shape
     vals_NlK, idx_NlK = logits_NlV.topk(k_cap, dim=-1)              # descending
     kth_pos = (params.top_k_N - 1).clamp(max=k_cap - 1).view(N, 1, 1).expand(N, l, 1)
@@ -135,6 +209,4 @@ def _sample_candidates(logits_NlV: torch.Tensor, params: RowParams, gens: list[t
     drop[..., 0] = False
     drop &= (params.top_p_N > 0).view(N, 1, 1)
     vals_NlK = vals_NlK.masked_fill_(drop, -torch.inf).div_(params.temperature_N.to(vals_NlK.dtype).view(N, 1, 1))
-    u_NlV = uniform_noise((l, V), gens, logits_NlV.device, logits_NlV.dtype)
-    pick = vals_NlK.add_(_gumbel_(u_NlV.gather(-1, idx_NlK))).argmax(dim=-1, keepdim=True)
-    return idx_NlK.gather(-1, pick).squeeze(-1)
+    return Filtered(vals_NlK, idx_NlK, V)

@@ -4,6 +4,9 @@ Official files are pickles. They are opened with `torch.load(weights_only=True)`
 rebuilds tensors and plain containers; a file that needs more (arbitrary classes, i.e. code) is
 refused with `UntrustedPickleError` unless the caller passes `trust_pickle=True`. Keys are matched
 strictly: missing, unexpected and wrongly shaped keys are named in `WeightsMismatchError`.
+
+The optional sampler head (`star-1024-sampler`) is recognised by its keys (SAMPLER_HEAD_PREFIXES,
+official names at the top level of the state dict), kept, and built as its own module.
 """
 from __future__ import annotations
 
@@ -11,11 +14,13 @@ import logging
 import pickle
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .config import PATCH_NUMS_256, StarConfig
+from .config import PATCH_NUMS_256, SamplerHeadConfig, StarConfig
+from .sampler_head import SamplerHead
 from .transformer import SAMPLER_HEAD_PREFIXES, StarTransformer
 from .vqvae import VQVAE
 
@@ -35,10 +40,6 @@ class UntrustedPickleError(WeightsError):
 
 
 class WeightsMismatchError(WeightsError, ValueError):
-    pass
-
-
-class UnsupportedFeatureError(WeightsError, NotImplementedError):
     pass
 
 
@@ -103,23 +104,44 @@ def read_official_vae(path: str | Path, trust_pickle: bool = False) -> dict:
     return dict(obj)
 
 
-def split_sampler_head(sd: dict) -> tuple[dict, list[str]]:
-    """Remove the keys of the optional causal-driven stable-sampling head; return them by name."""
-    head = [k for k in sd if k.startswith(SAMPLER_HEAD_PREFIXES)]
-    return {k: v for k, v in sd.items() if k not in set(head)}, head
+def split_sampler_head(sd: dict) -> tuple[dict, dict]:
+    """(the base model's keys, the optional sampler head's keys) of a state dict."""
+    head = {k: v for k, v in sd.items() if k.startswith(SAMPLER_HEAD_PREFIXES)}
+    return {k: v for k, v in sd.items() if k not in head}, head
 
 
-def drop_sampler_head(sd: dict, use_sampler_head: bool, source: str) -> dict:
-    sd, head_keys = split_sampler_head(sd)
-    if use_sampler_head:
-        detail = f"{source} has {len(head_keys)} sampler-head keys" if head_keys else f"{source} has no sampler head"
-        raise UnsupportedFeatureError(
-            f"causal-driven stable sampling (STAR's optional sampler head) is not supported; {detail}. "
-            "Load without use_sampler_head: the standard top-k/top-p sampler is used.")
-    if head_keys:
-        log.info("%s: ignoring %d keys of the optional sampler head (not supported), e.g. %s",
-                 source, len(head_keys), head_keys[0])
-    return sd
+def choose_sampler_head(head_sd: dict, use_sampler_head: bool | None, source: str) -> dict:
+    """The head's keys to keep: all of them (None: when there are any; True: they must exist) or,
+    with False, none (plain sampling only; the dropped keys are logged)."""
+    if use_sampler_head and not head_sd:
+        raise WeightsMismatchError(f"{source} has no sampler head (no keys {', '.join(SAMPLER_HEAD_PREFIXES)}): "
+                                   "load it without use_sampler_head=True; it samples plainly")
+    if use_sampler_head is False and head_sd:
+        log.info("%s: leaving out the %d keys of the optional sampler head, e.g. %s", source, len(head_sd),
+                 next(iter(head_sd)))
+        return {}
+    return head_sd
+
+
+def sampler_head_config(head_sd: dict, rules: SamplerHeadConfig | dict | None = None) -> SamplerHeadConfig | None:
+    """The head's config from its keys (block count) and the refinement rules (default: the
+    release's); None without head keys."""
+    if not head_sd:
+        if rules:
+            raise WeightsMismatchError("sampler head rules were given, but the checkpoint's sampler head is not "
+                                       "loaded (it has none, or it was left out)")
+        return None
+    blocks = len({m.group(1) for k in head_sd if (m := re.match(r"feat_extract_blocks\.(\d+)\.", k))})
+    if isinstance(rules, dict):
+        try:
+            rules = SamplerHeadConfig.from_dict({"blocks": blocks, **rules})
+        except (TypeError, ValueError) as e:
+            raise WeightsMismatchError(f"sampler head rules {rules}: {e}") from None
+    rules = rules or SamplerHeadConfig(blocks=blocks)
+    if rules.blocks != blocks:
+        raise WeightsMismatchError(f"sampler head rules say {rules.blocks} blocks, the checkpoint has {blocks} "
+                                   "(feat_extract_blocks.*)")
+    return rules
 
 
 def _block_indices(sd: dict) -> list[int]:
@@ -137,8 +159,10 @@ def _vae_arch(vae_sd: dict) -> dict:
 
 
 def config_from_official(name: str, ar_sd: dict, vae_sd: dict, meta: dict,
-                         patch_nums: tuple[int, ...] | None = None) -> StarConfig:
-    """Architecture derived from tensor shapes (depth, width, heads, V, Cvae, text width, scales)."""
+                         patch_nums: tuple[int, ...] | None = None,
+                         sampler_head: SamplerHeadConfig | None = None) -> StarConfig:
+    """Architecture derived from tensor shapes (depth, width, heads, V, Cvae, text width, scales);
+    ar_sd holds the base model's keys (see split_sampler_head)."""
     try:
         C, Cv = ar_sd["word_embed.weight"].shape
         depth, S = len(_block_indices(ar_sd)), ar_sd["lvl_embed.weight"].shape[0]
@@ -154,10 +178,14 @@ def config_from_official(name: str, ar_sd: dict, vae_sd: dict, meta: dict,
         patch_nums = PATCH_NUMS_256
     if len(patch_nums) != S:
         raise WeightsMismatchError(f"patch_nums {patch_nums} has {len(patch_nums)} scales, lvl_embed has {S} rows")
-    cfg = StarConfig(name=name, depth=depth, patch_nums=patch_nums, text_dim=text_dim, num_classes=num_classes,
-                     embed_dim=C, num_heads=heads, head_dim=C // heads,
-                     rope_theta=float(meta.get("rope_theta", 10000.0)), rope_norm=float(meta.get("rope_norm", 64.0)),
-                     logit_norm=bool(meta.get("enable_logit_norm", True)), **_vae_arch(vae_sd))
+    try:
+        cfg = StarConfig(name=name, depth=depth, patch_nums=patch_nums, text_dim=text_dim, num_classes=num_classes,
+                         embed_dim=C, num_heads=heads, head_dim=C // heads,
+                         rope_theta=float(meta.get("rope_theta", 10000.0)), rope_norm=float(meta.get("rope_norm", 64.0)),
+                         logit_norm=bool(meta.get("enable_logit_norm", True)), sampler_head=sampler_head,
+                         **_vae_arch(vae_sd))
+    except ValueError as e:   # e.g. a sampler head whose rules refine a scale too small for them
+        raise WeightsMismatchError(f"{name}: {e}") from None
     if cfg.vae_channels != Cv:
         raise WeightsMismatchError(f"word_embed expects Cvae {Cv}, the VQ-VAE has {cfg.vae_channels}")
     return cfg
@@ -197,6 +225,23 @@ def build_transformer(cfg: StarConfig, sd: dict, what: str = "transformer weight
     return model.eval().requires_grad_(False)
 
 
+def build_sampler_head(cfg: StarConfig, sd: dict, what: str = "sampler head weights") -> SamplerHead:
+    with torch.device("meta"):
+        head = SamplerHead(cfg)
+    load_strict_(head, sd, f"{what} (sampler head)")
+    return head.eval().requires_grad_(False)
+
+
+def build_transformer_and_head(cfg: StarConfig, sd: dict, what: str = "transformer weights"
+                               ) -> tuple[StarTransformer, SamplerHead | None]:
+    """The transformer, and the sampler head when cfg has one, from one state dict with strict keys
+    (without a head in cfg, head keys in sd are unexpected keys)."""
+    if cfg.sampler_head is None:
+        return build_transformer(cfg, sd, what), None
+    base_sd, head_sd = split_sampler_head(sd)
+    return build_transformer(cfg, base_sd, what), build_sampler_head(cfg, head_sd, what)
+
+
 def build_vae(cfg: StarConfig, sd: dict, what: str = "VQ-VAE weights") -> VQVAE:
     with torch.device("meta"):
         vae = VQVAE(cfg)
@@ -204,13 +249,42 @@ def build_vae(cfg: StarConfig, sd: dict, what: str = "VQ-VAE weights") -> VQVAE:
     return vae.eval().requires_grad_(False)
 
 
-def load_official(ar_path: str | Path, vae_path: str | Path, *, name: str | None = None,
-                  trust_pickle: bool = False, use_sampler_head: bool = False,
-                  patch_nums: tuple[int, ...] | None = None) -> tuple[StarConfig, StarTransformer, VQVAE]:
-    """Config + transformer + VQ-VAE from the official `.pth` files (float32, CPU)."""
+class OfficialModel(NamedTuple):
+    cfg: StarConfig
+    transformer: StarTransformer
+    vae: VQVAE
+    sampler_head: SamplerHead | None
+
+
+def read_official(ar_path: str | Path, vae_path: str | Path, *, name: str, trust_pickle: bool = False,
+                  use_sampler_head: bool | None = None, sampler_rules: SamplerHeadConfig | dict | None = None,
+                  patch_nums: tuple[int, ...] | None = None, overrides: dict | None = None
+                  ) -> tuple[StarConfig, dict, dict, dict]:
+    """(config, base state dict, sampler-head state dict ({} without a head), VQ-VAE state dict).
+    overrides: config fields the shapes cannot tell (rope_theta, rope_norm, logit_norm)."""
     ar_sd, meta = read_official_ar(ar_path, trust_pickle)
-    ar_sd = drop_sampler_head(ar_sd, use_sampler_head, str(ar_path))
+    ar_sd, head_sd = split_sampler_head(ar_sd)
+    head_sd = choose_sampler_head(head_sd, use_sampler_head, str(ar_path))
     vae_sd = read_official_vae(vae_path, trust_pickle)
-    cfg = config_from_official(name or Path(ar_path).stem, ar_sd, vae_sd, meta, patch_nums)
-    transformer = build_transformer(cfg, ar_sd, f"transformer checkpoint {ar_path}")
-    return cfg, transformer, build_vae(cfg, vae_sd, f"VQ-VAE {vae_path}")
+    cfg = config_from_official(name, ar_sd, vae_sd, meta, patch_nums, sampler_head_config(head_sd, sampler_rules))
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return cfg, ar_sd, head_sd, fit_vae_state(vae_sd, cfg.num_scales)
+
+
+def load_official(ar_path: str | Path, vae_path: str | Path, *, name: str | None = None,
+                  trust_pickle: bool = False, use_sampler_head: bool | None = None,
+                  sampler_rules: SamplerHeadConfig | dict | None = None,
+                  patch_nums: tuple[int, ...] | None = None, overrides: dict | None = None) -> OfficialModel:
+    """Config + transformer + VQ-VAE + sampler head (None without one) from the official `.pth`
+    files (float32, CPU). use_sampler_head: None keeps a head when the checkpoint has one, True
+    requires it, False leaves it out. sampler_rules: the head's refinement rules (default: the
+    release's), as SamplerHeadConfig or a config.json "sampler_head" block. overrides: see
+    read_official."""
+    cfg, ar_sd, head_sd, vae_sd = read_official(ar_path, vae_path, name=name or Path(ar_path).stem,
+                                                trust_pickle=trust_pickle, use_sampler_head=use_sampler_head,
+                                                sampler_rules=sampler_rules, patch_nums=patch_nums,
+                                                overrides=overrides)
+    what = f"transformer checkpoint {ar_path}"
+    head = build_sampler_head(cfg, head_sd, what) if cfg.sampler_head is not None else None
+    return OfficialModel(cfg, build_transformer(cfg, ar_sd, what), build_vae(cfg, vae_sd, f"VQ-VAE {vae_path}"), head)

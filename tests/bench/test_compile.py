@@ -35,3 +35,26 @@ def test_compiled_step_with_padding_gives_the_same_tokens():
     assert set(warm_up(pipe, [4])) == {4}
     uncompile_pipeline(pipe)
     assert "scale_logits" not in pipe.transformer.__dict__
+
+
+def test_a_compiled_pipeline_gives_head_images_the_same_tokens():
+    """Batches with sampler-head images run eagerly (the compiled step pads rows and returns logits
+    only); plain batches still use the compiled step."""
+    pipe = StarPipeline.load("tiny-sampler")
+    requests = [ImageRequest("a fox", seed=1, sampler="head"), ImageRequest("a boat", seed=2, sampler="plain"),
+                ImageRequest("a cow", seed=3, sampler="head", top_k=5)]
+    cond, _ = pipe.encode_prompts([r.prompt for r in requests])
+    eager = pipe.sample_tokens(cond, requests)
+    compile_pipeline(pipe, (4,), backend="eager")
+    try:
+        calls = []
+        step = pipe.transformer.scale_logits
+        pipe.transformer.scale_logits = lambda *a: calls.append(a[1]) or step(*a)
+        compiled = pipe.sample_tokens(cond, requests)       # 3 images; the bucket of 4 is not used
+        assert calls == []
+        assert all(torch.equal(a, b) for a, b in zip(eager.idx_per_scale, compiled.idx_per_scale))
+        one, _ = pipe.encode_prompts(["plain"])
+        pipe.sample_tokens(one, [ImageRequest("plain", seed=4, sampler="plain")])
+        assert calls == list(range(10))
+    finally:
+        uncompile_pipeline(pipe)

@@ -84,3 +84,45 @@ def test_memory_plan_of_star_1024_in_bf16():
     # for the last scale (a full cache would hold 30 x 9451 tokens: 4.06 GiB instead of 2.36 GiB)
     assert plan.kv_cache_bytes_per_image == 2 * 2 * 1920 * (30 * 5355 + 4096) * 2
     assert 30 <= plan.max_batch(141 * 10**9, margin=0.1, weights_loaded=False) <= 40   # 22 with a full cache
+
+
+@pytest.fixture(scope="module")
+def head_pipe():
+    from model.pipeline import StarPipeline
+
+    return StarPipeline.load("tiny-sampler")
+
+
+def test_sampler_head_flops_equal_what_torch_counts(head_pipe):
+    """The head's linear layers, counted by torch: a head run minus a plain run of the same image."""
+    from model.pipeline import ImageRequest
+
+    cond, _ = head_pipe.encode_prompts(["a"], [""])
+    counted = {}
+    for sampler in ("plain", "head"):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            head_pipe.sample_tokens(cond, [ImageRequest("a", seed=1, sampler=sampler)])
+        counted[sampler] = counter.get_flop_counts()["Global"]
+    ours = generation_flops(head_pipe.cfg, images=1, head_images=1)["parts"]
+    plain = generation_flops(head_pipe.cfg, images=1)["parts"]
+    head_linear = sum(v for k, v in ours.items() if k.startswith("head_") and "scores" not in k)
+    assert counted["head"][torch.ops.aten.addmm] - counted["plain"][torch.ops.aten.addmm] == head_linear
+    assert {k: v for k, v in ours.items() if not k.startswith("head_")} == plain
+    # tiny-sampler: 3 head steps on scales 7 and 8 (10x10, 13x13), 15 on scale 9 (16x16); C = 128
+    assert ours["head_proj"] == 3 * sum(2 * 2 * (1 + p * p) * 256 * 128 for p in (10, 13)) \
+        + 15 * 2 * 2 * (1 + 16 * 16) * 256 * 128
+
+
+def test_memory_plan_counts_the_sampler_head(head_pipe):
+    from model.config import get_preset
+    from model.memory import sampler_head_params
+
+    assert sum(sampler_head_params(head_pipe.cfg)) == sum(p.numel() for p in head_pipe.sampler_head.parameters())
+    assert sampler_head_params(get_preset("tiny")) == (0, 0)
+    with_head, without = plan_for_pipeline(head_pipe), plan_for_config(head_pipe.cfg.replace(sampler_head=None),
+                                                                       torch.float32)
+    assert with_head.step_bytes_per_image > without.step_bytes_per_image
+    release = plan_for_config(get_preset("star-1024-sampler"), torch.bfloat16)
+    base = plan_for_config(get_preset("star-1024"), torch.bfloat16)
+    assert 140e6 * 2 < release.weights_bytes - base.weights_bytes < 160e6 * 2 + 4 * 1920 * 4096 * 2   # ~150 M

@@ -44,7 +44,7 @@ def test_size_must_match_the_preset(capsys):
 def test_until_oom_doubles_past_the_list_and_stops_at_the_first_oom(capsys, monkeypatch):
     import torch
 
-    def fake_batch(pipe, n, args, peak, flops):
+    def fake_batch(pipe, n, args, peak, flops, sampler="auto"):
         if n > 4:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
         return {"kind": "batch", "batch_size": n, "images_per_s": float(n), "s_per_image": 1.0 / n,
@@ -56,3 +56,25 @@ def test_until_oom_doubles_past_the_list_and_stops_at_the_first_oom(capsys, monk
     assert [(r["kind"], r.get("batch_size")) for r in lines] == [
         ("machine", None), ("batch", 1), ("batch", 2), ("batch", 4), ("oom", 8), ("summary", None)]
     assert lines[-1]["best_batch_size"] == 4
+
+
+def test_sampler_bench_reports_head_and_plain_and_what_the_head_costs(capsys):
+    assert sampler.main(["--preset", "tiny-sampler", "--sampler", "plain,head", "--batch-sizes", "1",
+                         "--device", "cpu", "--dtype", "float32", "--reps", "1", "--warmup", "0", "--no-decode",
+                         "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["kind"], r.get("sampler")) for r in lines] == [
+        ("machine", None), ("batch", "plain"), ("summary", "plain"), ("batch", "head"), ("summary", "head"),
+        ("sampler_cost", None)]
+    plain, head, cost = lines[1], lines[3], lines[-1]
+    assert head["flops_per_image"] > plain["flops_per_image"]
+    assert cost["flops_head_over_plain"] == head["flops_per_image"] / plain["flops_per_image"] > 1
+    assert cost["s_per_image_head_over_plain"] > 0 and cost["batch_size"] == 1
+    refined = [s["refine_s"] > 0 for s in head["per_scale"]]
+    assert refined == [False] * 7 + [True] * 3 and not any(s["refine_s"] for s in plain["per_scale"])
+    assert all(s["transformer_s"] > 0 for s in head["per_scale"])
+
+
+def test_head_sampler_needs_a_model_with_a_head(capsys):
+    assert sampler.main(["--preset", "tiny", "--sampler", "head", "--batch-sizes", "1", "--device", "cpu"]) == 2
+    assert "needs a model with a sampler head" in capsys.readouterr().err

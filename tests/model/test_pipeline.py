@@ -54,17 +54,18 @@ def _tokens(pipe, requests):
 
 def test_unset_sampling_fields_get_the_models_recommendation_else_the_official_values(tiny_pipe):
     bare = ImageRequest("a lighthouse", seed=7)
-    official = ImageRequest("a lighthouse", seed=7, cfg=4.0, top_k=600, top_p=0.8, temperature=1.0)
+    official = ImageRequest("a lighthouse", seed=7, cfg=4.0, top_k=600, top_p=0.8, temperature=1.0, sampler="plain")
     assert tiny_pipe.sampling == {} and tiny_pipe.with_defaults(bare) == official
     assert torch.equal(_tokens(tiny_pipe, [bare]).f_hat_NChw, _tokens(tiny_pipe, [official]).f_hat_NChw)
     tiny_pipe.sampling = {"cfg": 1.5, "top_k": 1}         # as a model directory's config.json would
     try:
-        recommended = ImageRequest("a lighthouse", seed=7, cfg=1.5, top_k=1, top_p=0.8, temperature=1.0)
+        recommended = ImageRequest("a lighthouse", seed=7, cfg=1.5, top_k=1, top_p=0.8, temperature=1.0,
+                                   sampler="plain")
         assert tiny_pipe.with_defaults(bare) == recommended
         assert torch.equal(_tokens(tiny_pipe, [bare]).f_hat_NChw, _tokens(tiny_pipe, [recommended]).f_hat_NChw)
         assert not torch.equal(_tokens(tiny_pipe, [bare]).f_hat_NChw, _tokens(tiny_pipe, [official]).f_hat_NChw)
         assert tiny_pipe.with_defaults(ImageRequest("x", 1, cfg=2.0, top_k=0)) == \
-            ImageRequest("x", 1, cfg=2.0, top_k=0, top_p=0.8, temperature=1.0)     # explicit values win
+            ImageRequest("x", 1, cfg=2.0, top_k=0, top_p=0.8, temperature=1.0, sampler="plain")  # explicit values win
     finally:
         tiny_pipe.sampling = {}
 
