@@ -12,6 +12,9 @@ result TTLs tell the truth). Its life, in the order of the data path:
     finish   finish.py     worker claim the outcome with the token, record it (succeeded, failed,
                                   canceled; expired for a pulled job past its deadline)
     read     read.py       API    the job as clients see it; cancel.py: DELETE /jobs/{id}
+    notify   notify.py     both   every ending publishes the job's id (long-polls wake at once)
+    webhook  webhooks.py   both   a start or ending the job's webhook asked for leaves an event in
+                                  the outbox, in the same transaction; the API delivers it
 
 States (states.py, the one list): queued, running, succeeded, failed, canceled, expired.
 

@@ -6,7 +6,8 @@ recorded, and the caller drops what it made (its PNGs). The outcome is then writ
 transaction with RQ's public calls, as RQ's own worker would (status, the job record, the
 result, the registries, the execution, the worker's counters), plus the bookkeeping of any
 ending: the cancel flag removed, the API key's job slot left, the timings left for the API's
-histograms (`star:metrics:job_timings`, drained by GET /metrics).
+histograms (`star:metrics:job_timings`, drained by GET /metrics), the job's webhook event put in
+the outbox (app.jobs.webhooks) and its end announced to long-polls (app.jobs.notify).
 
 succeeded: result {"images": [{id, seed, width, height}], "prompt_truncated", "model_s", "encode_s"}
 failed:    meta error {code, message}; RQ's failure result carries the traceback, else `code: message`
@@ -26,7 +27,7 @@ from rq.results import Result
 from rq.utils import now
 from rq.worker import BaseWorker
 
-from app.jobs import keys
+from app.jobs import keys, notify, webhooks
 from app.jobs.admission import release_slot
 from app.jobs.rq_adapter import leave_intermediate
 
@@ -125,8 +126,10 @@ def _end_execution(worker: BaseWorker, pipe, running, success: bool) -> None:
 
 
 def _ended(pipe, job: Job, status: str) -> None:
-    """The bookkeeping of any ending, on the ending's pipeline."""
+    """The bookkeeping of any ending, on the ending's pipeline (webhook event and end notice included)."""
     pipe.delete(keys.CANCEL_KEY.format(job.id))
+    webhooks.record(pipe, job, status)
+    notify.announce_end(pipe, job.id)
     if (job.meta or {}).get("api_key"):
         release_slot(pipe, job.meta["api_key"], job.id)
     ended, enqueued, started = job.ended_at, job.enqueued_at, job.started_at
