@@ -153,6 +153,24 @@ def test_sampling_options_are_sent_only_when_given(tmp_path, capsys):
     assert bodies[1] == {"prompt": "a fox", "n": 1, "top_k": 0, "temperature": 0.5}
 
 
+def test_webhook_options_are_sent_and_checked(tmp_path, capsys):
+    bodies = []
+
+    def handler(request):
+        if request.method == "POST":
+            bodies.append(json.loads(request.content))
+            return httpx.Response(202, json={"id": JOB_ID, "status_url": "x", "queue_position": 0})
+        return httpx.Response(200, json={"id": JOB_ID, "status": "failed", "model": "shapes", "request": PARAMS,
+                                         "timings": {}, "error": {"code": "model_error", "message": "x"}})
+    run_mocked(handler, tmp_path, "--webhook-url", "https://hooks.example.com/star", "--webhook-events",
+               "running,final")
+    assert bodies[0]["webhook_url"] == "https://hooks.example.com/star"
+    assert bodies[0]["webhook_events"] == ["running", "final"]
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args(["generate", "a fox", "--webhook-events", "done"])
+    assert caught.value.code == 2 and "expected `final` or `running,final`" in capsys.readouterr().err
+
+
 def test_output_names():
     paths = cli_generate.output_paths
     assert paths("fox.png", "p", 1) == [Path("fox.png")]
