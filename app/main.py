@@ -38,7 +38,7 @@ from app.signing import SignedStorage, UrlSigner
 from app.storage import LocalStorage
 from app.submission import submit
 from app.views import job_view
-from app.webhook_delivery import Deliverer
+from app.webhook_delivery import Deliverer, document_webhooks
 from app.webhook_targets import check_webhook
 
 log = logging.getLogger("app")
@@ -71,6 +71,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(openai_compat.create_router(settings), dependencies=AUTH,
                        responses={**errors(401, 413, 429, 503), **OPENAI_ERRORS})
     _add_web_page(app)
+    document_webhooks(app)
     return app
 
 

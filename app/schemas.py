@@ -165,6 +165,16 @@ class JobView(BaseModel):
     error: JobError | None = None
 
 
+class WebhookEvent(BaseModel):
+    """The body of a webhook delivery (app.webhook_delivery, docs/api.md#webhooks)."""
+
+    event_id: str = Field(description="Unique per event, the same on every retry of it: drop ids already handled.")
+    event: Literal["running", "succeeded", "failed", "canceled", "expired"] = Field(
+        description="`running` (a worker started the job) or the job's final status.")
+    created_at: datetime = Field(description="When the event happened (UTC).")
+    job: JobView = Field(description="The job as GET /jobs/{job_id} returned it when the event was first sent.")
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str

@@ -24,17 +24,19 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import time
 from datetime import datetime, timezone
+from typing import Annotated
 
 import httpx
+from fastapi import FastAPI, Header
 from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from app.jobs import webhooks as outbox
 from app.jobs.read import read_job
+from app.schemas import WebhookEvent
 from app.views import job_view
 from app.webhook_targets import TargetRefused, TargetUnresolved, resolve_target
 
@@ -153,7 +155,23 @@ class Deliverer:
         state = read_job(self.ctx.redis, event.job_id)
         if state is None:
             return None
-        created = datetime.fromtimestamp(event.created, timezone.utc).isoformat().replace("+00:00", "Z")
-        body = {"event_id": event.id, "event": event.event, "created_at": created,
-                "job": job_view(state, self.ctx.storage).model_dump(mode="json")}
-        return outbox.store_body(self.ctx.redis, event.id, json.dumps(body, separators=(",", ":")).encode())
+        body = WebhookEvent(event_id=event.id, event=event.event,  # type: ignore[arg-type]
+                            created_at=datetime.fromtimestamp(event.created, timezone.utc),
+                            job=job_view(state, self.ctx.storage))
+        return outbox.store_body(self.ctx.redis, event.id, body.model_dump_json().encode())
+
+
+def document_webhooks(app: FastAPI) -> None:
+    """Describe the delivery in the app's OpenAPI schema (its `webhooks` section)."""
+
+    @app.webhooks.post("job-event", tags=["webhooks"], status_code=204)
+    def job_event(body: WebhookEvent,
+                  star_event_id: Annotated[str, Header(description="The body's `event_id`.")],
+                  star_event: Annotated[str, Header(description="The body's `event`.")],
+                  star_signature: Annotated[str, Header(description=(
+                      't=<unix seconds>,v1=<hex HMAC-SHA256 keyed with STAR_WEBHOOK_SECRET of "<t>.<raw body>">; '
+                      "refuse a stale t"))]) -> None:
+        """POSTed to a job's `webhook_url` when the job ends (and when it starts, with
+        `webhook_events: ["running", "final"]`). Any 2xx answer within STAR_WEBHOOK_TIMEOUT_S
+        delivers it; anything else is retried with backoff for STAR_WEBHOOK_MAX_AGE_S. At least
+        once: drop an `event_id` already handled."""

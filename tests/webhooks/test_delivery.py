@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from app.schemas import WebhookEvent
 from app.settings import ApiSettings
 
 SECRET = "webhook-test-secret"   # = tests/webhooks/conftest.py
@@ -56,6 +57,7 @@ def test_a_finished_job_is_delivered_once_signed_with_the_job_as_get_shows_it(st
     assert event["event_id"] == delivery.headers["Star-Event-Id"] and event["event_id"].startswith("evt_")
     assert delivery.headers["Content-Type"] == "application/json"
     assert event["job"] == stack.client.get(f"/jobs/{job_id}").json()   # the same body GET returns
+    assert WebhookEvent.model_validate_json(delivery.body).job.id == job_id   # as the OpenAPI schema says
     assert event["job"]["status"] == "succeeded" and len(event["job"]["images"]) == 1
     signature = delivery.headers["Star-Signature"]
     assert verify(SECRET, signature, delivery.body)

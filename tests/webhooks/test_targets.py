@@ -87,6 +87,20 @@ def test_the_openai_route_takes_webhook_fields_in_its_extra_body(make_api_settin
     assert answer.json()["error"]["param"] == "webhook_url" and "private" in answer.json()["error"]["message"]
 
 
+def test_the_openapi_schema_describes_the_fields_the_wait_and_the_delivery(make_api_settings):
+    with TestClient(create_app(make_api_settings(long_poll_max_s=45))) as client:
+        schema = client.get("/openapi.json").json()
+    request = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert {"webhook_url", "webhook_events"} <= set(request)
+    (wait,) = [p for p in schema["paths"]["/jobs/{job_id}"]["get"]["parameters"] if p["name"] == "wait"]
+    assert wait["in"] == "query" and wait["schema"]["anyOf"][0]["maximum"] == 45   # the setting's bound
+    delivery = schema["webhooks"]["job-event"]["post"]
+    assert {p["name"] for p in delivery["parameters"] if p["in"] == "header"} == {
+        "star-event-id", "star-event", "star-signature"}
+    body = delivery["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert set(schema["components"]["schemas"][body]["properties"]) == {"event_id", "event", "created_at", "job"}
+
+
 @pytest.mark.parametrize("address, refused", [
     ("93.184.216.34", False), ("2606:2800:220:1:248:1893:25c8:1946", False), ("8.8.8.8", False),
     ("127.0.0.2", True), ("10.0.0.1", True), ("172.16.5.4", True), ("192.168.1.1", True), ("169.254.169.254", True),
