@@ -1,5 +1,6 @@
 """Webhook delivery: every API process runs one `Deliverer` (a task of its event loop, started with
-the app) that takes due events from the outbox in Redis (app.jobs.webhooks) and POSTs them.
+the app) that takes due events from the outbox in Redis (app.jobs.webhooks) and POSTs them;
+`document_webhooks` puts the delivery (body app.schemas.WebhookEvent, headers) in the OpenAPI schema.
 
 Why here: the event's body is the job exactly as GET /jobs/{id} returns it, image URLs signed
 with the API's key included, and only the API has what builds it; the API already waits on
@@ -155,7 +156,7 @@ class Deliverer:
         state = read_job(self.ctx.redis, event.job_id)
         if state is None:
             return None
-        body = WebhookEvent(event_id=event.id, event=event.event,  # type: ignore[arg-type]
+        body = WebhookEvent(event_id=event.id, event=event.event,
                             created_at=datetime.fromtimestamp(event.created, timezone.utc),
                             job=job_view(state, self.ctx.storage))
         return outbox.store_body(self.ctx.redis, event.id, body.model_dump_json().encode())
