@@ -119,6 +119,8 @@ async def _reap_forever(ctx: Context) -> None:
             log.warning("reaper pass failed: %s: %s", type(exc).__name__, exc)
             continue
         for outcome in outcomes:
+            if outcome.action == "expired":   # waited in its queue past its deadline (logged by the reaper)
+                continue
             log.warning("reaper: job %s of the lost worker %s: %s", outcome.job_id, outcome.worker or "?",
                         outcome.action)
 

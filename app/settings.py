@@ -53,8 +53,9 @@ class ApiSettings(CommonSettings):
     url_ttl_s: int = Field(3600, ge=60, description="How long a signed image URL stays valid (seconds).")
 
     reaper_s: float = Field(10.0, ge=0, description="How often the API also runs the reaper (re-queues the running "
-                            "jobs of dead workers), so they do not stay `running` when no worker of their model is "
-                            "left to do it; 0: only workers reap.")
+                            "jobs of dead workers, records queued jobs past their deadline as expired), so they do "
+                            "not stay `running` or queued when no worker of their model is left to do it; 0: only "
+                            "workers reap.")
     worker_cache_s: float = Field(1.0, ge=0, description="How long POST /generate reuses the live-worker registry it "
                                   "read to pick a model (0: read it for every request). A size no cached worker "
                                   "serves is always re-read.")

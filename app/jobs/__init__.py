@@ -21,7 +21,8 @@ States (states.py, the one list): queued, running, succeeded, failed, canceled, 
     queued  -> running     a worker's start (claim.start), exclusive with a cancel (WATCH)
     queued  -> canceled    the API (cancel.request_cancel: RQ's cancel)
     queued  -> expired     read as such by the API once past its deadline; recorded by the worker
-                           that pulls it (finish.expired)
+                           that pulls it (finish.expired) or, while it still waits, by the reaper
+                           (finish.expire_queued), each under a WATCH of the job: once
     running -> succeeded | failed | canceled    the owning worker only (finish; the token claim)
     running -> queued      release.py: the reaper (its worker is lost) or the worker itself
                            (drain past its grace, device error, shutdown); counted requeues end

@@ -90,8 +90,7 @@ def start(worker: BaseWorker, job: Job, queue: Queue, defaults: dict) -> Running
                     pipe.execute()
                     return None
                 if is_expired(job):
-                    pipe.unwatch()
-                    return Expired(job.id, finish.expired(worker, job, queue))
+                    return Expired(job.id, finish.expired(worker, job, queue, pipe))
                 params = with_defaults(dict(job.kwargs), defaults)
                 job.meta["sampling"] = {name: params[name] for name in defaults}
                 execution = _start_writes(worker, pipe, job, queue, token)

@@ -89,6 +89,25 @@ def test_a_target_is_checked_again_at_delivery(webhook_api_settings, registry, r
     assert receiver.at(path) == []
 
 
+def test_a_job_that_no_worker_pulls_before_its_deadline_sends_its_expired_event(webhook_api_settings, registry,
+                                                                                conn, receiver, verify, wait_until):
+    """The only 'worker' never pulls: the reaper of the API records the overdue job as expired."""
+    path = f"/ok/{uuid.uuid4().hex}"
+    settings = webhook_api_settings(job_deadline_s=1.0, reaper_s=0.3, worker_deadline_s=1.0)
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/generate", json={"prompt": "a red fox", "webhook_url": receiver.url + path})
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+        wait_until(lambda: receiver.at(path), 60, what="the expired event")
+        job = client.get(f"/jobs/{job_id}").json()
+        wait_until(lambda: metric(client, "star_webhook_pending") == 0, 30, what="the outbox to empty")
+    assert job["status"] == "expired" and job["error"]["code"] == "expired"
+    assert conn.llen(f"rq:queue:{queue_name('tiny')}") == 0   # taken off its queue
+    (delivery,) = receiver.at(path)
+    assert delivery.json["event"] == "expired" and delivery.json["job"] == job
+    assert verify(SECRET, delivery.headers["Star-Signature"], delivery.body)
+
+
 class ApiProcess:
     """`star api` as its own process (so that it can be killed with SIGKILL)."""
 
