@@ -3,20 +3,22 @@
 Request path: body size (app.guards) -> API key (app.auth) and rate limit (app.guards) -> validate
 (app.schemas) -> Idempotency-Key and per-key job slot (app.jobs.admission) -> admit and enqueue
 (app.jobs.submit) -> 202; a worker runs the job; GET /jobs/{id} reads it back (app.jobs.read) with
-image URLs from app.storage (signed by app.signing when configured). Never imports torch, `model`
-or `worker`.
+image URLs from app.storage (signed by app.signing when configured), at once or, with `?wait=S`,
+when the job ends (app.longpoll). Background tasks of the process: the reaper, the job-notice
+subscription (app.jobs.notify) and the webhook deliverer (app.webhook_delivery). Never imports
+torch, `model` or `worker`.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from contextlib import asynccontextmanager
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -26,7 +28,7 @@ from app import auth, events, openai_compat
 from app.context import Context, WorkerCache
 from app.errors import Forbidden, ImageNotFound, JobConflict, JobNotFound, NoWorker, install_error_handlers
 from app.guards import BodySizeLimit, check_prompt_length, require_key
-from app.jobs import cancel, reaper, read
+from app.jobs import cancel, notify, reaper, read
 from app.jobs.rq_adapter import connect, queue_name
 from app.jobs.workers import READY_STATES, WorkerEntry, live_workers, served_sizes
 from app.metrics import ApiMetrics
@@ -36,6 +38,8 @@ from app.signing import SignedStorage, UrlSigner
 from app.storage import LocalStorage
 from app.submission import submit
 from app.views import job_view
+from app.webhook_delivery import Deliverer, document_webhooks
+from app.webhook_targets import check_webhook
 
 log = logging.getLogger("app")
 AUTH = [Depends(require_key)]
@@ -53,7 +57,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     ctx = _context(settings)
     app = FastAPI(title="STAR image generation", version="0.1.0",
                   description="Text-to-image with STAR (scale-wise autoregressive). Jobs are queued "
-                              "and run in batches by GPU workers; poll GET /jobs/{id}.",
+                              "and run in batches by GPU workers; GET /jobs/{id}?wait=60 answers when "
+                              "the job ends, or give a `webhook_url` to be called.",
                   lifespan=partial(_lifespan, ctx))
     app.state.ctx = ctx
     install_error_handlers(app)
@@ -66,6 +71,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(openai_compat.create_router(settings), dependencies=AUTH,
                        responses={**errors(401, 413, 429, 503), **OPENAI_ERRORS})
     _add_web_page(app)
+    document_webhooks(app)
     return app
 
 
@@ -73,15 +79,33 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 async def _lifespan(ctx: Context, app: FastAPI):
     """While serving: the reaper every STAR_REAPER_S (workers run it too; a Redis lock lets one
     process act per period), so the jobs of dead workers are re-queued even when no worker of
-    their model is left to do it."""
-    task = asyncio.create_task(_reap_forever(ctx)) if ctx.settings.reaper_s > 0 else None
+    their model is left to do it; the job-notice subscription (wakes long-polls and the
+    deliverer); the webhook deliverer when webhooks are on (STAR_WEBHOOK_SECRET) and this process
+    delivers (STAR_WEBHOOK_CONCURRENCY > 0)."""
+    settings = ctx.settings
+    deliverer = Deliverer(ctx) if settings.webhook_secret and settings.webhook_concurrency > 0 else None
+    jobs = [notify.listen(settings.redis_url, ctx.ends.ended, deliverer.wake.set if deliverer else lambda: None)]
+    if deliverer is not None:
+        jobs.append(deliverer.run())
+    if settings.reaper_s > 0:
+        jobs.append(_reap_forever(ctx))
+    tasks = [asyncio.create_task(job) for job in jobs]
     try:
         yield
     finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in tasks:
+            await _stop(task)
+
+
+async def _stop(task: asyncio.Task) -> None:
+    """Cancel a background task and wait for its end. Cancel again while it runs: a cancel that
+    lands as a library's internal timeout fires can be taken for that timeout and swallowed
+    (seen with redis-py's pub/sub reads), and the task would run on."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.5)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s had stopped with an error", task.get_coro(), exc_info=task.exception())
 
 
 async def _reap_forever(ctx: Context) -> None:
@@ -95,6 +119,8 @@ async def _reap_forever(ctx: Context) -> None:
             log.warning("reaper pass failed: %s: %s", type(exc).__name__, exc)
             continue
         for outcome in outcomes:
+            if outcome.action == "expired":   # waited in its queue past its deadline (logged by the reaper)
+                continue
             log.warning("reaper: job %s of the lost worker %s: %s", outcome.job_id, outcome.worker or "?",
                         outcome.action)
 
@@ -146,6 +172,7 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
                  ) -> JobAccepted:
         """Queue a generation request; poll `status_url` (also the `Location` header)."""
         check_prompt_length(body, ctx.settings.max_prompt_chars)
+        check_webhook(body, ctx.settings)
         job_id, position = submit(ctx, body, idempotency_key)
         status_url = f"{base}/jobs/{job_id}"
         response.headers["Location"] = status_url
@@ -158,14 +185,23 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
                                queue_position=state.queue_position)
         return JobAccepted(id=job_id, status_url=status_url, queue_position=position or 0)
 
-    @app.get("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 429, 503), tags=["jobs"],
-             dependencies=AUTH)
-    def get_job(job_id: str) -> JobView:
-        """Status, progress, timings, parameters and (on success) image URLs of a job."""
+    def read_view(job_id: str) -> JobView:
         state = read.read_job(ctx.redis, job_id)
         if state is None:
             raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
         return job_view(state, ctx.storage)
+
+    @app.get("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 422, 429, 503), tags=["jobs"],
+             dependencies=AUTH)
+    async def get_job(job_id: str, wait: float | None = Query(
+            None, ge=0, le=ctx.settings.long_poll_max_s,
+            description="Long-poll: answer as soon as the job ends, or after this many seconds (at most "
+                        "STAR_LONG_POLL_MAX_S), whichever comes first. Absent or 0: answer at once.")) -> JobView:
+        """Status, progress, timings, parameters and (on success) image URLs of a job; with
+        `wait`, once the job has ended or `wait` seconds have passed."""
+        if not wait:
+            return await run_in_threadpool(read_view, job_id)
+        return await ctx.ends.wait(job_id, wait, partial(run_in_threadpool, read_view, job_id), attrgetter("status"))
 
     @app.delete("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 409, 413, 429, 503),
                 tags=["jobs"], dependencies=AUTH)
@@ -178,7 +214,7 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
         if outcome not in ("canceled", "cancel_requested"):
             raise JobConflict(f"job {job_id} is already {outcome}; nothing to cancel")
         response.status_code = 202 if outcome == "cancel_requested" else 200
-        return get_job(job_id)
+        return read_view(job_id)
 
 
 def _add_image_route(app: FastAPI, ctx: Context) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.states import JobStatus
@@ -44,6 +46,14 @@ class GenerateRequest(BaseModel):
                                 + MODEL_DEFAULT.format(DEFAULT_SAMPLING["top_p"]))
     temperature: float | None = Field(None, gt=0.0, le=5.0, description="Sampling temperature."
                                       + MODEL_DEFAULT.format(DEFAULT_SAMPLING["temperature"]))
+    # webhooks (checked further by app.webhook_targets.check_webhook: scheme, credentials, public host)
+    webhook_url: str | None = Field(None, max_length=2048, description="http(s) URL POSTed a signed JSON event "
+                                    "when the job ends (docs/api.md#webhooks); its host must resolve to public "
+                                    "addresses only.")
+    webhook_events: list[Literal["running", "final"]] | None = Field(None, description="Events sent to "
+                                                                     "`webhook_url`: [\"final\"] (the default: the "
+                                                                     "job's end) or [\"running\", \"final\"] (also "
+                                                                     "each start).")
 
     @field_validator("prompt")
     @classmethod
@@ -153,6 +163,16 @@ class JobView(BaseModel):
     images: list[ImageOut] | None = None
     prompt_truncated: bool | None = Field(None, description="The prompt had more than 77 CLIP tokens.")
     error: JobError | None = None
+
+
+class WebhookEvent(BaseModel):
+    """The body of a webhook delivery (app.webhook_delivery, docs/api.md#webhooks)."""
+
+    event_id: str = Field(description="Unique per event, the same on every retry of it: drop ids already handled.")
+    event: Literal["running", "succeeded", "failed", "canceled", "expired"] = Field(
+        description="`running` (a worker started the job) or the job's final status.")
+    created_at: datetime = Field(description="When the event happened (UTC).")
+    job: JobView = Field(description="The job as GET /jobs/{job_id} returned it when the event was first sent.")
 
 
 class ErrorDetail(BaseModel):

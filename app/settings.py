@@ -53,8 +53,9 @@ class ApiSettings(CommonSettings):
     url_ttl_s: int = Field(3600, ge=60, description="How long a signed image URL stays valid (seconds).")
 
     reaper_s: float = Field(10.0, ge=0, description="How often the API also runs the reaper (re-queues the running "
-                            "jobs of dead workers), so they do not stay `running` when no worker of their model is "
-                            "left to do it; 0: only workers reap.")
+                            "jobs of dead workers, records queued jobs past their deadline as expired), so they do "
+                            "not stay `running` or queued when no worker of their model is left to do it; 0: only "
+                            "workers reap.")
     worker_cache_s: float = Field(1.0, ge=0, description="How long POST /generate reuses the live-worker registry it "
                                   "read to pick a model (0: read it for every request). A size no cached worker "
                                   "serves is always re-read.")
@@ -66,6 +67,26 @@ class ApiSettings(CommonSettings):
                                     "job (then 504, and the job is canceled).")
     openai_poll_s: float = Field(0.25, gt=0, description="How often a waiting POST /v1/images/generations re-reads "
                                  "its job.")
+
+    # ---- long-poll (GET /jobs/{id}?wait=S) and webhooks (app/longpoll.py, app/webhook_delivery.py)
+    long_poll_max_s: int = Field(60, ge=1, le=600, description="Largest `wait` of GET /jobs/{id}?wait=S (seconds); "
+                                 "a larger one is refused with 422.")
+    webhook_secret: SecretStr | None = Field(None, description="Secret that signs webhook deliveries "
+                                             "(HMAC-SHA256, header Star-Signature); unset: `webhook_url` is refused "
+                                             "with 422 and no events are delivered.")
+    webhook_allow_private: bool = Field(False, description="Allow webhook targets on loopback, private, link-local "
+                                        "and other non-public addresses (refused by default, at submission and at "
+                                        "every delivery).")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="How long one webhook delivery attempt may take "
+                                     "(connect, send, answer).")
+    webhook_backoff_s: float = Field(2.0, gt=0, description="Wait before the first retry of a failed webhook "
+                                     "delivery; it doubles after each further failure.")
+    webhook_max_backoff_s: float = Field(300.0, gt=0, description="Longest wait between two webhook delivery "
+                                         "attempts.")
+    webhook_max_age_s: float = Field(3600.0, gt=0, le=7 * 86400, description="How long after its event a webhook "
+                                     "is retried; after that it is given up.")
+    webhook_concurrency: int = Field(16, ge=0, description="Webhook deliveries this API process makes at once "
+                                     "(0: this process delivers none; other API processes do).")
 
 
 def worker_metrics_port(base: int, device: str) -> int:

@@ -148,7 +148,8 @@ class BatchWorker(RedisTolerant):
         """Re-queue the jobs of dead workers (at most one reaper acts per heartbeat period)."""
         for outcome in reaper.reap(self.connection, max_requeues=self.max_requeues,
                                    deadline_s=self.deadline_s, lock_s=self.health.period_s):
-            self.metrics.requeues.labels(f"reaper_{outcome.action}").inc()
+            if outcome.action != "expired":   # a queued job past its deadline: not a requeue
+                self.metrics.requeues.labels(f"reaper_{outcome.action}").inc()
 
     def release_after_grace(self) -> None:
         """The drain grace is over and the batch still runs: put its jobs back and stop it."""

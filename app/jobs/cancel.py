@@ -8,7 +8,7 @@ from __future__ import annotations
 from redis import Redis, WatchError
 from rq.utils import now
 
-from app.jobs import keys
+from app.jobs import keys, notify, webhooks
 from app.jobs.admission import release_slot
 from app.jobs.read import fetch_job
 from app.jobs.states import public_status
@@ -37,6 +37,8 @@ def request_cancel(conn: Redis, job_id: str) -> str | None:
                 job.cleanup(job.result_ttl or keys.CANCEL_FLAG_TTL_S, pipeline=pipe, remove_from_queue=False)
                 if (job.meta or {}).get("api_key"):
                     release_slot(pipe, job.meta["api_key"], job.id)
+                webhooks.record(pipe, job, "canceled")
+                notify.announce_end(pipe, job.id)
                 pipe.execute()
                 return "canceled"
             except WatchError:
