@@ -1,7 +1,8 @@
 """Read (API side): a job as clients see it, queue depths, and the finished jobs' timings.
 
 JobState is built from RQ's record of the job: its status (app.jobs.states), kwargs (the request),
-meta (progress, the sampling values it runs with, model time, error) and result (image ids).
+meta (progress, the sampling values it runs with, model time, error, and `api_key`: the name of
+the API key that created it, its owner) and result (image ids).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class JobState:
     images: list[dict] | None = None
     prompt_truncated: bool | None = None
     error: dict | None = None
+    owner: str | None = None   # the API key name that created it (None: created with keys off)
 
 
 def fetch_job(conn: Redis, job_id: str) -> Job | None:
@@ -51,6 +53,11 @@ def fetch_job(conn: Redis, job_id: str) -> Job | None:
     if not (job.origin or "").startswith(keys.QUEUE_PREFIX) or job.func_name != keys.JOB_FUNC:
         return None
     return job
+
+
+def job_owner(job: Job) -> str | None:
+    """The name of the API key that created the job (None when keys were off)."""
+    return (job.meta or {}).get("api_key")
 
 
 def public_statuses(conn: Redis, job_ids: list[str]) -> list[str]:
@@ -69,7 +76,7 @@ def read_job(conn: Redis, job_id: str) -> JobState | None:
         params={**job.kwargs, **(meta.get("sampling") or {})},   # sampling: the values the worker used
         queued_at=job.enqueued_at, started_at=job.started_at, finished_at=job.ended_at,
         model_s=meta.get("model_s"), error=meta.get("error"),
-        cancel_requested=bool(conn.exists(keys.CANCEL_KEY.format(job.id))),
+        cancel_requested=bool(conn.exists(keys.CANCEL_KEY.format(job.id))), owner=job_owner(job),
     )
     if state.status == "queued":
         state.queue_position = Queue(job.origin, connection=conn).get_job_position(job.id) or 0
