@@ -186,7 +186,7 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
 
 
 def _add_image_route(app: FastAPI, ctx: Context) -> None:
-    @app.get("/images/{image_id}.png", tags=["images"], response_class=FileResponse,
+    @app.get("/images/{image_id}.png", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 304: {"description": "Not modified"},
                         **errors(403, 404)})
     def get_image(image_id: str, request: Request, expires: str | None = None, sig: str | None = None) -> Response:
@@ -198,13 +198,13 @@ def _add_image_route(app: FastAPI, ctx: Context) -> None:
             if problem:
                 raise Forbidden(problem)
             max_age = min(max_age, ctx.signer.seconds_left(expires or "0"))   # checked above
-        path = ctx.storage.find(image_id)
-        if path is None:
+        png = ctx.storage.get(image_id)   # never through a link (app.storage)
+        if png is None:
             raise ImageNotFound(f"no image {image_id}")
         headers = {"Cache-Control": f"public, max-age={max_age}, immutable", "ETag": f'"{image_id}"'}
         if request.headers.get("if-none-match") in (headers["ETag"], "*"):
             return Response(status_code=304, headers=headers)
-        return FileResponse(path, media_type="image/png", headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
 
 
 def _add_service_routes(app: FastAPI, ctx: Context) -> None:
