@@ -21,7 +21,8 @@ OFFICIAL_SAMPLING: dict[str, float | int] = {"cfg": 4.0, "top_k": 600, "top_p": 
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """One image; a job with n images becomes n of these with seeds seed+i."""
+    """One image; a job with n images becomes n of these, image i with seed (seed + i) mod 2^32
+    (app.schemas.image_seed)."""
 
     prompt: str
     seed: int

@@ -14,7 +14,7 @@ TEXT_KEYS = ("prompt", "negative_prompt", "seed", "size", "guidance_scale", "top
 
 
 def png_text(params: dict, seed: int, model: str) -> dict[str, str]:
-    """The text chunks of one image: its own seed (seed + i), and the whole request as JSON."""
+    """The text chunks of one image: its own seed (app.schemas.image_seed), and the whole request as JSON."""
     values = {**params, "seed": seed, "model": model}
     text = {key: str(values[key]) for key in TEXT_KEYS if key in values}
     parameters = {key: values[key] for key in TEXT_KEYS if key in values}
