@@ -16,8 +16,8 @@ def not_found(job_id: str) -> JobNotFound:
 
 def read_own_job(ctx: Context, caller: str, job_id: str) -> read.JobState:
     """The job if `caller` may see it, else not_found."""
-    state = read.read_job(ctx.redis, job_id)
-    if state is None or not ctx.keys.may_see(caller, state.owner):
+    state = read.read_job(ctx.redis, job_id, allowed=lambda owner: ctx.keys.may_see(caller, owner))
+    if state is None:
         raise not_found(job_id)
     return state
 

@@ -7,6 +7,7 @@ the API key that created it, its owner) and result (image ids).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
@@ -66,9 +67,12 @@ def public_statuses(conn: Redis, job_ids: list[str]) -> list[str]:
     return [public_status(job) if job is not None else "gone" for job in jobs]
 
 
-def read_job(conn: Redis, job_id: str) -> JobState | None:
+def read_job(conn: Redis, job_id: str, allowed: Callable[[str | None], bool] = lambda owner: True
+             ) -> JobState | None:
+    """The job as clients see it; None if it is unknown, or if allowed(its owner) is false (checked
+    before anything else is read, so another key's job costs what an unknown one does)."""
     job = fetch_job(conn, job_id)
-    if job is None:
+    if job is None or not allowed(job_owner(job)):
         return None
     meta = job.meta or {}
     state = JobState(
