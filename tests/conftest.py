@@ -23,6 +23,7 @@ from app.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 _DBS = itertools.cycle(range(1, 16))
+_HELD: set[int] = set()   # databases of module- and session-scoped stacks: out of the rotation
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
@@ -52,9 +53,15 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-def new_redis_url(server: RedisServer) -> str:
-    """A flushed database of the session's server (15 in rotation; a user holds one at a time)."""
-    db = next(_DBS)
+def new_redis_url(server: RedisServer, hold: bool = False) -> str:
+    """A flushed database of the session's server (15 in rotation; a test holds one at a time). With
+    `hold`, it leaves the rotation for the rest of the session: a long-lived stack's workers keep
+    using it, and a later test handed the same database would see them take its jobs."""
+    db = next(d for d in _DBS if d not in _HELD)
+    if hold:
+        _HELD.add(db)
+        if len(_HELD) > 10:
+            raise RuntimeError(f"{len(_HELD)} Redis databases held by long-lived fixtures: too few left to rotate")
     url = f"redis://127.0.0.1:{server.port}/{db}"
     redis.Redis.from_url(url).flushdb()
     return url
@@ -62,8 +69,9 @@ def new_redis_url(server: RedisServer) -> str:
 
 @pytest.fixture(scope="session")
 def new_redis_db(redis_server: RedisServer) -> Callable[[], str]:
-    """For module-scoped users: `new_redis_db()` -> URL of a flushed database."""
-    return lambda: new_redis_url(redis_server)
+    """For module- and session-scoped users: `new_redis_db()` -> URL of a flushed database of their
+    own for the rest of the session."""
+    return lambda: new_redis_url(redis_server, hold=True)
 
 
 @pytest.fixture
