@@ -22,8 +22,9 @@ import redis
 from app.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-_DBS = itertools.cycle(range(1, 16))
-_HELD: set[int] = set()   # databases of module- and session-scoped stacks: out of the rotation
+_DATABASES = range(1, 16)
+_HELD: set[int] = set()   # databases of long-lived users (new_redis_db), out of the rotation
+_TURNS = itertools.count()
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
@@ -54,14 +55,14 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def new_redis_url(server: RedisServer, hold: bool = False) -> str:
-    """A flushed database of the session's server (15 in rotation; a test holds one at a time). With
-    `hold`, it leaves the rotation for the rest of the session: a long-lived stack's workers keep
-    using it, and a later test handed the same database would see them take its jobs."""
-    db = next(d for d in _DBS if d not in _HELD)
+    """A flushed database of the session's server. One-test users share the databases in rotation;
+    a long-lived user (`hold`: a module- or session-scoped stack whose worker runs on) keeps its
+    database for the rest of the session, so no later test is handed it, flushed under that worker."""
+    free = [db for db in _DATABASES if db not in _HELD]
+    assert len(free) > 1, "every Redis database is held by a long-lived fixture"
+    db = free[next(_TURNS) % len(free)]
     if hold:
         _HELD.add(db)
-        if len(_HELD) > 10:
-            raise RuntimeError(f"{len(_HELD)} Redis databases held by long-lived fixtures: too few left to rotate")
     url = f"redis://127.0.0.1:{server.port}/{db}"
     redis.Redis.from_url(url).flushdb()
     return url
@@ -69,8 +70,8 @@ def new_redis_url(server: RedisServer, hold: bool = False) -> str:
 
 @pytest.fixture(scope="session")
 def new_redis_db(redis_server: RedisServer) -> Callable[[], str]:
-    """For module- and session-scoped users: `new_redis_db()` -> URL of a flushed database of their
-    own for the rest of the session."""
+    """For module- and session-scoped users: `new_redis_db()` -> URL of a flushed database that no
+    other test gets afterwards."""
     return lambda: new_redis_url(redis_server, hold=True)
 
 
