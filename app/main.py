@@ -22,16 +22,18 @@ from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 from starlette.concurrency import run_in_threadpool
 
 from app import auth, events, openai_compat
 from app.context import Context, WorkerCache
-from app.errors import Forbidden, ImageNotFound, JobConflict, JobNotFound, NoWorker, install_error_handlers
+from app.errors import Forbidden, ImageNotFound, JobConflict, NoWorker, install_error_handlers
 from app.guards import BodySizeLimit, check_prompt_length, require_key
-from app.jobs import cancel, notify, reaper, read
+from app.jobs import notify, reaper, read
 from app.jobs.rq_adapter import connect, queue_name
 from app.jobs.workers import READY_STATES, WorkerEntry, live_workers, served_sizes
 from app.metrics import ApiMetrics
+from app.ownership import cancel_own_job, read_own_job
 from app.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView, ModelOut, ModelsOut
 from app.settings import ApiSettings
 from app.signing import SignedStorage, UrlSigner
@@ -43,6 +45,7 @@ from app.webhook_targets import check_webhook
 
 log = logging.getLogger("app")
 AUTH = [Depends(require_key)]
+Caller = Annotated[str, Depends(require_key)]   # the API key's name (the dependency runs once per request)
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
@@ -132,10 +135,10 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"description": "An erro
 
 
 def _context(settings: ApiSettings) -> Context:
-    keys = auth.ApiKeys.load(settings.api_keys.get_secret_value() if settings.api_keys else None,
-                             settings.api_keys_file)
+    keys = auth.ApiKeys.load(_secret(settings.api_keys), settings.api_keys_file, _secret(settings.admin_api_keys))
     if keys.enabled:
-        log.info("API keys: %d configured; requests without a valid key get 401", len(keys.hashes))
+        log.info("API keys: %d configured (%d admin); requests without a valid key get 401; a job is "
+                 "visible to its own key only", len(keys.hashes), len(keys.admins))
     else:
         log.warning("no API keys configured (STAR_API_KEYS, STAR_API_KEYS_FILE): authentication is off")
     storage: LocalStorage | SignedStorage = LocalStorage(settings.storage_dir, settings.public_base_url)
@@ -145,6 +148,10 @@ def _context(settings: ApiSettings) -> Context:
         storage = SignedStorage(storage, signer)
     conn = connect(settings.redis_url, retries=2)
     return Context(settings, conn, storage, ApiMetrics(), keys, WorkerCache(conn, settings.worker_cache_s), signer)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value else None
 
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -185,40 +192,38 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
                                queue_position=state.queue_position)
         return JobAccepted(id=job_id, status_url=status_url, queue_position=position or 0)
 
-    def read_view(job_id: str) -> JobView:
-        state = read.read_job(ctx.redis, job_id)
-        if state is None:
-            raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
-        return job_view(state, ctx.storage)
+    def read_view(job_id: str, caller: str) -> JobView:
+        return job_view(read_own_job(ctx, caller, job_id), ctx.storage)
 
     @app.get("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 422, 429, 503), tags=["jobs"],
              dependencies=AUTH)
-    async def get_job(job_id: str, wait: float | None = Query(
+    async def get_job(job_id: str, caller: Caller, wait: float | None = Query(
             None, ge=0, le=ctx.settings.long_poll_max_s,
             description="Long-poll: answer as soon as the job ends, or after this many seconds (at most "
                         "STAR_LONG_POLL_MAX_S), whichever comes first. Absent or 0: answer at once.")) -> JobView:
         """Status, progress, timings, parameters and (on success) image URLs of a job; with
-        `wait`, once the job has ended or `wait` seconds have passed."""
+        `wait`, once the job has ended or `wait` seconds have passed. With API keys on, only the key
+        that created the job (or an admin key) sees it; others get 404."""
         if not wait:
-            return await run_in_threadpool(read_view, job_id)
-        return await ctx.ends.wait(job_id, wait, partial(run_in_threadpool, read_view, job_id), attrgetter("status"))
+            return await run_in_threadpool(read_view, job_id, caller)
+        return await ctx.ends.wait(job_id, wait, partial(run_in_threadpool, read_view, job_id, caller),
+                                   attrgetter("status"))
 
     @app.delete("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 409, 413, 429, 503),
                 tags=["jobs"], dependencies=AUTH)
-    def cancel_job(job_id: str, response: Response) -> JobView:
+    def cancel_job(job_id: str, response: Response, caller: Caller) -> JobView:
         """Cancel: a queued job at once (200, also for a job already canceled); a running one at
-        its next scale boundary (202, poll until `canceled`). 409 for finished jobs."""
-        outcome = cancel.request_cancel(ctx.redis, job_id)
-        if outcome is None:
-            raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
+        its next scale boundary (202, poll until `canceled`). 409 for finished jobs; 404 for
+        another key's job."""
+        outcome = cancel_own_job(ctx, caller, job_id)
         if outcome not in ("canceled", "cancel_requested"):
             raise JobConflict(f"job {job_id} is already {outcome}; nothing to cancel")
         response.status_code = 202 if outcome == "cancel_requested" else 200
-        return read_view(job_id)
+        return read_view(job_id, caller)
 
 
 def _add_image_route(app: FastAPI, ctx: Context) -> None:
-    @app.get("/images/{image_id}.png", tags=["images"], response_class=FileResponse,
+    @app.get("/images/{image_id}.png", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 304: {"description": "Not modified"},
                         **errors(403, 404)})
     def get_image(image_id: str, request: Request, expires: str | None = None, sig: str | None = None) -> Response:
@@ -230,13 +235,13 @@ def _add_image_route(app: FastAPI, ctx: Context) -> None:
             if problem:
                 raise Forbidden(problem)
             max_age = min(max_age, ctx.signer.seconds_left(expires or "0"))   # checked above
-        path = ctx.storage.find(image_id)
-        if path is None:
+        png = ctx.storage.get(image_id)   # never through a link (app.storage)
+        if png is None:
             raise ImageNotFound(f"no image {image_id}")
         headers = {"Cache-Control": f"public, max-age={max_age}, immutable", "ETag": f'"{image_id}"'}
         if request.headers.get("if-none-match") in (headers["ETag"], "*"):
             return Response(status_code=304, headers=headers)
-        return FileResponse(path, media_type="image/png", headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
 
 
 def _add_service_routes(app: FastAPI, ctx: Context) -> None:

@@ -43,6 +43,9 @@ class ApiSettings(CommonSettings):
                                        "entries (see docs/reliability.md). No keys anywhere: no authentication.")
     api_keys_file: Path | None = Field(None, description="File of API keys, one per line (`NAME:SHA256HEX` or a "
                                        "plaintext key; `#` comments).")
+    admin_api_keys: SecretStr | None = Field(None, description="Admin API keys, comma-separated, in the format of "
+                                             "STAR_API_KEYS: keys like the others that may also read, follow and "
+                                             "cancel every key's jobs (other keys see only their own).")
     rate_limit_per_min: int = Field(0, ge=0, description="Requests per minute per API key (0: no limit); "
                                     "counted in Redis, so it holds across API replicas.")
     max_concurrent_jobs_per_key: int = Field(0, ge=0, description="Queued plus running jobs per API key (0: no limit).")

@@ -1,6 +1,8 @@
 """`worker.main:main` (`star worker`, `python -m worker`): load the model once, warm up, then take
 jobs from the model's queue in batches until SIGTERM/SIGINT: take no more jobs, finish the batch
-within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0.
+within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0. The stop is bounded
+whatever Redis does (worker.stopping): a second signal, or Redis still unreachable 10 s after the
+grace, and the jobs not recorded are left for the reaper; a process still hung 5 s later exits 4.
 
 States: starting (loading, warming up) -> ready <-> busy -> draining -> gone; `failed` if the
 model cannot be loaded (exit 1) or a device error left the device unusable (its jobs go back to
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(settings: WorkerSettings, pipeline=None, burst: bool = False) -> int:
     """Run a worker until stopped (or, with burst, until its queue is empty); `pipeline`
-    (already loaded) is for tests and benchmarks."""
+    (already loaded) is for tests and benchmarks. Once a stop is signalled, the process exits within
+    its bounds (worker.stopping), even after this returns: call it as the process's main."""
     metrics = WorkerMetrics()
     try:   # before the model loads: a worker that cannot start says so at once
         metrics.serve(settings.metrics_listen_port, settings.metrics_host)
@@ -87,12 +90,14 @@ def run(settings: WorkerSettings, pipeline=None, burst: bool = False) -> int:
     health = Health(conn, entry, settings.heartbeat_s, metrics, deadline_s=settings.worker_deadline_s,
                     grace_s=settings.drain_grace_s)
     health.start()
+    health.shutdown.start_watchdog()
     previous = _drain_on_signals(health)   # until RQ installs its own handlers
     try:
         return _serve(settings, conn, health, metrics, pipeline, burst)
     finally:
         _restore(previous)
         health.stop()
+        health.shutdown.disarm()
 
 
 def _serve(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetrics, pipeline, burst: bool) -> int:
@@ -140,7 +145,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
 
 def _drain_on_signals(health: Health) -> dict:
     def request_drain(signum, frame):
-        health.drain_requested = True
+        health.shutdown.signal()
 
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
