@@ -22,6 +22,7 @@ from PIL import Image
 from app.jobs.workers import live_workers
 from app.signing import UrlSigner
 from app.storage import new_image_id
+from client import StarClient
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULTY_WORKER = str(ROOT / "tests/reliability/faulty_worker.py")
@@ -105,6 +106,8 @@ def test_presigned_urls_fetch_the_pngs_from_the_store(s3_stack, s3_server, s3_bu
     openai = api.client.post("/v1/images/generations", json={"prompt": "a buoy", "response_format": "b64_json"})
     assert openai.status_code == 200, openai.text
     assert png_prompt(base64.b64decode(openai.json()["data"][0]["b64_json"])) == "a buoy"
+    with StarClient(api.url) as client:
+        assert png_prompt(client.generate("a client's buoy", timeout=60).images[0].png) == "a client's buoy"
 
 
 def test_signed_api_urls_redirect_to_a_short_lived_presigned_url(s3_stack, s3_server):
@@ -118,6 +121,8 @@ def test_signed_api_urls_redirect_to_a_short_lived_presigned_url(s3_stack, s3_se
     target = first.headers["location"]
     assert target.startswith(s3_server.url) and "X-Amz-Expires=120" in target
     assert png_prompt(httpx.get(url, follow_redirects=True).content) == "a signed harbour"
+    with StarClient(api.url) as client:   # the Python client (and `star generate`) follow the redirect
+        assert png_prompt(client.generate("a client's harbour", timeout=60).images[0].png) == "a client's harbour"
     forged = httpx.get(url.replace("sig=", "sig=x"))
     assert forged.status_code == 403 and forged.json()["error"]["code"] == "forbidden"
     unknown = new_image_id()
@@ -134,8 +139,11 @@ def test_images_stored_for_a_job_taken_away_are_deleted(s3_stack, s3_server, s3_
     wait_for_text(stalled, "stored 2 images; stopping")
     assert len(s3_server.keys(s3_bucket)) == 2
     try:
-        start_worker("rescuer")
-        view = wait_done(api.client, job)
+        rescuer = start_worker("rescuer")
+        try:
+            view = wait_done(api.client, job)
+        except AssertionError as exc:   # say where the job got stuck
+            raise AssertionError(f"{exc}\nstalled:\n{stalled.tail(30)}\nrescuer:\n{rescuer.tail(30)}") from None
         assert view["status"] == "succeeded", view
     finally:
         os.kill(stalled.process.pid, signal.SIGCONT)
