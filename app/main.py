@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
@@ -37,7 +37,9 @@ from app.ownership import cancel_own_job, read_own_job
 from app.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView, ModelOut, ModelsOut
 from app.settings import ApiSettings
 from app.signing import SignedStorage, UrlSigner
-from app.storage import LocalStorage
+from app.storage import Storage
+from app.stores import open_storage
+from app.storage_s3 import S3Storage
 from app.submission import submit
 from app.views import job_view
 from app.webhook_delivery import Deliverer, document_webhooks
@@ -141,9 +143,9 @@ def _context(settings: ApiSettings) -> Context:
                  "visible to its own key only", len(keys.hashes), len(keys.admins))
     else:
         log.warning("no API keys configured (STAR_API_KEYS, STAR_API_KEYS_FILE): authentication is off")
-    storage: LocalStorage | SignedStorage = LocalStorage(settings.storage_dir, settings.public_base_url)
+    storage: Storage | SignedStorage = _open_storage(settings)
     signer = None
-    if settings.url_signing_key:
+    if settings.url_signing_key:   # settings refuse it with presigned S3 URLs: they would sign nothing
         signer = UrlSigner(settings.url_signing_key.get_secret_value(), settings.url_ttl_s)
         storage = SignedStorage(storage, signer)
     conn = connect(settings.redis_url, retries=2)
@@ -152,6 +154,18 @@ def _context(settings: ApiSettings) -> Context:
 
 def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value else None
+
+
+def _open_storage(settings: ApiSettings) -> Storage:
+    """The image store; for S3, how clients reach images (STAR_S3_URLS, app/storage_s3.py)."""
+    if not settings.storage_url:
+        return open_storage(settings)
+    storage = open_storage(settings, urls=settings.image_urls, url_ttl_s=settings.url_ttl_s,
+                           redirect_ttl_s=settings.s3_redirect_ttl_s,
+                           public_endpoint_url=settings.s3_public_endpoint_url)
+    if isinstance(storage, S3Storage):
+        log.info("images in %s; clients get %s URLs", storage.describe(), settings.image_urls)
+    return storage
 
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -225,17 +239,25 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
 def _add_image_route(app: FastAPI, ctx: Context) -> None:
     @app.get("/images/{image_id}.png", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 304: {"description": "Not modified"},
+                        307: {"description": "S3 storage: a short-lived presigned URL of the store"},
                         **errors(403, 404)})
     def get_image(image_id: str, request: Request, expires: str | None = None, sig: str | None = None) -> Response:
         """A stored PNG; its text chunks carry the prompt, seed and parameters. With URL signing on
-        (STAR_URL_SIGNING_KEY), `expires` and `sig` must be those of the URL GET /jobs/{id} gave."""
+        (STAR_URL_SIGNING_KEY), `expires` and `sig` must be those of the URL GET /jobs/{id} gave.
+        With S3 storage (STAR_STORAGE_URL), a 307 redirect to a presigned URL of the store."""
         max_age = ctx.settings.image_max_age_s
         if ctx.signer is not None:
             problem = ctx.signer.check(image_id, expires, sig)
             if problem:
                 raise Forbidden(problem)
             max_age = min(max_age, ctx.signer.seconds_left(expires or "0"))   # checked above
-        png = ctx.storage.get(image_id)   # never through a link (app.storage)
+        store = ctx.storage.storage if isinstance(ctx.storage, SignedStorage) else ctx.storage
+        if isinstance(store, S3Storage):
+            target = store.redirect_url(image_id)
+            if target is None:
+                raise ImageNotFound(f"no image {image_id}")
+            return RedirectResponse(target, status_code=307, headers={"Cache-Control": "no-store"})
+        png = store.get(image_id)   # never through a link (app.storage)
         if png is None:
             raise ImageNotFound(f"no image {image_id}")
         headers = {"Cache-Control": f"public, max-age={max_age}, immutable", "ETag": f'"{image_id}"'}
