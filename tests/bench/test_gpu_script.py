@@ -31,7 +31,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DEVICE": "cpu", "ALLOW_CPU": "1",
            "PRESET": "tiny", "AGREE_PRESET": "tiny", "AGREE_IMAGES": "1", "DTYPES": "float32",
-           "BATCHES": "1,2", "REPS": "1", "WARMUP": "0", "COMPILE": "1", "COMPILE_DTYPES": "float32",
+           "BATCHES": "1", "REPS": "1", "WARMUP": "0", "COMPILE": "1", "COMPILE_DTYPES": "float32",
            "COMPILE_BACKEND": "eager", "SAMPLER_ARGS": "--no-breakdown --no-decode"}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
