@@ -1,6 +1,6 @@
-# Two entry points: `make run` (whole service, embedded Redis + API + one worker) and `make test`
-# (lint, then the whole suite).
-# Both bootstrap .venv on a fresh machine with only Python 3.11.
+# Entry points: `make run` (whole service, embedded Redis + API + one worker), `make test` (lint,
+# then the whole suite), and `make test-deploy` (both images built and the Compose stack run and
+# checked; needs Docker or root). All bootstrap .venv on a fresh machine with only Python 3.11.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PORT   ?= 8000
 
-.PHONY: run test lint venv clean
+.PHONY: run test lint test-deploy venv clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ test: lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# Installs Docker when missing (root), starts dockerd when none runs, builds test-only stand-ins for
+# base images that cannot be pulled; see tests/deploy/stack/run.sh and docs/deploy.md.
+test-deploy: $(STAMP)
+	PYTHON=$(abspath $(BIN)/python) TORCH_SPEC="$(TORCH)" bash tests/deploy/stack/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

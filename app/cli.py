@@ -19,7 +19,7 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -146,8 +146,8 @@ DEAD_WORKER_STATES = ("failed",)  # with --live, every other state (or none) cou
 
 def _configure_healthcheck(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", choices=("api", "worker"), help="which local process to check")
-    parser.add_argument("--url", help="override the URL checked (default: from STAR_PORT or "
-                        "STAR_METRICS_PORT on 127.0.0.1)")
+    parser.add_argument("--url", help="override the URL checked (default: from STAR_PORT, or from "
+                        "STAR_METRICS_HOST, STAR_METRICS_PORT and STAR_DEVICE; 127.0.0.1 for 0.0.0.0)")
     parser.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
     parser.add_argument("--live", action="store_true",
                         help="worker: liveness instead of readiness; only `failed` or no answer "
@@ -169,13 +169,23 @@ def worker_state(metrics_text: str) -> str | None:
     return None
 
 
+def _worker_metrics_url(env: Mapping[str, str]) -> str:
+    """Where the local worker serves /metrics, by the same settings and port rule it uses."""
+    from app.serve import _local
+    from app.settings import worker_metrics_port
+
+    port = worker_metrics_port(int(env.get("STAR_METRICS_PORT", "9100")), env.get("STAR_DEVICE", "auto"))
+    host = _local(env.get("STAR_METRICS_HOST", "127.0.0.1"))
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+
 @subcommand("healthcheck", "Exit 0 if the local api (/healthz) or worker (state ready or busy "
             "in its metrics) is healthy, 1 otherwise.", configure=_configure_healthcheck)
 def run_healthcheck(args: argparse.Namespace, rest: list[str]) -> int:
     if args.target == "api":
         url = args.url or f"http://127.0.0.1:{os.environ.get('STAR_PORT', '8000')}/healthz"
     else:
-        url = args.url or f"http://127.0.0.1:{os.environ.get('STAR_METRICS_PORT', '9100')}/metrics"
+        url = args.url or _worker_metrics_url(os.environ)
     try:
         from app.serve import http_get
 

@@ -6,6 +6,7 @@ architecture config (dataclasses in `model/`), and per-request parameters (`app/
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -65,3 +66,13 @@ class ApiSettings(CommonSettings):
                                     "job (then 504, and the job is canceled).")
     openai_poll_s: float = Field(0.25, gt=0, description="How often a waiting POST /v1/images/generations re-reads "
                                  "its job.")
+
+
+def worker_metrics_port(base: int, device: str) -> int:
+    """The metrics port rule: `base` + N for device `cuda:N` (`base` for cpu, auto, cuda); 0 stays 0.
+
+    One worker per GPU on one host (`--device cuda:N`) then gets its own port with no setting; inside
+    a container each worker sees its GPU as cuda:0 and listens on `base`.
+    """
+    match = re.fullmatch(r"\s*cuda:(\d+)\s*", device)
+    return base + int(match.group(1)) if base and match else base

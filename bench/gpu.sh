@@ -11,14 +11,21 @@
 #                          until a batch does not fit): latency, images/s, peak memory, FLOP fraction
 #   3. sampler-<dtype>-compiled   the same with --compile (per-scale step, batch buckets 1 and the
 #                          eager run's best batch), for the dtypes in COMPILE_DTYPES
-#   4. report.md           one table of everything and the GPU targets, met or not
+#   4. decode              bench.decode: VQ decode ms per image, one image per call against one
+#                          call of DECODE_BATCH images, and whether the batched call is bit-identical
+#                          on this device (what decides model.pipeline.BATCH_INVARIANT_DECODE_CHUNK)
+#   5. png                 bench.png: PNG encoding at 1024 px on this machine's CPU, per option
+#   6. report.md           one table of everything and the GPU targets, met or not
+# The KV cache is the lean one (no last-scale K/V across layers) in every run: the sampler runs'
+# peak memory and BATCHES=auto (the largest batch model/memory.py says fits) measure it.
 #
 # Installs nothing: it uses PYTHON, else the project's .venv, else python3 (torch with CUDA must be
 # importable). Knobs (environment): OUT, PRESET (star-1024), DTYPES ("bfloat16 float16"),
 # BATCHES (auto), REPS (3), WARMUP (1), COMPILE (1), COMPILE_DTYPES (bfloat16), COMPILE_MODE,
 # COMPILE_BACKEND (inductor), COMPILE_DYNAMIC (0; 1 = one shape-generic graph per scale: compiles
 # faster; the static default compiles one graph per scale and bucket, which takes a while at d30),
-# AGREE_PRESET (small), AGREE_IMAGES (2), GROW_UNTIL_OOM (0),
+# AGREE_PRESET (small), AGREE_IMAGES (2), GROW_UNTIL_OOM (0), DECODE_BATCH (8), DECODE_REPS (3),
+# PNG_ARGS (more bench.png flags, e.g. "--images noise --reps 1"; PNG=0 skips it),
 # SAMPLER_ARGS (more bench.sampler flags, e.g. --no-breakdown),
 # DEVICE (cuda; ALLOW_CPU=1 permits cpu, for the tests' dry run with small presets).
 set -euo pipefail
@@ -83,6 +90,14 @@ PYEOF
       ${sampler_args[@]+"${sampler_args[@]}"} \
       --json --out "$OUT/sampler-$dt-compiled.jsonl" --plot "$OUT/sampler-$dt-compiled.png" > /dev/null
   done
+fi
+
+"$PY" -m bench.decode --preset "$PRESET" --device "$DEVICE" --batch "${DECODE_BATCH:-8}" \
+  --reps "${DECODE_REPS:-3}" --json --out "$OUT/decode.jsonl" > /dev/null
+
+if [ "${PNG:-1}" = "1" ]; then
+  read -r -a png_args <<< "${PNG_ARGS:-}"
+  "$PY" -m bench.png ${png_args[@]+"${png_args[@]}"} --json --out "$OUT/png.jsonl" > /dev/null
 fi
 
 targets=gpu; [ "$DEVICE" = "cpu" ] && targets=cpu

@@ -1,5 +1,6 @@
 """`python -m bench.report DIR [--targets gpu|cpu]`: one Markdown table of every bench.sampler /
-bench.agreement JSON line under DIR, and which targets of docs/benchmarks.md are met."""
+bench.agreement / bench.decode / bench.png JSON line under DIR, and which targets of
+docs/benchmarks.md are met."""
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,19 @@ def table(records: list[dict]) -> str:
                          f"top-1 {r['teacher_forced_top1_agreement']:.1%}, float32 top-1 in top-5 "
                          f"{r['teacher_forced_ref_top1_in_top5']:.1%}, logits rel. RMS error "
                          f"{r['logits_rel_rms_err']:.2e}, greedy tokens equal {r['greedy_token_agreement']:.1%}")
+    lines += [_decode_line(r) for r in records if r.get("kind") == "decode"]
+    pngs = [r for r in records if r.get("kind") == "png"]
+    if pngs:
+        lines += ["", "| PNG, 1024 px | CPU ms (one core) | MB | pixels equal |", "|---|---|---|---|"]
+        lines += [f"| png {r['image']} {r['option']} | {r['cpu_ms']:.1f} | {r['bytes'] / 1e6:.2f} | "
+                  f"{r['pixels_equal']} |" for r in pngs]
     return "\n".join(lines)
+
+
+def _decode_line(r: dict) -> str:
+    return (f"\ndecode ({r['preset']}, {r['device']}, batch {r['batch_size']}): {r['per_image_ms_alone']:.1f} ms per "
+            f"image one per call, {r['per_image_ms_batched']:.1f} ms batched; bit-identical: {r['bit_identical']} "
+            f"(max abs diff {r['max_abs_diff']:.2e}); the pipeline decodes {r['pipeline_decode_chunk']} per call")
 
 
 def check(records: list[dict], which: str) -> list[str]:

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from bench.common import PeakMemory, emit, machine_info, matmul_peak, parse_int_list, sync, timed
+from bench.common import PeakMemory, emit, machine_info, matmul_peak, parse_int_list, set_clock, sync, timed
 
 PROMPT = "benchmark image {i}: a red fox standing in fresh snow at dawn, 35mm photograph"
 
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--dtype", default="auto", help="transformer dtype: float32, bfloat16/bf16, float16/fp16, auto")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="cpu: time the stages and the matmul by this process's CPU time (CPU device only)")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per batch size (best and median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
     ap.add_argument("--no-decode", action="store_true", help="skip VQ decoding and PNG encoding")
@@ -238,10 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from model.pipeline import StarPipeline
+    from model.pipeline import StarPipeline, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        set_clock(args.clock, resolve_device(args.device))
+    except ValueError as exc:
+        print(f"python -m bench.sampler: {exc}", file=sys.stderr)
+        return 2
     pipe = StarPipeline.load(args.preset, device=args.device, dtype=args.dtype)
     if args.size is not None and args.size != pipe.image_size:
         print(f"--size {args.size}: preset {args.preset} makes {pipe.image_size} px images", file=sys.stderr)
@@ -255,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
     peak = matmul_peak(pipe.device, pipe.dtype)
     report({"kind": "machine", **machine_info(pipe.device), "preset": args.preset, "device": str(pipe.device),
-            "dtype": str(pipe.dtype).replace("torch.", ""), "threads": torch.get_num_threads(), **peak})
+            "dtype": str(pipe.dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "clock": args.clock,
+            **peak})
     sizes = batch_sizes(args, pipe)
     if args.compile:
         from model.compile import compile_pipeline, warm_up

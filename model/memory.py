@@ -2,7 +2,8 @@
 
 Counted from the architecture (model/config.py), not measured:
   weights      transformer (its dtype; head float32), VQ-VAE (its dtype), text encoder (when known)
-  per image    the static KV cache: K and V of every layer for 2 rows (guidance) and all L tokens;
+  per image    the static KV cache: K and V of every layer for 2 rows (guidance) and the prefix
+               tokens (all scales but the last), plus one shared stretch for the last scale;
                the activations of the largest scale (2 rows x l tokens of the block's widest
                intermediates) and the float32 logits / sampling buffers of that scale
   per decode   the VQ-VAE decoder's activations for one decode call (`decode(chunk=1)` decodes one
@@ -42,9 +43,17 @@ def vae_params(cfg: StarConfig) -> int:
         return sum(p.numel() for p in VQVAE(cfg).parameters())
 
 
+def kv_cache_tokens(cfg: StarConfig) -> int:
+    """Tokens per row, head and K/V that KVCache.for_config stores: every layer's prefix (the
+    L - l_last tokens of all scales but the last) and one stretch of l_last that the layers take in
+    turn for the last scale (model/kv_cache.py)."""
+    last = cfg.patch_nums[-1] ** 2
+    return cfg.depth * (cfg.L - last) + last
+
+
 def kv_cache_bytes_per_image(cfg: StarConfig, dtype: torch.dtype) -> int:
-    """K and V, every layer, 2 rows (conditional + unconditional), all L tokens: KVCache's size."""
-    return 2 * cfg.depth * 2 * cfg.num_heads * cfg.L * cfg.head_dim * _itemsize(dtype)
+    """K and V, 2 rows (conditional + unconditional), kv_cache_tokens each: KVCache's size."""
+    return 2 * 2 * cfg.num_heads * kv_cache_tokens(cfg) * cfg.head_dim * _itemsize(dtype)
 
 
 def step_bytes_per_image(cfg: StarConfig, dtype: torch.dtype) -> int:

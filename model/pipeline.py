@@ -54,6 +54,21 @@ def place_transformer_(model: StarTransformer, device: torch.device, dtype: torc
     return model
 
 
+# Images per VQ-VAE decoder call, per device type, where a batched call is proven bit-identical
+# to one image per call. CPU, float32: yes (oneDNN convolutions and image-by-image GroupNorm,
+# model/vae_blocks.py; tests/model/test_decode_batch.py), in chunks of 8 to bound the decoder's
+# memory. CUDA: not proven (cuDNN chooses its convolution algorithms by shape, batch size
+# included; `python -m bench.decode` checks it on a GPU), so one image per call. Anything else: 1.
+BATCH_INVARIANT_DECODE_CHUNK = {"cpu": 8}
+
+
+def decode_chunk_for(device: torch.device, vae_dtype: torch.dtype) -> int:
+    """Images per decoder call that keep every image independent of its batch (see above)."""
+    if vae_dtype != torch.float32:
+        return 1
+    return BATCH_INVARIANT_DECODE_CHUNK.get(torch.device(device).type, 1)
+
+
 def images_to_uint8(img_N3HW: torch.Tensor) -> numpy.ndarray:
     """[0, 1] floats -> uint8 [N, H, W, 3] (rounded)."""
     return img_N3HW.float().mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -75,6 +90,8 @@ class StarPipeline:
             self.vae.decoder.to(memory_format=torch.channels_last)
             self.vae.post_quant_conv.to(memory_format=torch.channels_last)
         self.text_encoder = text_encoder.to(self.device)
+        # images per VQ-VAE decoder call: more than one only where that is bit-identical (decode_chunk_for)
+        self.decode_chunk = decode_chunk_for(self.device, next(self.vae.parameters()).dtype)
         self._cache: KVCache | None = None
         # The model directory's recommended cfg/top_k/top_p/temperature (config.json "sampling";
         # {} for presets): what a request's unset fields get (with_defaults), here and in the service.
@@ -168,12 +185,15 @@ class StarPipeline:
         return dataclasses.replace(request, **unset) if unset else request
 
     @torch.inference_mode()
-    def decode(self, f_hat_NChw: torch.Tensor, chunk: int = 1) -> torch.Tensor:
+    def decode(self, f_hat_NChw: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """VQ-VAE decode (float32 unless the VAE was cast) to images in [0, 1], [N, 3, H, W].
 
-        chunk images per decoder call; the default 1 keeps every image bit-identical whatever the
-        batch (convolutions round differently with the batch size) and bounds activation memory.
+        chunk images per decoder call (None: self.decode_chunk, see decode_chunk_for): every image
+        comes out bit-identical whatever the batch only where batched calls are proven to be.
         """
+        chunk = self.decode_chunk if chunk is None else chunk
+        if chunk < 1:
+            raise ValueError(f"decode chunk must be >= 1, got {chunk}")
         fmt = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         parts = [self.vae.fhat_to_img(f_hat_NChw[i:i + chunk].contiguous(memory_format=fmt))
                  for i in range(0, f_hat_NChw.shape[0], chunk)]

@@ -6,16 +6,51 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _cpu_inference(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d whose CPU float32 inference always runs oneDNN's convolution.
+
+    On CPU torch picks a convolution algorithm per call from the input's size: a batch of one
+    small map (under 20480 values, e.g. the decoder's first convs at 16x16) goes to im2col + GEMM,
+    a batch of several to oneDNN, so one image would round differently alone and in a batch. oneDNN
+    computes every image of a batch the same way whatever the batch size, so with it the decoder
+    is batch-invariant (tests/model/test_decode_batch.py). Training (grad on) and other devices
+    take nn.Conv2d's own path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_inference(x) and self.padding_mode == "zeros" and torch.backends.mkldnn.is_available():
+            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
+                                            self.groups)
+        return super().forward(x)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that normalises a CPU batch image by image at inference.
+
+    On channels-last maps of 1024 positions or more, torch's CPU kernel splits the sums of all the
+    batch's positions between its threads, so with several threads an image's statistics round
+    differently with the batch size; image by image the split is the same whatever the batch.
+    (One thread, other devices and training take nn.GroupNorm's own path.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1 and _cpu_inference(x) and torch.get_num_threads() > 1:
+            return torch.cat([super(GroupNorm, self).forward(x[i:i + 1]) for i in range(x.shape[0])])
+        return super().forward(x)
+
+
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    return GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.norm1, self.conv1 = _norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, 1, 1)
-        self.norm2, self.conv2 = _norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, 1, 1)
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.norm1, self.conv1 = _norm(in_ch), Conv2d(in_ch, out_ch, 3, 1, 1)
+        self.norm2, self.conv2 = _norm(out_ch), Conv2d(out_ch, out_ch, 3, 1, 1)
+        self.nin_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -29,8 +64,8 @@ class AttnBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.norm = _norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.qkv = Conv2d(ch, 3 * ch, 1)
+        self.proj_out = Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -42,7 +77,7 @@ class AttnBlock(nn.Module):
 class Upsample2x(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, 1, 1)
+        self.conv = Conv2d(ch, ch, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -51,7 +86,7 @@ class Upsample2x(nn.Module):
 class Downsample2x(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, 2, 0)
+        self.conv = Conv2d(ch, ch, 3, 2, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -80,7 +115,7 @@ def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
 class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: tuple[int, ...], z_channels: int, num_res_blocks: int = 2):
         super().__init__()
-        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
+        self.conv_in = Conv2d(3, ch, 3, 1, 1)
         self.down = nn.ModuleList()
         block_in, n = ch, len(ch_mult)
         for i, mult in enumerate(ch_mult):
@@ -96,7 +131,7 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = _mid(block_in)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
+        self.conv_out = Conv2d(block_in, z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -113,7 +148,7 @@ class Decoder(nn.Module):
         super().__init__()
         n = len(ch_mult)
         block_in = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
+        self.conv_in = Conv2d(z_channels, block_in, 3, 1, 1)
         self.mid = _mid(block_in)
         up = []
         for i in reversed(range(n)):
@@ -129,7 +164,7 @@ class Decoder(nn.Module):
             up.insert(0, level)
         self.up = nn.ModuleList(up)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 3, 3, 1, 1)
+        self.conv_out = Conv2d(block_in, 3, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import StarConfig
-from .vae_blocks import Decoder, Encoder
+from .vae_blocks import Conv2d, Decoder, Encoder
 
 
 class Phi(nn.Conv2d):
@@ -58,8 +58,8 @@ class VQVAE(nn.Module):
         self.encoder = Encoder(cfg.vae_ch, cfg.vae_ch_mult, Cv)
         self.decoder = Decoder(cfg.vae_ch, cfg.vae_ch_mult, Cv)
         self.quantize = Quantizer(cfg)
-        self.quant_conv = nn.Conv2d(Cv, Cv, 3, 1, 1)
-        self.post_quant_conv = nn.Conv2d(Cv, Cv, 3, 1, 1)
+        self.quant_conv = Conv2d(Cv, Cv, 3, 1, 1)
+        self.post_quant_conv = Conv2d(Cv, Cv, 3, 1, 1)
 
     # ---- tokens -> f_hat (used by the sampling loop) ---------------------------------------------
     def add_scale_(self, f_hat_NChw: torch.Tensor, idx_Nl: torch.Tensor, si: int,

@@ -22,7 +22,9 @@ import redis
 from app.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-_DBS = itertools.cycle(range(1, 16))
+_DATABASES = range(1, 16)
+_HELD: set[int] = set()   # databases of long-lived users (new_redis_db), out of the rotation
+_TURNS = itertools.count()
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
@@ -52,9 +54,15 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-def new_redis_url(server: RedisServer) -> str:
-    """A flushed database of the session's server (15 in rotation; a user holds one at a time)."""
-    db = next(_DBS)
+def new_redis_url(server: RedisServer, hold: bool = False) -> str:
+    """A flushed database of the session's server. One-test users share the databases in rotation;
+    a long-lived user (`hold`: a module- or session-scoped stack whose worker runs on) keeps its
+    database for the rest of the session, so no later test is handed it, flushed under that worker."""
+    free = [db for db in _DATABASES if db not in _HELD]
+    assert len(free) > 1, "every Redis database is held by a long-lived fixture"
+    db = free[next(_TURNS) % len(free)]
+    if hold:
+        _HELD.add(db)
     url = f"redis://127.0.0.1:{server.port}/{db}"
     redis.Redis.from_url(url).flushdb()
     return url
@@ -62,8 +70,9 @@ def new_redis_url(server: RedisServer) -> str:
 
 @pytest.fixture(scope="session")
 def new_redis_db(redis_server: RedisServer) -> Callable[[], str]:
-    """For module-scoped users: `new_redis_db()` -> URL of a flushed database."""
-    return lambda: new_redis_url(redis_server)
+    """For module- and session-scoped users: `new_redis_db()` -> URL of a flushed database that no
+    other test gets afterwards."""
+    return lambda: new_redis_url(redis_server, hold=True)
 
 
 @pytest.fixture

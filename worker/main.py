@@ -4,7 +4,8 @@ within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0.
 
 States: starting (loading, warming up) -> ready <-> busy -> draining -> gone; `failed` if the
 model cannot be loaded (exit 1) or a device error left the device unusable (its jobs go back to
-the queue; exit 3, for the supervisor to start a fresh process).
+the queue; exit 3, for the supervisor to start a fresh process). A metrics port already taken is
+exit 1 with a message, before the model loads.
 """
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ from worker.speed import prepare_model
 
 log = logging.getLogger("worker")
 EXIT_DEVICE_FAILURE = 3
+EXIT_METRICS_PORT = 1
 
 OPTIONS = {  # flag -> setting (each overrides its STAR_* variable)
     "--model": "model", "--redis-url": "redis_url", "--device": "device", "--dtype": "dtype",
-    "--max-batch": "max_batch", "--max-wait-ms": "max_wait_ms", "--metrics-port": "metrics_port",
-    "--name": "name", "--storage-dir": "storage_dir", "--log-level": "log_level",
+    "--max-batch": "max_batch", "--max-wait-ms": "max_wait_ms", "--metrics-host": "metrics_host",
+    "--metrics-port": "metrics_port", "--name": "name", "--storage-dir": "storage_dir",
+    "--log-level": "log_level",
 }
 
 
@@ -68,12 +71,19 @@ def main(argv: list[str] | None = None) -> int:
 def run(settings: WorkerSettings, pipeline=None, burst: bool = False) -> int:
     """Run a worker until stopped (or, with burst, until its queue is empty); `pipeline`
     (already loaded) is for tests and benchmarks."""
-    conn = connect(settings.redis_url, socket_timeout=None)
     metrics = WorkerMetrics()
-    metrics.serve(settings.metrics_port)
+    try:   # before the model loads: a worker that cannot start says so at once
+        metrics.serve(settings.metrics_listen_port, settings.metrics_host)
+    except OSError as exc:
+        log.error("cannot serve /metrics on %s:%d: %s. Another process holds it (another worker on this host "
+                  "with the same STAR_METRICS_PORT and device?): give each worker its own STAR_METRICS_PORT "
+                  "(--metrics-port), or 0 to disable its metrics", settings.metrics_host,
+                  settings.metrics_listen_port, exc.strerror or exc)
+        return EXIT_METRICS_PORT
+    conn = connect(settings.redis_url, socket_timeout=None)
     name = settings.name or f"{socket.gethostname()}.{os.getpid()}"
     entry = WorkerEntry(name=name, model=settings.model, state="starting", max_batch=settings.max_batch,
-                          max_wait_ms=settings.max_wait_ms, host=socket.gethostname(), pid=os.getpid())
+                        max_wait_ms=settings.max_wait_ms, host=socket.gethostname(), pid=os.getpid())
     health = Health(conn, entry, settings.heartbeat_s, metrics, deadline_s=settings.worker_deadline_s,
                     grace_s=settings.drain_grace_s)
     health.start()

@@ -1,4 +1,5 @@
-"""The worker's own Prometheus metrics, served on STAR_METRICS_PORT (0 disables the server).
+"""The worker's own Prometheus metrics, served on STAR_METRICS_HOST at STAR_METRICS_PORT (+ N for device
+cuda:N, app.settings.worker_metrics_port; 0 disables the server).
 
 star_worker_state (Enum: starting, ready, busy, draining, failed) is what `star healthcheck worker`
 reads. Job latency/queue-wait histograms are exported by the API (see app/metrics.py).
@@ -40,10 +41,11 @@ class WorkerMetrics:
         self.gpu_memory = Gauge("star_worker_gpu_memory_bytes", "CUDA memory of this process.", ["kind"], registry=r)
         self.state.state("starting")
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Listen on addr:port (nothing for port 0). OSError when the port is taken."""
         if port:
             start_http_server(port, addr=addr, registry=self.registry)
-            log.info("worker metrics on :%d/metrics", port)
+            log.info("worker metrics on %s:%d/metrics", addr, port)
 
     def observe_batch(self, jobs: int, images: int, model_s: float) -> None:
         self.batches.inc()

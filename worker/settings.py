@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from app.settings import CommonSettings
+from app.settings import CommonSettings, worker_metrics_port
 
 
 class WorkerSettings(CommonSettings):
@@ -18,7 +18,11 @@ class WorkerSettings(CommonSettings):
     max_batch: int = Field(8, ge=1, description="Most images run in one model call (a request with n images counts n).")
     max_wait_ms: int = Field(50, ge=0, description="How long the worker waits for more jobs to fill a batch.")
     heartbeat_s: float = Field(10.0, gt=0, description="Worker heartbeat period.")
-    metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0 disables).")
+    metrics_host: str = Field("127.0.0.1", description="Interface the worker's Prometheus /metrics listens on "
+                              "(the container images set 0.0.0.0: Prometheus scrapes them over the network).")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Base port of the worker's Prometheus /metrics: a "
+                              "worker on `cuda:N` listens on this port + N, so one worker per GPU on a host needs "
+                              "no setting (0 disables).")
     name: str | None = Field(None, description="Worker name (default: host + pid).")
     warmup: bool = Field(True, description="Run one small generation after loading, before taking jobs.")
     encode_threads: int = Field(2, ge=1, description="Threads encoding and storing PNGs off the model's critical path.")
@@ -38,3 +42,15 @@ class WorkerSettings(CommonSettings):
             raise ValueError(f"worker_deadline_s ({self.worker_deadline_s}) must exceed "
                              f"heartbeat_s ({self.heartbeat_s})")
         return self
+
+    @model_validator(mode="after")
+    def _metrics_port_in_range(self) -> "WorkerSettings":
+        if self.metrics_listen_port > 65535:
+            raise ValueError(f"metrics port {self.metrics_port} + device index of {self.device!r} is above 65535: "
+                             "lower STAR_METRICS_PORT")
+        return self
+
+    @property
+    def metrics_listen_port(self) -> int:
+        """The port this worker's /metrics listens on (0: none)."""
+        return worker_metrics_port(self.metrics_port, self.device)

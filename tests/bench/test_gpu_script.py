@@ -32,18 +32,26 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DEVICE": "cpu", "ALLOW_CPU": "1",
            "PRESET": "tiny", "AGREE_PRESET": "tiny", "AGREE_IMAGES": "1", "DTYPES": "float32",
            "BATCHES": "1", "REPS": "1", "WARMUP": "0", "COMPILE": "1", "COMPILE_DTYPES": "float32",
-           "COMPILE_BACKEND": "eager", "SAMPLER_ARGS": "--no-breakdown --no-decode"}
+           "COMPILE_BACKEND": "eager", "SAMPLER_ARGS": "--no-breakdown --no-decode", "DECODE_BATCH": "3",
+           "DECODE_REPS": "1", "PNG_ARGS": "--images noise --options pillow-6,up+isal-1 --reps 1"}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["agreement-float32.jsonl", "report.md", "sampler-float32-compiled.jsonl",
-                     "sampler-float32-compiled.png", "sampler-float32.jsonl", "sampler-float32.png"]
+    assert names == ["agreement-float32.jsonl", "decode.jsonl", "png.jsonl", "report.md",
+                     "sampler-float32-compiled.jsonl", "sampler-float32-compiled.png", "sampler-float32.jsonl",
+                     "sampler-float32.png"]
+    decode = json.loads((out / "decode.jsonl").read_text())
+    assert (decode["kind"], decode["batch_size"], decode["bit_identical"]) == ("decode", 3, True)
+    pngs = [json.loads(line) for line in (out / "png.jsonl").read_text().splitlines()]
+    assert {r["option"] for r in pngs if r["kind"] == "png"} == {"pillow-6", "up+isal-1"}
+    assert all(r["pixels_equal"] and r["text_ok"] for r in pngs if r["kind"] == "png")
     compiled = [json.loads(line) for line in (out / "sampler-float32-compiled.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in compiled][:2] == ["machine", "compile"]
     assert all(r["compile"] for r in compiled if r["kind"] == "batch")
     report = (out / "report.md").read_text()
     assert "| tiny | cpu | float32 | True |" in report and "agreement float32 vs float32" in report
+    assert "decode (tiny, cpu, batch 3)" in report and "png noise up+isal-1" in report
 
 
 def test_gpu_script_refuses_to_run_without_cuda_unless_allowed(tmp_path):

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-COMPOSE_FILES = ["docker-compose.yml", "deploy/compose.cpu.yml", "deploy/compose.gpu8.yml"]
+COMPOSE_FILES = ["docker-compose.yml", "deploy/compose.cpu.yml", "deploy/compose.gpu8.yml",
+                 "tests/deploy/stack/compose.test.yml"]
 ENV_LINE = re.compile(r"^\s*(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
 
 
@@ -126,6 +127,7 @@ def test_one_worker_per_gpu_pinned(base):
         assert "images:/data/images" in service["volumes"]
         assert service["environment"]["STAR_STORAGE_DIR"] == "/data/images"
         assert "worker" in service["networks"]["default"]["aliases"]
+        assert service["environment"]["STAR_METRICS_HOST"] == "0.0.0.0"   # Prometheus is another container
 
 
 def test_cpu_override_runs_the_demo_model_without_gpu(root, yaml_docs):
@@ -161,11 +163,24 @@ def test_proxy_forwards_to_the_api_service(root, base):
     assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in base["services"]["proxy"]["volumes"]
 
 
-@pytest.mark.parametrize("overrides", [[], ["deploy/compose.cpu.yml"], ["deploy/compose.gpu8.yml"]],
-                         ids=["gpu", "cpu", "gpu8"])
+@pytest.mark.parametrize("overrides", [[], ["deploy/compose.cpu.yml"], ["deploy/compose.gpu8.yml"],
+                                       ["deploy/compose.cpu.yml", "tests/deploy/stack/compose.test.yml"]],
+                         ids=["gpu", "cpu", "gpu8", "test-deploy"])
 def test_docker_compose_config_validates(root, compose, overrides):
     files = [arg for f in ["docker-compose.yml", *overrides] for arg in ("-f", f)]
     env = dict(os.environ, DEPLOY_ENV_FILE="deploy/env.example")
     result = subprocess.run([*compose, "--env-file", "deploy/env.example", *files, "config", "-q"],
                             cwd=root, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_deployment_test_publishes_on_loopback_only(root, yaml_docs):
+    (doc,) = yaml_docs(root / "tests/deploy/stack/compose.test.yml")
+    assert all(port.startswith("127.0.0.1:") for port in doc["services"]["proxy"]["ports"])
+    assert "!override" in (root / "tests/deploy/stack/compose.test.yml").read_text()
+
+
+def test_deployment_test_scripts_parse(root):
+    for script in sorted((root / "tests/deploy/stack").glob("*.sh")):
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, (script.name, result.stderr)

@@ -60,7 +60,10 @@ def test_api_image_is_slim_python_without_torch(dockerfile, root):
     assert re.search(r"ARG PYTHON_IMAGE=python:3\.11-slim", text)
     api = " ".join(args for _, args in dockerfile["api"])
     assert "torch" not in api.replace("'torch' not in sys.modules", "")
-    assert "['api'] + e['client']" in api and "'worker'" not in api   # the api and client extras only
+    assert "/tmp/api.txt" in api and "worker.txt" not in api
+    requirements = " ".join(args for _, args in dockerfile["requirements"])
+    api_list = requirements.split("/tmp/api.txt", 1)[1].split("/tmp/worker.txt", 1)[0]
+    assert "e['api'] + e['client']" in api_list and "'worker'" not in api_list   # the api and client extras only
 
 
 def test_worker_image_uses_a_cuda_pytorch_base_in_the_worker_extra_range(root):
@@ -85,3 +88,39 @@ def test_dockerignore_keeps_the_context_small(root):
     assert {".git", ".venv", "data", "tests", "**/__pycache__"} <= ignored
     for needed in ("app", "client", "model", "worker", "pyproject.toml", "README.md"):
         assert needed not in ignored
+
+
+def test_no_syntax_directive_so_buildkit_pulls_no_frontend_image(root):
+    """`# syntax=...` makes BuildKit fetch a frontend image: no build without Docker Hub."""
+    for line in (root / "Dockerfile").read_text().splitlines():
+        if not line.startswith("#"):
+            break   # parser directives only count before the first instruction
+        assert not re.match(r"#\s*syntax\s*=", line, re.IGNORECASE), line
+
+
+@pytest.mark.parametrize("target", ["api", "worker"])
+def test_dependencies_are_installed_before_the_source_is_copied(dockerfile, target):
+    """Cache-friendly layers: a change to the source (or README.md) reinstalls no dependency."""
+    steps = dockerfile[target]
+    deps = next(i for i, (name, args) in enumerate(steps) if name == "RUN" and "pip install -r" in args)
+    source = next(i for i, (name, args) in enumerate(steps) if name == "COPY" and "--from=source" in args)
+    assert deps < source
+    before = " ".join(args for name, args in steps[:deps] if name == "COPY")
+    assert "README.md" not in before and "--from=requirements" in before
+
+
+def test_every_package_of_pyproject_is_copied_into_the_images(dockerfile, root):
+    """Adding a top-level package: one `COPY <pkg> /src/<pkg>` line in the `source` stage."""
+    import tomllib
+
+    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*").rstrip(".") for pattern in include}
+    copied = {args.split()[0] for name, args in dockerfile["source"] if name == "COPY"}
+    assert packages <= copied, f"add COPY lines to the Dockerfile's source stage for {packages - copied}"
+
+
+def test_worker_image_serves_metrics_on_all_interfaces_and_torch_from_find_links(dockerfile):
+    env = " ".join(args for name, args in dockerfile["worker"] if name == "ENV")
+    assert "STAR_METRICS_HOST=0.0.0.0" in env   # Prometheus scrapes it from another container
+    install = next(args for name, args in dockerfile["worker"] if name == "RUN" and "TORCH_SPEC" in args)
+    assert '--find-links "$TORCH_FIND_LINKS"' in install and '--index-url "$TORCH_INDEX_URL"' in install
