@@ -26,13 +26,14 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gpu-shapes-work")
 
 
+@pytest.mark.timeout(900)   # five Python processes, each importing torch and transformers: minutes on a busy CPU
 def test_gpu_shapes_script_dry_run_on_cpu(tmp_path, work):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "IMAGES": IMAGES, "AR_SECONDS": "2",
            "WORKERS": "2", "PROMPTS": "1", "SWEEP_SEEDS": "100", "SWEEP": "--cfg 1.5,3",
            "CONFIGS": "tiny:ar_batch=4,arch.depth=2", "WORK": str(work), "OUT": str(out)}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_shapes.sh")], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=840)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["shapes-runs.tgz", "weights-tiny.pt"]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
