@@ -136,6 +136,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     entry.model, entry.size, entry.queue = pipeline.name, pipeline.image_size, queue_name(pipeline.name)
     entry.device = str(getattr(pipeline, "device", ""))
     entry.sampling = model_defaults(pipeline)   # what requests without sampling fields get
+    entry.example_prompts = list(getattr(pipeline, "example_prompts", None) or [])   # shown by GET /models
     metrics.info.info({"model": pipeline.name, "size": str(pipeline.image_size), "device": entry.device,
                        "max_batch": str(settings.max_batch), "max_wait_ms": str(settings.max_wait_ms)})
     health.publish()
