@@ -29,10 +29,11 @@ from app.context import Context, WorkerCache
 from app.errors import Forbidden, ImageNotFound, JobConflict, JobNotFound, NoWorker, install_error_handlers
 from app.guards import BodySizeLimit, check_prompt_length, require_key
 from app.jobs import cancel, notify, reaper, read
+from app.jobs.lanes import lane_queue_name
 from app.jobs.rq_adapter import connect, queue_name
 from app.jobs.workers import READY_STATES, WorkerEntry, live_workers, served_sizes
 from app.metrics import ApiMetrics
-from app.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView, ModelOut, ModelsOut
+from app.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView, LaneOut, ModelOut, ModelsOut
 from app.settings import ApiSettings
 from app.signing import SignedStorage, UrlSigner
 from app.storage import LocalStorage
@@ -163,7 +164,7 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
     base = ctx.settings.public_base_url.rstrip("/")
 
     @app.post("/generate", status_code=202, response_model=JobAccepted, tags=["jobs"], dependencies=AUTH,
-              responses=errors(401, 409, 413, 422, 429, 503))
+              responses=errors(401, 403, 409, 413, 422, 429, 503))
     def generate(body: GenerateRequest, response: Response,
                  idempotency_key: Annotated[str | None, Header(
                      alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS,
@@ -259,7 +260,8 @@ def _add_service_routes(app: FastAPI, ctx: Context) -> None:
              responses=errors(401, 429, 503))
     def models() -> ModelsOut:
         """Models and sizes served by live workers (the default size is the largest), with each
-        model's sampling defaults: what a request that leaves those fields out runs with."""
+        model's sampling defaults (what a request that leaves those fields out runs with) and its
+        queue depth and wait per lane."""
         return _models(ctx)
 
     @app.get("/metrics", tags=["service"], response_class=Response, responses=errors(503))
@@ -279,8 +281,11 @@ def _models(ctx: Context) -> ModelsOut:
         for e in entries:
             states[e.state] = states.get(e.state, 0) + 1
         sampling = next((e.sampling for e in entries if e.sampling), None)
+        lanes = {lane: LaneOut(queue=lane_queue_name(model, lane), queue_depth=stats.depth,
+                               oldest_wait_s=stats.oldest_wait_s)
+                 for lane, stats in read.lane_stats(ctx.redis, model).items()}
         out.append(ModelOut(name=model, size=size, queue=queue_name(model), workers=len(entries),
-                            queue_depth=read.queue_depth(ctx.redis, model), states=states,
-                            max_batch=max(e.max_batch for e in entries), sampling=sampling))
+                            queue_depth=sum(lane.queue_depth for lane in lanes.values()), lanes=lanes,
+                            states=states, max_batch=max(e.max_batch for e in entries), sampling=sampling))
     sizes = served_sizes(e for es in groups.values() for e in es)
     return ModelsOut(models=out, sizes=sizes, default_size=max(sizes) if sizes else None)

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.jobs.lanes import Lane
 from app.jobs.states import JobStatus
 
 MAX_SEED = 2**32 - 1
@@ -46,6 +47,9 @@ class GenerateRequest(BaseModel):
                                 + MODEL_DEFAULT.format(DEFAULT_SAMPLING["top_p"]))
     temperature: float | None = Field(None, gt=0.0, le=5.0, description="Sampling temperature."
                                       + MODEL_DEFAULT.format(DEFAULT_SAMPLING["temperature"]))
+    priority: Lane = Field("normal", description="Lane of the job: workers take `high` jobs first, then `normal`, "
+                           "then `low` (a lower lane's job still ends `expired` at its deadline). Which API keys "
+                           "may use `high` is the setting STAR_HIGH_PRIORITY_KEYS (others get 403).")
     # webhooks (checked further by app.webhook_targets.check_webhook: scheme, credentials, public host)
     webhook_url: str | None = Field(None, max_length=2048, description="http(s) URL POSTed a signed JSON event "
                                     "when the job ends (docs/api.md#webhooks); its host must resolve to public "
@@ -114,6 +118,7 @@ class JobParameters(BaseModel):
     top_k: int | None = Field(None, description=RESOLVED)
     top_p: float | None = Field(None, description=RESOLVED)
     temperature: float | None = Field(None, description=RESOLVED)
+    priority: Lane = Field("normal", description="The lane the job was queued in.")
 
 
 class SamplingDefaults(BaseModel):
@@ -185,11 +190,19 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class LaneOut(BaseModel):
+    queue: str = Field(description="The lane's RQ queue.")
+    queue_depth: int = Field(description="Jobs waiting in this lane.")
+    oldest_wait_s: float = Field(description="How long the job at the front of this lane has waited (0: none waits).")
+
+
 class ModelOut(BaseModel):
     name: str
     size: int
-    queue: str
-    queue_depth: int
+    queue: str = Field(description="The model's normal-lane RQ queue (`star-<model>`).")
+    queue_depth: int = Field(description="Jobs waiting for this model, all lanes together.")
+    lanes: dict[Lane, LaneOut] = Field(default_factory=dict, description="Depth and wait per lane: high, "
+                                       "normal, low (workers take them in that order).")
     workers: int
     states: dict[str, int]
     max_batch: int

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import email.utils
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar, cast, overload
@@ -69,6 +69,7 @@ class JobParameters:
     top_k: int | None = None
     top_p: float | None = None
     temperature: float | None = None
+    priority: str = "normal"     # the lane it was queued in: high, normal, low
 
 
 @dataclass(frozen=True)
@@ -119,15 +120,29 @@ class Accepted:
 
 
 @dataclass(frozen=True)
+class LaneInfo:
+    queue: str
+    queue_depth: int             # jobs waiting in this lane
+    oldest_wait_s: float         # how long the job at its front has waited (0: none waits)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     size: int
     queue: str
-    queue_depth: int
+    queue_depth: int             # all lanes together
     workers: int
     states: dict[str, int]
     max_batch: int
     sampling: dict[str, float] | None = None   # the model's defaults: guidance_scale, top_k, top_p, temperature
+    lanes: dict[str, LaneInfo] | None = None   # high, normal, low (None from servers without lanes)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ModelInfo":
+        lanes = data.get("lanes")
+        info = _parse(cls, {k: v for k, v in data.items() if k != "lanes"})
+        return info if lanes is None else replace(info, lanes={lane: _parse(LaneInfo, v) for lane, v in lanes.items()})
 
 
 @dataclass(frozen=True)
@@ -138,7 +153,7 @@ class Models:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Models":
-        return cls(models=tuple(_parse(ModelInfo, m) for m in data.get("models", ())),
+        return cls(models=tuple(ModelInfo.from_json(m) for m in data.get("models", ())),
                    sizes=tuple(data.get("sizes", ())), default_size=data.get("default_size"))
 
 

@@ -1,5 +1,5 @@
 """`worker.main:main` (`star worker`, `python -m worker`): load the model once, warm up, then take
-jobs from the model's queue in batches until SIGTERM/SIGINT: take no more jobs, finish the batch
+jobs from the model's lane queues (highest lane first) in batches until SIGTERM/SIGINT: take no more jobs, finish the batch
 within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0.
 
 States: starting (loading, warming up) -> ready <-> busy -> draining -> gone; `failed` if the
@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 
+from app.jobs.lanes import lane_names
 from app.jobs.rq_adapter import connect, queue_name
 from app.jobs.workers import WorkerEntry
 from app.storage import LocalStorage
@@ -132,7 +133,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     log.info("worker %s: model %s (%dpx) on %s; queue %s; batches of up to %d images, %d ms wait; "
              "sampling defaults %s", entry.name, pipeline.name, pipeline.image_size, entry.device, entry.queue,
              settings.max_batch, settings.max_wait_ms, entry.sampling)
-    return BatchWorker(entry.queue, connection=conn, name=entry.name, runner=runner, publisher=publisher,
+    return BatchWorker(lane_names(entry.queue), connection=conn, name=entry.name, runner=runner, publisher=publisher,
                        health=health, sampling=entry.sampling, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                        result_ttl=settings.result_ttl_s, deadline_s=settings.worker_deadline_s,
                        max_requeues=settings.max_requeues)

@@ -31,6 +31,7 @@ from rq.worker import BaseWorker
 
 from app.jobs import keys, notify, webhooks
 from app.jobs.admission import release_slot
+from app.jobs.lanes import DEFAULT_LANE
 from app.jobs.rq_adapter import SERIALIZER, leave_intermediate
 from app.jobs.states import is_expired
 
@@ -169,12 +170,15 @@ def _ended(pipe, job: Job, status: str) -> None:
     ended, enqueued, started = job.ended_at, job.enqueued_at, job.started_at
     latency = (ended - enqueued).total_seconds() if ended and enqueued else None
     wait = (started - enqueued).total_seconds() if started and enqueued and status != "expired" else None
-    record_timings(pipe, (job.meta or {}).get("model", ""), status, latency, wait)
+    meta = job.meta or {}
+    record_timings(pipe, meta.get("model", ""), status, latency, wait, meta.get("priority") or DEFAULT_LANE)
 
 
-def record_timings(conn, model: str, status: str, latency_s: float | None, queue_wait_s: float | None) -> None:
+def record_timings(conn, model: str, status: str, latency_s: float | None, queue_wait_s: float | None,
+                   lane: str = DEFAULT_LANE) -> None:
     """Leave one finished job's timings for the API's histograms (app.jobs.read.drain_finished);
     conn is normally the ending's pipeline."""
-    item = json.dumps({"model": model, "status": status, "latency_s": latency_s, "queue_wait_s": queue_wait_s})
+    item = json.dumps({"model": model, "status": status, "latency_s": latency_s, "queue_wait_s": queue_wait_s,
+                       "lane": lane})
     conn.rpush(keys.TIMINGS_KEY, item)
     conn.ltrim(keys.TIMINGS_KEY, -keys.TIMINGS_CAP, -1)
