@@ -15,14 +15,14 @@ from app.longpoll import JobEnds
 from app.metrics import ApiMetrics
 from app.settings import ApiSettings
 from app.signing import SignedStorage, UrlSigner
-from app.storage import LocalStorage
+from app.storage import Storage
 
 
 @dataclass
 class Context:
     settings: ApiSettings
     redis: Redis
-    storage: LocalStorage | SignedStorage
+    storage: Storage | SignedStorage
     metrics: ApiMetrics
     keys: ApiKeys
     workers: WorkerCache

@@ -19,24 +19,28 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 from starlette.concurrency import run_in_threadpool
 
 from app import auth, events, openai_compat
 from app.context import Context, WorkerCache
-from app.errors import Forbidden, ImageNotFound, JobConflict, JobNotFound, NoWorker, install_error_handlers
+from app.errors import Forbidden, ImageNotFound, JobConflict, NoWorker, install_error_handlers
 from app.guards import BodySizeLimit, check_prompt_length, require_key
-from app.jobs import cancel, notify, reaper, read
+from app.jobs import notify, reaper, read
 from app.jobs.lanes import lane_queue_name
 from app.jobs.rq_adapter import connect, queue_name
 from app.jobs.workers import READY_STATES, WorkerEntry, live_workers, served_sizes
 from app.metrics import ApiMetrics
+from app.ownership import cancel_own_job, read_own_job
 from app.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView, LaneOut, ModelOut, ModelsOut
 from app.settings import ApiSettings
 from app.signing import SignedStorage, UrlSigner
-from app.storage import LocalStorage
+from app.storage import Storage
+from app.stores import open_storage
+from app.storage_s3 import S3Storage
 from app.submission import submit
 from app.views import job_view
 from app.webhook_delivery import Deliverer, document_webhooks
@@ -44,6 +48,7 @@ from app.webhook_targets import check_webhook
 
 log = logging.getLogger("app")
 AUTH = [Depends(require_key)]
+Caller = Annotated[str, Depends(require_key)]   # the API key's name (the dependency runs once per request)
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
@@ -133,19 +138,35 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"description": "An erro
 
 
 def _context(settings: ApiSettings) -> Context:
-    keys = auth.ApiKeys.load(settings.api_keys.get_secret_value() if settings.api_keys else None,
-                             settings.api_keys_file)
+    keys = auth.ApiKeys.load(_secret(settings.api_keys), settings.api_keys_file, _secret(settings.admin_api_keys))
     if keys.enabled:
-        log.info("API keys: %d configured; requests without a valid key get 401", len(keys.hashes))
+        log.info("API keys: %d configured (%d admin); requests without a valid key get 401; a job is "
+                 "visible to its own key only", len(keys.hashes), len(keys.admins))
     else:
         log.warning("no API keys configured (STAR_API_KEYS, STAR_API_KEYS_FILE): authentication is off")
-    storage: LocalStorage | SignedStorage = LocalStorage(settings.storage_dir, settings.public_base_url)
+    storage: Storage | SignedStorage = _open_storage(settings)
     signer = None
-    if settings.url_signing_key:
+    if settings.url_signing_key:   # settings refuse it with presigned S3 URLs: they would sign nothing
         signer = UrlSigner(settings.url_signing_key.get_secret_value(), settings.url_ttl_s)
         storage = SignedStorage(storage, signer)
     conn = connect(settings.redis_url, retries=2)
     return Context(settings, conn, storage, ApiMetrics(), keys, WorkerCache(conn, settings.worker_cache_s), signer)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value else None
+
+
+def _open_storage(settings: ApiSettings) -> Storage:
+    """The image store; for S3, how clients reach images (STAR_S3_URLS, app/storage_s3.py)."""
+    if not settings.storage_url:
+        return open_storage(settings)
+    storage = open_storage(settings, urls=settings.image_urls, url_ttl_s=settings.url_ttl_s,
+                           redirect_ttl_s=settings.s3_redirect_ttl_s,
+                           public_endpoint_url=settings.s3_public_endpoint_url)
+    if isinstance(storage, S3Storage):
+        log.info("images in %s; clients get %s URLs", storage.describe(), settings.image_urls)
+    return storage
 
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -186,58 +207,64 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
                                queue_position=state.queue_position)
         return JobAccepted(id=job_id, status_url=status_url, queue_position=position or 0)
 
-    def read_view(job_id: str) -> JobView:
-        state = read.read_job(ctx.redis, job_id)
-        if state is None:
-            raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
-        return job_view(state, ctx.storage)
+    def read_view(job_id: str, caller: str) -> JobView:
+        return job_view(read_own_job(ctx, caller, job_id), ctx.storage)
 
     @app.get("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 422, 429, 503), tags=["jobs"],
              dependencies=AUTH)
-    async def get_job(job_id: str, wait: float | None = Query(
+    async def get_job(job_id: str, caller: Caller, wait: float | None = Query(
             None, ge=0, le=ctx.settings.long_poll_max_s,
             description="Long-poll: answer as soon as the job ends, or after this many seconds (at most "
                         "STAR_LONG_POLL_MAX_S), whichever comes first. Absent or 0: answer at once.")) -> JobView:
         """Status, progress, timings, parameters and (on success) image URLs of a job; with
-        `wait`, once the job has ended or `wait` seconds have passed."""
+        `wait`, once the job has ended or `wait` seconds have passed. With API keys on, only the key
+        that created the job (or an admin key) sees it; others get 404."""
         if not wait:
-            return await run_in_threadpool(read_view, job_id)
-        return await ctx.ends.wait(job_id, wait, partial(run_in_threadpool, read_view, job_id), attrgetter("status"))
+            return await run_in_threadpool(read_view, job_id, caller)
+        return await ctx.ends.wait(job_id, wait, partial(run_in_threadpool, read_view, job_id, caller),
+                                   attrgetter("status"))
 
     @app.delete("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 409, 413, 429, 503),
                 tags=["jobs"], dependencies=AUTH)
-    def cancel_job(job_id: str, response: Response) -> JobView:
+    def cancel_job(job_id: str, response: Response, caller: Caller) -> JobView:
         """Cancel: a queued job at once (200, also for a job already canceled); a running one at
-        its next scale boundary (202, poll until `canceled`). 409 for finished jobs."""
-        outcome = cancel.request_cancel(ctx.redis, job_id)
-        if outcome is None:
-            raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
+        its next scale boundary (202, poll until `canceled`). 409 for finished jobs; 404 for
+        another key's job."""
+        outcome = cancel_own_job(ctx, caller, job_id)
         if outcome not in ("canceled", "cancel_requested"):
             raise JobConflict(f"job {job_id} is already {outcome}; nothing to cancel")
         response.status_code = 202 if outcome == "cancel_requested" else 200
-        return read_view(job_id)
+        return read_view(job_id, caller)
 
 
 def _add_image_route(app: FastAPI, ctx: Context) -> None:
-    @app.get("/images/{image_id}.png", tags=["images"], response_class=FileResponse,
+    @app.get("/images/{image_id}.png", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 304: {"description": "Not modified"},
+                        307: {"description": "S3 storage: a short-lived presigned URL of the store"},
                         **errors(403, 404)})
     def get_image(image_id: str, request: Request, expires: str | None = None, sig: str | None = None) -> Response:
         """A stored PNG; its text chunks carry the prompt, seed and parameters. With URL signing on
-        (STAR_URL_SIGNING_KEY), `expires` and `sig` must be those of the URL GET /jobs/{id} gave."""
+        (STAR_URL_SIGNING_KEY), `expires` and `sig` must be those of the URL GET /jobs/{id} gave.
+        With S3 storage (STAR_STORAGE_URL), a 307 redirect to a presigned URL of the store."""
         max_age = ctx.settings.image_max_age_s
         if ctx.signer is not None:
             problem = ctx.signer.check(image_id, expires, sig)
             if problem:
                 raise Forbidden(problem)
             max_age = min(max_age, ctx.signer.seconds_left(expires or "0"))   # checked above
-        path = ctx.storage.find(image_id)
-        if path is None:
+        store = ctx.storage.storage if isinstance(ctx.storage, SignedStorage) else ctx.storage
+        if isinstance(store, S3Storage):
+            target = store.redirect_url(image_id)
+            if target is None:
+                raise ImageNotFound(f"no image {image_id}")
+            return RedirectResponse(target, status_code=307, headers={"Cache-Control": "no-store"})
+        png = store.get(image_id)   # never through a link (app.storage)
+        if png is None:
             raise ImageNotFound(f"no image {image_id}")
         headers = {"Cache-Control": f"public, max-age={max_age}, immutable", "ETag": f'"{image_id}"'}
         if request.headers.get("if-none-match") in (headers["ETag"], "*"):
             return Response(status_code=304, headers=headers)
-        return FileResponse(path, media_type="image/png", headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
 
 
 def _add_service_routes(app: FastAPI, ctx: Context) -> None:

@@ -195,7 +195,7 @@ def create_router(settings: ApiSettings) -> APIRouter:
                 return JSONResponse({}, status_code=499)
             if state.status != "succeeded":
                 raise failure(state)
-            return JSONResponse(answer(state, response_format, ctx.storage))
+            return JSONResponse(await run_in_threadpool(answer, state, response_format, ctx.storage))   # S3: requests
         except OpenAIError as exc:
             return exc.response()
         except ApiError as exc:

@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="PNG path (default: from the prompt); with --n > 1, "
                         "NAME.png becomes NAME-0.png, NAME-1.png, ...; a directory keeps the default name")
     parser.add_argument("--size", type=int, help="image side in pixels (default: the largest served)")
-    parser.add_argument("--n", "-n", type=int, default=1, help="number of images, 1-4; image i uses seed + i")
+    parser.add_argument("--n", "-n", type=int, default=1, help="number of images, 1-4; image i uses seed (seed + i) mod 2^32")
     parser.add_argument("--seed", type=int, help="seed of the first image (default: chosen by the server)")
     parser.add_argument("--negative-prompt", help="what to steer away from")
     parser.add_argument("--guidance-scale", "--guidance", type=float,

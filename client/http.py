@@ -157,7 +157,8 @@ class StarClient(_Base):
         return Models.from_json(self._request("GET", "/models").json())
 
     def download(self, image: ImageRef | str) -> bytes:
-        return self._request("GET", image if isinstance(image, str) else image.url).content
+        """The PNG; follows the API's redirect to an S3 store (httpx drops the API key across origins)."""
+        return self._request("GET", image if isinstance(image, str) else image.url, follow_redirects=True).content
 
     def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5,
              on_progress: ProgressCallback | None = None) -> Job:
@@ -252,7 +253,9 @@ class AsyncStarClient(_Base):
         return Models.from_json((await self._request("GET", "/models")).json())
 
     async def download(self, image: ImageRef | str) -> bytes:
-        return (await self._request("GET", image if isinstance(image, str) else image.url)).content
+        """The PNG; follows the API's redirect to an S3 store (httpx drops the API key across origins)."""
+        url = image if isinstance(image, str) else image.url
+        return (await self._request("GET", url, follow_redirects=True)).content
 
     async def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5,
                    on_progress: ProgressCallback | None = None) -> Job:

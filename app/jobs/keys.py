@@ -16,7 +16,8 @@ JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 
 ADMIT_KEY = "star:admit:{}"             # zset per model (its normal lane's queue name): POSTs between the limit check and the push
 ADMIT_HOLD_S = 30                       # a reservation left by a crashed API process lapses after this
-ACTIVE_KEY = "star:active:{}"           # set per API key name: its queued or running job ids
+SLOTS_KEY = "star:slots:{}"             # zset per API key name: its queued or running job ids -> reserved at
+SLOT_HOLD_S = 30                        # a reservation whose job is still not enqueued after this is left over
 RATE_KEY = "star:rate:{}:{}"            # counter per API key name and minute
 IDEMPOTENCY_KEY = "star:idem:{}:{}"     # per API key name and sha256 of the Idempotency-Key
 IDEMPOTENCY_STALE_S = 60                # a record whose job does not exist this long after the claim is left over
@@ -67,11 +68,22 @@ end
 for i = 2 * lanes + 1, #KEYS do redis.call('DEL', KEYS[i]) end
 return false
 """
-# KEYS: the key's active set. ARGV: limit, job id, ttl.
+# KEYS: the key's slots. ARGV: limit, job id, ttl, hold, then members to give back first:
+# 'e:<id>' (its job ended) or 'g:<id>' (no job record: given back only if reserved more than hold
+# seconds ago, as a job not yet enqueued has no record either). Times are Redis's own clock.
 RESERVE_SLOT = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1 then return 1 end
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('SADD', KEYS[1], ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i = 5, #ARGV do
+  local id = string.sub(ARGV[i], 3)
+  local at = redis.call('ZSCORE', KEYS[1], id)
+  if at and (string.sub(ARGV[i], 1, 1) == 'e' or tonumber(at) < now - tonumber(ARGV[4])) then
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
