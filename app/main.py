@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
 from starlette.concurrency import run_in_threadpool
 
-from app import auth, events, openai_compat
+from app import accounting, auth, events, openai_compat
 from app.context import Context, WorkerCache
 from app.errors import Forbidden, ImageNotFound, JobConflict, NoWorker, install_error_handlers
 from app.guards import BodySizeLimit, check_prompt_length, require_key
@@ -74,6 +74,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     _add_image_route(app, ctx)
     _add_service_routes(app, ctx)
     app.include_router(events.create_router(settings), dependencies=AUTH, responses=errors(401, 429, 503))
+    app.include_router(accounting.create_router(), responses=errors(401, 403, 422, 429, 503))
     app.include_router(openai_compat.create_router(settings), dependencies=AUTH,
                        responses={**errors(401, 413, 429, 503), **OPENAI_ERRORS})
     _add_web_page(app)
@@ -150,7 +151,8 @@ def _context(settings: ApiSettings) -> Context:
         signer = UrlSigner(settings.url_signing_key.get_secret_value(), settings.url_ttl_s)
         storage = SignedStorage(storage, signer)
     conn = connect(settings.redis_url, retries=2)
-    return Context(settings, conn, storage, ApiMetrics(), keys, WorkerCache(conn, settings.worker_cache_s), signer)
+    metrics = ApiMetrics(usage_label=keys.usage_label)
+    return Context(settings, conn, storage, metrics, keys, WorkerCache(conn, settings.worker_cache_s), signer)
 
 
 def _secret(value: SecretStr | None) -> str | None:

@@ -162,6 +162,28 @@ class JobError(BaseModel):
     message: str
 
 
+class Usage(BaseModel):
+    """What jobs used (one succeeded job, or a key's jobs over a period)."""
+
+    jobs: int = Field(1, description="Succeeded jobs counted.")
+    images: int = Field(description="Images made.")
+    pixels: int = Field(description="Pixels made: width x height, summed over the images.")
+    model_s: float = Field(description="Model seconds: each job's share of the wall time of the model call it ran "
+                           "in, split by images (the call's time x the job's images / the call's images).")
+
+
+class KeyUsage(BaseModel):
+    key: str = Field(description="The API key's name (`anonymous`: jobs of a server without API keys).")
+    totals: Usage = Field(description="Since the key's first job.")
+    days: dict[str, Usage] = Field(description="Per UTC day (YYYY-MM-DD) of the period asked, days with usage "
+                                   "only, oldest first.")
+
+
+class UsageReport(BaseModel):
+    days: int = Field(description="The period covered by `days` of each key: this many UTC days, today included.")
+    keys: list[KeyUsage] = Field(description="The caller's own key; for an admin key, every key with usage.")
+
+
 class JobView(BaseModel):
     id: str
     status: JobStatus
@@ -173,6 +195,7 @@ class JobView(BaseModel):
     request: JobParameters
     images: list[ImageOut] | None = None
     prompt_truncated: bool | None = Field(None, description="The prompt had more than 77 CLIP tokens.")
+    usage: Usage | None = Field(None, description="Once succeeded: what the job is charged (GET /usage).")
     error: JobError | None = None
 
 

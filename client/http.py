@@ -31,7 +31,7 @@ import httpx
 
 from client.types import (
     DEFAULT_SERVER, TERMINAL_STATUSES, _parse, Progress, ImageRef, Timings, JobParameters, JobError,
-    Job, Accepted, ModelInfo, Models, GeneratedImage, Generation, StarError, StarConnectionError,
+    Job, Accepted, ModelInfo, LaneInfo, Models, Usage, KeyUsage, UsageReport, GeneratedImage, Generation, StarError, StarConnectionError,
     StarHTTPError, StarRequestError, StarBusyError, StarServerError, StarTimeout, JobFailed,
     error_from_response, retry_after_seconds, RetryPolicy)
 from client.waiting import LONG_POLL_S, wait_async, wait_sync
@@ -39,7 +39,7 @@ from client.waiting import LONG_POLL_S, wait_async, wait_sync
 
 __all__ = ["StarClient", "AsyncStarClient", "ProgressCallback", "DEFAULT_SERVER",
            "TERMINAL_STATUSES", "Progress", "ImageRef", "Timings", "JobParameters", "JobError",
-           "Job", "Accepted", "ModelInfo", "Models", "GeneratedImage", "Generation", "StarError",
+           "Job", "Accepted", "ModelInfo", "LaneInfo", "Models", "Usage", "KeyUsage", "UsageReport", "GeneratedImage", "Generation", "StarError",
            "StarConnectionError", "StarHTTPError", "StarRequestError", "StarBusyError",
            "StarServerError", "StarTimeout", "JobFailed", "error_from_response",
            "retry_after_seconds", "RetryPolicy"]
@@ -156,6 +156,11 @@ class StarClient(_Base):
     def models(self) -> Models:
         return Models.from_json(self._request("GET", "/models").json())
 
+    def usage(self, *, days: int = 30, key: str | None = None) -> UsageReport:
+        """`GET /usage`: this key's usage (an admin key: every key's, or `key`'s) over `days` UTC days."""
+        params: dict[str, Any] = {"days": days, **({"key": key} if key else {})}
+        return UsageReport.from_json(self._request("GET", "/usage", params=params).json())
+
     def download(self, image: ImageRef | str) -> bytes:
         """The PNG; follows the API's redirect to an S3 store (httpx drops the API key across origins)."""
         return self._request("GET", image if isinstance(image, str) else image.url, follow_redirects=True).content
@@ -251,6 +256,10 @@ class AsyncStarClient(_Base):
 
     async def models(self) -> Models:
         return Models.from_json((await self._request("GET", "/models")).json())
+
+    async def usage(self, *, days: int = 30, key: str | None = None) -> UsageReport:
+        params: dict[str, Any] = {"days": days, **({"key": key} if key else {})}
+        return UsageReport.from_json((await self._request("GET", "/usage", params=params)).json())
 
     async def download(self, image: ImageRef | str) -> bytes:
         """The PNG; follows the API's redirect to an S3 store (httpx drops the API key across origins)."""

@@ -79,6 +79,37 @@ class JobError:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What jobs used: one succeeded job (`Job.usage`), or a key's jobs over a period (GET /usage)."""
+
+    images: int
+    pixels: int
+    model_s: float               # each job's share of its model call's time, split by images
+    jobs: int = 1
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    key: str
+    totals: Usage                # since the key's first job
+    days: dict[str, Usage]       # UTC day (YYYY-MM-DD) -> its usage, days with usage only
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """`GET /usage`: the caller's key (an admin key: every key) over the last `days` UTC days."""
+
+    days: int
+    keys: tuple[KeyUsage, ...]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "UsageReport":
+        return cls(days=data["days"], keys=tuple(
+            KeyUsage(k["key"], _parse(Usage, k["totals"]), {d: _parse(Usage, u) for d, u in k["days"].items()})
+            for k in data["keys"]))
+
+
+@dataclass(frozen=True)
 class Job:
     """`GET /jobs/{id}`: status, queue position or progress, timings, parameters, images or error."""
 
@@ -93,6 +124,7 @@ class Job:
     images: tuple[ImageRef, ...] = ()
     prompt_truncated: bool | None = None
     error: JobError | None = None
+    usage: Usage | None = None   # once succeeded: what it is charged
 
     @property
     def done(self) -> bool:
@@ -106,7 +138,8 @@ class Job:
                    queue_position=data.get("queue_position"), progress=_parse(Progress, data.get("progress")),
                    cancel_requested=bool(data.get("cancel_requested")),
                    images=tuple(_parse(ImageRef, i) for i in data.get("images") or ()),
-                   prompt_truncated=data.get("prompt_truncated"), error=_parse(JobError, data.get("error")))
+                   prompt_truncated=data.get("prompt_truncated"), error=_parse(JobError, data.get("error")),
+                   usage=_parse(Usage, data.get("usage")))
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from app.jobs.lanes import LaneQueue
 from app.jobs.rq_adapter import SERIALIZER
 from worker.batcher import Collector
 from worker.health import Health
-from worker.publish import BatchReport, Publisher
+from worker.publish import BatchReport, Publisher, job_usage
 from worker.resilience import REDIS_DOWN, RedisTolerant, retry_redis
 from worker.runner import (BatchReleased, BatchRunner, Canceled, DeviceFailure, Failed, Outcome, Released,
                            Succeeded, Work)
@@ -264,7 +264,8 @@ class BatchWorker(RedisTolerant):
             encode_s = time.perf_counter() - t0
             self.metrics.encode_seconds.observe(encode_s)
             result = {"images": images, "prompt_truncated": any(r.prompt_truncated for r in outcome.results),
-                      "model_s": round(outcome.model_s, 4), "encode_s": round(encode_s, 4)}
+                      "model_s": round(outcome.model_s, 4), "encode_s": round(encode_s, 4),
+                      "usage": job_usage(outcome.model_s, outcome.call_images, images)}
             if not self._end(inflight, "succeeded", lambda r: finish.succeeded(self, r, result)):
                 self.publisher.unpublish(images)
         report.done(time.perf_counter() - t0)

@@ -2,7 +2,7 @@
 its queues, job hashes, registries, executions and results, reached through RQ's calls).
 
 Job hash fields this service adds to RQ's job record (`rq:job:<id>`), which RQ leaves alone and
-which expire and vanish with the record: OWNER_FIELD, REQUEUES_FIELD, RESCUED_FIELD.
+which expire and vanish with the record: OWNER_FIELD, REQUEUES_FIELD, RESCUED_FIELD, USAGE_FIELD.
 """
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ ENDED_CHANNEL = "star:jobs:ended"        # pub/sub: a job id, published in the t
 WEBHOOK_DUE_KEY = "star:webhooks:due"   # zset: event id -> when its next delivery attempt is due
 WEBHOOK_EVENT_KEY = "star:webhook:{}"   # hash per event id: job, event, url, created, attempts, claim, body
 WEBHOOK_CHANNEL = "star:webhooks:new"   # pub/sub: an event was recorded (wakes the deliverers)
+USAGE_KEY = "star:usage:total:{}"       # hash per API key name: jobs, images, pixels, model_s (usage.py)
+USAGE_DAY_KEY = "star:usage:day:{}:{}"  # the same per key name and UTC day (YYYY-MM-DD)
+USAGE_DAY_TTL_S = 400 * 86400           # a day's usage is kept this long (GET /usage?days= goes back 366)
+USAGE_KEYS = "star:usage:keys"          # set: key names that have usage
 WAKE_KEY = "star:wake:{}"               # list per model (its normal lane's queue name): one token per push to a lane
 WAKE_CAP = 64                           # tokens kept (a blocked worker needs one; more are stale)
 WAKE_TTL_S = 86400
@@ -43,6 +47,7 @@ WEBHOOK_EVENT_TTL_S = 8 * 86400         # an event record outlives any delivery 
 OWNER_FIELD = "star_owner"              # the running attempt's token; "done:<token>" once it records
 REQUEUES_FIELD = "star_requeues"        # times the job was taken from a lost worker
 RESCUED_FIELD = "star_rescued_at"       # written when the reaper rescues a stranded job
+USAGE_FIELD = "star_usage_counted"      # set once the job's usage is in its key's totals (never twice)
 
 # ---------------------------------------------------------------- Lua
 # KEYS: admit zset, then every lane's queue list of the model. ARGV: limit, now, now - hold, job id, hold.
@@ -67,6 +72,21 @@ for i = 1, lanes do
 end
 for i = 2 * lanes + 1, #KEYS do redis.call('DEL', KEYS[i]) end
 return false
+"""
+# KEYS: job hash, the key's totals, the key's day, the set of keys with usage. ARGV: images,
+# pixels, model_s, day TTL, key name. Adds a succeeded job's usage once (a retried recording of
+# the same outcome finds USAGE_FIELD set): 1 if added.
+USAGE_RECORD = """
+if redis.call('HSETNX', KEYS[1], 'star_usage_counted', '1') == 0 then return 0 end
+for i = 2, 3 do
+  redis.call('HINCRBY', KEYS[i], 'jobs', 1)
+  redis.call('HINCRBY', KEYS[i], 'images', ARGV[1])
+  redis.call('HINCRBY', KEYS[i], 'pixels', ARGV[2])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'model_s', ARGV[3])
+end
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[5])
+return 1
 """
 # KEYS: the key's slots. ARGV: limit, job id, ttl, hold, then members to give back first:
 # 'e:<id>' (its job ended) or 'g:<id>' (no job record: given back only if reserved more than hold

@@ -41,6 +41,7 @@ class JobState:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     model_s: float | None = None
+    usage: dict | None = None           # a succeeded job's {model_s, images, pixels} (app.jobs.usage)
     images: list[dict] | None = None
     prompt_truncated: bool | None = None
     error: dict | None = None
@@ -84,7 +85,7 @@ def read_job(conn: Redis, job_id: str, allowed: Callable[[str | None], bool] = l
         params={**job.kwargs, **(meta.get("sampling") or {}),   # sampling: the values the worker used
                 "priority": meta.get("priority") or DEFAULT_LANE},
         queued_at=job.enqueued_at, started_at=job.started_at, finished_at=job.ended_at,
-        model_s=meta.get("model_s"), error=meta.get("error"),
+        model_s=meta.get("model_s"), usage=meta.get("usage"), error=meta.get("error"),
         cancel_requested=bool(conn.exists(keys.CANCEL_KEY.format(job.id))), owner=job_owner(job),
     )
     if state.status == "queued":
