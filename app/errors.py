@@ -82,6 +82,10 @@ class Forbidden(ApiError):
     code = "forbidden"
 
 
+class PriorityNotAllowed(Forbidden):
+    code = "priority_not_allowed"
+
+
 class PayloadTooLarge(ApiError):
     code = "payload_too_large"
 

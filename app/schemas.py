@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.jobs.lanes import Lane
 from app.jobs.states import JobStatus
 
 MAX_SEED = 2**32 - 1
@@ -55,6 +56,9 @@ class GenerateRequest(BaseModel):
                                 + MODEL_DEFAULT.format(DEFAULT_SAMPLING["top_p"]))
     temperature: float | None = Field(None, gt=0.0, le=5.0, description="Sampling temperature."
                                       + MODEL_DEFAULT.format(DEFAULT_SAMPLING["temperature"]))
+    priority: Lane = Field("normal", description="Lane of the job: workers take `high` jobs first, then `normal`, "
+                           "then `low` (a lower lane's job still ends `expired` at its deadline). Which API keys "
+                           "may use `high` is the setting STAR_HIGH_PRIORITY_KEYS (others get 403).")
     # webhooks (checked further by app.webhook_targets.check_webhook: scheme, credentials, public host)
     webhook_url: str | None = Field(None, max_length=2048, description="http(s) URL POSTed a signed JSON event "
                                     "when the job ends (docs/api.md#webhooks); its host must resolve to public "
@@ -128,6 +132,7 @@ class JobParameters(BaseModel):
     top_k: int | None = Field(None, description=RESOLVED)
     top_p: float | None = Field(None, description=RESOLVED)
     temperature: float | None = Field(None, description=RESOLVED)
+    priority: Lane = Field("normal", description="The lane the job was queued in.")
 
 
 class SamplingDefaults(BaseModel):
@@ -165,6 +170,28 @@ class JobError(BaseModel):
     message: str
 
 
+class Usage(BaseModel):
+    """What jobs used (one succeeded job, or a key's jobs over a period)."""
+
+    jobs: int = Field(1, description="Succeeded jobs counted.")
+    images: int = Field(description="Images made.")
+    pixels: int = Field(description="Pixels made: width x height, summed over the images.")
+    model_s: float = Field(description="Model seconds: each job's share of the wall time of the model call it ran "
+                           "in, split by images (the call's time x the job's images / the call's images).")
+
+
+class KeyUsage(BaseModel):
+    key: str = Field(description="The API key's name (`anonymous`: jobs of a server without API keys).")
+    totals: Usage = Field(description="Since the key's first job.")
+    days: dict[str, Usage] = Field(description="Per UTC day (YYYY-MM-DD) of the period asked, days with usage "
+                                   "only, oldest first.")
+
+
+class UsageReport(BaseModel):
+    days: int = Field(description="The period covered by `days` of each key: this many UTC days, today included.")
+    keys: list[KeyUsage] = Field(description="The caller's own key; for an admin key, every key with usage.")
+
+
 class JobView(BaseModel):
     id: str
     status: JobStatus
@@ -176,6 +203,7 @@ class JobView(BaseModel):
     request: JobParameters
     images: list[ImageOut] | None = None
     prompt_truncated: bool | None = Field(None, description="The prompt had more than 77 CLIP tokens.")
+    usage: Usage | None = Field(None, description="Once succeeded: what the job is charged (GET /usage).")
     error: JobError | None = None
 
 
@@ -199,11 +227,19 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class LaneOut(BaseModel):
+    queue: str = Field(description="The lane's RQ queue.")
+    queue_depth: int = Field(description="Jobs waiting in this lane.")
+    oldest_wait_s: float = Field(description="How long the job at the front of this lane has waited (0: none waits).")
+
+
 class ModelOut(BaseModel):
     name: str
     size: int
-    queue: str
-    queue_depth: int
+    queue: str = Field(description="The model's normal-lane RQ queue (`star-<model>`).")
+    queue_depth: int = Field(description="Jobs waiting for this model, all lanes together.")
+    lanes: dict[Lane, LaneOut] = Field(default_factory=dict, description="Depth and wait per lane: high, "
+                                       "normal, low (workers take them in that order).")
     workers: int
     states: dict[str, int]
     max_batch: int

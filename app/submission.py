@@ -8,10 +8,12 @@ import uuid
 
 from app import auth
 from app.context import Context
-from app.errors import IdempotencyConflict, JobConflict, NoWorker, QueueFull, SizeNotServed, TooManyJobs
+from app.errors import (IdempotencyConflict, JobConflict, NoWorker, PriorityNotAllowed, QueueFull, SizeNotServed,
+                        TooManyJobs)
 from app.jobs import admission, submit as protocol
 from app.jobs.workers import model_for_size, served_sizes
 from app.schemas import GenerateRequest
+from app.settings import allowed_high_priority
 
 log = logging.getLogger("app")
 
@@ -20,6 +22,7 @@ def submit(ctx: Context, body: GenerateRequest, idempotency_key: str | None) -> 
     """(job id, queue position); the position is None for the job of an earlier request with the
     same Idempotency-Key."""
     name, job_id = auth.current_key.get(), str(uuid.uuid4())
+    check_priority(ctx, body, name)
     if idempotency_key is not None:
         earlier = _claim_idempotency(ctx, name, idempotency_key, body, job_id)
         if earlier is not None:
@@ -30,6 +33,13 @@ def submit(ctx: Context, body: GenerateRequest, idempotency_key: str | None) -> 
         if idempotency_key is not None:
             admission.forget_idempotency(ctx.redis, name, idempotency_key, job_id)
         raise
+
+
+def check_priority(ctx: Context, body: GenerateRequest, name: str) -> None:
+    """PriorityNotAllowed (403) when this API key may not queue `high` jobs."""
+    if body.priority == "high" and not allowed_high_priority(ctx.settings.high_priority_keys, name):
+        raise PriorityNotAllowed("this API key may not use priority `high` (the operator lists the keys that may "
+                                 "in STAR_HIGH_PRIORITY_KEYS); send `normal` or `low`", field="priority")
 
 
 def _claim_idempotency(ctx: Context, name: str, key: str, body: GenerateRequest, job_id: str) -> str | None:
@@ -49,7 +59,7 @@ def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) ->
     """Admit and enqueue a new job (per-key slot, then the queue limit); its queue position."""
     settings = ctx.settings
     model, size = choose_model(ctx, body.size)
-    params = body.model_dump(exclude={"webhook_url", "webhook_events"})   # what the model runs with
+    params = body.model_dump(exclude={"webhook_url", "webhook_events", "priority"})   # what the model runs with
     webhook = {"url": body.webhook_url, "events": body.webhook_events or ["final"]} if body.webhook_url else None
     params["size"] = size
     if params["seed"] is None:
@@ -64,15 +74,16 @@ def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) ->
         accepted = protocol.enqueue(ctx.redis, params, model, deadline_s=settings.job_deadline_s,
                              result_ttl=settings.result_ttl_s, failure_ttl=settings.failure_ttl_s,
                              queue_limit=settings.queue_limit, job_id=job_id,
-                             api_key=name if ctx.keys.enabled else None, webhook=webhook)
+                             api_key=name if ctx.keys.enabled else None, webhook=webhook,
+                             priority=body.priority)
     except BaseException:
         admission.release_slot(ctx.redis, name, job_id)
         raise
     if accepted is None:
         admission.release_slot(ctx.redis, name, job_id)
-        raise QueueFull(f"the queue of model {model} is full ({settings.queue_limit} jobs); retry later",
+        raise QueueFull(f"the queue of model {model} is full ({settings.queue_limit} jobs, all lanes); retry later",
                         headers={"Retry-After": str(settings.retry_after_s)})
-    log.info("queued job %s on %s (%d x %dpx)", job_id, model, params["n"], size)
+    log.info("queued job %s on %s, lane %s (%d x %dpx)", job_id, model, body.priority, params["n"], size)
     return accepted[1]
 
 

@@ -45,6 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, help="top-k sampling, 0 = off (default: the model's)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling, 0 = off (default: the model's)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (default: the model's)")
+    parser.add_argument("--priority", choices=("high", "normal", "low"), help="the job's lane: workers take high "
+                        "jobs first, then normal (the default), then low; high only for the API keys the "
+                        "server allows (STAR_HIGH_PRIORITY_KEYS)")
     parser.add_argument("--server", help="base URL of the API (default: $STAR_SERVER or http://localhost:8000)")
     parser.add_argument("--api-key", help="API key, sent as a Bearer token (default: $STAR_API_KEY; "
                         "prefer the variable, command lines are visible to other users)")
@@ -137,7 +140,7 @@ def _generate(client, args: argparse.Namespace, paths: list[Path], progress: Pro
 
     options = {"negative_prompt": args.negative_prompt, "size": args.size, "n": args.n, "seed": args.seed,
                "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
-               "temperature": args.temperature, "webhook_url": args.webhook_url,
+               "temperature": args.temperature, "priority": args.priority, "webhook_url": args.webhook_url,
                "webhook_events": args.webhook_events}
     started = time.monotonic()
     try:

@@ -1,8 +1,9 @@
 """`worker.main:main` (`star worker`, `python -m worker`): load the model once, warm up, then take
-jobs from the model's queue in batches until SIGTERM/SIGINT: take no more jobs, finish the batch
-within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0. The stop is bounded
-whatever Redis does (worker.stopping): a second signal, or Redis still unreachable 10 s after the
-grace, and the jobs not recorded are left for the reaper; a process still hung 5 s later exits 4.
+jobs from the model's lane queues (highest lane first) in batches until SIGTERM/SIGINT: take no
+more jobs, finish the batch within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0.
+The stop is bounded whatever Redis does (worker.stopping): a second signal, or Redis still
+unreachable 10 s after the grace, and the jobs not recorded are left for the reaper; a process
+still hung 5 s later exits 4.
 
 States: starting (loading, warming up) -> ready <-> busy -> draining -> gone; `failed` if the
 model cannot be loaded (exit 1) or a device error left the device unusable (its jobs go back to
@@ -17,6 +18,7 @@ import os
 import signal
 import socket
 
+from app.jobs.lanes import lane_names
 from app.jobs.rq_adapter import connect, queue_name
 from app.jobs.workers import WorkerEntry
 from app.storage import Storage
@@ -147,7 +149,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     log.info("worker %s: model %s (%dpx) on %s; queue %s; batches of up to %d images, %d ms wait; "
              "sampling defaults %s", entry.name, pipeline.name, pipeline.image_size, entry.device, entry.queue,
              settings.max_batch, settings.max_wait_ms, entry.sampling)
-    return BatchWorker(entry.queue, connection=conn, name=entry.name, runner=runner, publisher=publisher,
+    return BatchWorker(lane_names(entry.queue), connection=conn, name=entry.name, runner=runner, publisher=publisher,
                        health=health, sampling=entry.sampling, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                        result_ttl=settings.result_ttl_s, deadline_s=settings.worker_deadline_s,
                        max_requeues=settings.max_requeues)

@@ -45,7 +45,8 @@ class Work:
 class Succeeded:
     job_id: str
     results: list[ImageResult]   # one per image, seed order
-    model_s: float
+    model_s: float               # wall time of the model call it ran in
+    call_images: int = 0         # images that call started with (its share of model_s: usage)
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,11 @@ class BatchRunner:
             raise RuntimeError(f"the pipeline returned {len(results)} results for {len(requests)} requests")
         self.metrics.observe_batch(len(batch), len(results), model_s)
         self.metrics.observe_gpu_memory(getattr(self.pipeline, "device", "cpu"))
-        return [self._outcome(work.job_id, [results[i] for i in rows[work.job_id]], stopped, model_s)
+        return [self._outcome(work.job_id, [results[i] for i in rows[work.job_id]], stopped, model_s, len(requests))
                 for work in batch]
 
     @staticmethod
-    def _outcome(job_id: str, results: list, stopped: dict[str, str], model_s: float) -> Outcome:
+    def _outcome(job_id: str, results: list, stopped: dict[str, str], model_s: float, call_images: int) -> Outcome:
         too_large = next((r for r in results if isinstance(r, DoesNotFit)), None)
         if stopped.get(job_id) == "lost":
             return Released(job_id, "lost")
@@ -121,7 +122,7 @@ class BatchRunner:
             return Canceled(job_id)
         if too_large is not None:
             return Failed(job_id, "out_of_memory", too_large.message)
-        return Succeeded(job_id, results, model_s)
+        return Succeeded(job_id, results, model_s, call_images)
 
     def _generate(self, requests: list, on_scale, start: int = 0) -> list:
         """The model call; out of device memory, the requests are split in halves and each half

@@ -146,7 +146,7 @@ def test_generate_queues_a_job_and_reports_it(client, conn):
     # sampling fields left out are the model's defaults, known once a worker starts the job
     assert request | {"seed": 0} == {"prompt": PROMPT["prompt"], "negative_prompt": "", "size": 512, "n": 2,
                                      "seed": 0, "guidance_scale": None, "top_k": None, "top_p": None,
-                                     "temperature": None}
+                                     "temperature": None, "priority": "normal"}
     assert view["timings"]["queued_at"] and view["timings"]["started_at"] is None
     assert view["images"] is None and view["error"] is None
 
@@ -214,7 +214,9 @@ def test_health_readiness_and_models(client, conn):
     models = client.get("/models").json()
     assert models["sizes"] == [256, 512] and models["default_size"] == 512
     tiny = next(m for m in models["models"] if m["name"] == "tiny")
-    assert tiny == {"name": "tiny", "size": 256, "queue": "star-tiny", "queue_depth": 0, "workers": 2,
+    lanes = {lane: {"queue": queue, "queue_depth": 0, "oldest_wait_s": 0.0} for lane, queue in
+             [("high", "star-tiny@high"), ("normal", "star-tiny"), ("low", "star-tiny@low")]}
+    assert tiny == {"name": "tiny", "size": 256, "queue": "star-tiny", "queue_depth": 0, "lanes": lanes, "workers": 2,
                     "states": {"busy": 1, "ready": 1}, "max_batch": 8, "sampling": defaults, "example_prompts": []}
     assert next(m for m in models["models"] if m["name"] == "star-512")["sampling"] is None   # not loaded yet
 

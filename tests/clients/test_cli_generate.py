@@ -213,3 +213,21 @@ def test_on_a_terminal_the_progress_is_one_line_redrawn_in_place():
     line.end()
     assert stream.getvalue().split("\r")[1:] == [
         "queued: 2 jobs ahead", "[############............] scale 5/10", "[########################] scale 10/10\n"]
+
+
+def test_priority_is_sent_when_given_and_a_refusal_exits_2(tmp_path, capsys):
+    bodies = []
+
+    def handler(request):
+        bodies.append(json.loads(request.content))
+        if bodies[-1].get("priority") == "high":
+            return httpx.Response(403, json={"error": {"code": "priority_not_allowed", "field": "priority",
+                                                       "message": "this API key may not use priority `high`"}})
+        return httpx.Response(500, json={"error": {"code": "stop", "message": "x", "field": None}})
+    run_mocked(handler, tmp_path, "--priority", "low")
+    assert run_mocked(handler, tmp_path, "--priority", "high") == 2
+    assert bodies[0]["priority"] == "low" and bodies[-1]["priority"] == "high"
+    assert "may not use priority `high`" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args(["generate", "a fox", "--priority", "urgent"])
+    assert caught.value.code == 2

@@ -192,3 +192,18 @@ def test_the_api_key_comes_from_the_environment_and_stays_on_our_server(monkeypa
     star.download("https://cdn.example/images/abc.png")
     assert seen[0].headers["authorization"] == "Bearer from-env"
     assert "authorization" not in seen[1].headers
+
+
+def test_priority_is_sent_reported_and_refused_as_the_server_says(idle_api):
+    with StarClient(idle_api.url) as star:
+        low = star.submit("a lighthouse", priority="low")
+        normal = star.submit("a lighthouse")
+        assert star.get(low.id).request.priority == "low" and star.get(normal.id).request.priority == "normal"
+        assert star.get(low.id).queue_position == 1   # behind the normal job
+        (model,) = star.models().models
+        assert model.queue_depth == 2 and list(model.lanes) == ["high", "normal", "low"]
+        assert model.lanes["low"].queue_depth == 1 and model.lanes["low"].queue == "star-tiny@low"
+        with pytest.raises(StarRequestError) as caught:
+            star.submit("a lighthouse", priority="high")   # the server allows `high` to no key by default
+        assert caught.value.status == 403 and caught.value.code == "priority_not_allowed"
+        assert caught.value.field == "priority"

@@ -198,7 +198,7 @@ def test_rq_sees_the_worker_and_its_counts(conn, settings):
     enqueue(conn, params("boom"))
     run(settings, pipeline=pipe, burst=True)
     assert [w.name for w in seen] == ["w-test"] and seen[0].get_state() == "busy"
-    assert seen[0].queue_names() == ["star-noop-64"]
+    assert seen[0].queue_names() == ["star-noop-64@high", "star-noop-64", "star-noop-64@low"]   # lanes, in order
     info = conn.hgetall("rq:worker:w-test")
     assert int(info[b"successful_job_count"]) == 3 and int(info[b"failed_job_count"]) == 1
 
