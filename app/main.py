@@ -223,7 +223,8 @@ def _add_service_routes(app: FastAPI, ctx: Context) -> None:
              responses=errors(401, 429, 503))
     def models() -> ModelsOut:
         """Models and sizes served by live workers (the default size is the largest), with each
-        model's sampling defaults: what a request that leaves those fields out runs with."""
+        model's sampling defaults (what a request that leaves those fields out runs with) and
+        whether it has a sampler head (what sampler `head` needs and `auto` uses)."""
         return _models(ctx)
 
     @app.get("/metrics", tags=["service"], response_class=Response, responses=errors(503))
@@ -243,8 +244,9 @@ def _models(ctx: Context) -> ModelsOut:
         for e in entries:
             states[e.state] = states.get(e.state, 0) + 1
         sampling = next((e.sampling for e in entries if e.sampling), None)
+        head = next((e.sampler_head for e in entries if e.sampler_head is not None), None)
         out.append(ModelOut(name=model, size=size, queue=queue_name(model), workers=len(entries),
                             queue_depth=read.queue_depth(ctx.redis, model), states=states,
-                            max_batch=max(e.max_batch for e in entries), sampling=sampling))
+                            max_batch=max(e.max_batch for e in entries), sampling=sampling, sampler_head=head))
     sizes = served_sizes(e for es in groups.values() for e in es)
     return ModelsOut(models=out, sizes=sizes, default_size=max(sizes) if sizes else None)

@@ -69,6 +69,9 @@ class JobParameters:
     top_k: int | None = None
     top_p: float | None = None
     temperature: float | None = None
+    # auto, head or plain as asked while queued; once started, the one that runs: "head" or "plain"
+    # (None from a server older than the sampler choice)
+    sampler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class ModelInfo:
     states: dict[str, int]
     max_batch: int
     sampling: dict[str, float] | None = None   # the model's defaults: guidance_scale, top_k, top_p, temperature
+    sampler_head: bool | None = None   # the model has a sampler head (sampler "head"; "auto" uses it)
 
 
 @dataclass(frozen=True)

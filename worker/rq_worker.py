@@ -60,7 +60,7 @@ class BatchWorker(RedisTolerant):
                          default_result_ttl=result_ttl)
         self.runner, self.publisher, self.health = runner, publisher, health
         self.metrics = runner.metrics
-        self.sampling = sampling                    # the model's defaults for fields a request left out
+        self.sampling = sampling                    # the model's defaults for fields a request left out (+ sampler)
         self.deadline_s = deadline_s
         self.max_requeues = max_requeues
         self.fatal: BaseException | None = None   # a device error: the process must be replaced
