@@ -26,7 +26,7 @@ FILTERS = {"none": 0, "sub": 1, "up": 2, "average": 3, "paeth": 4}   # PNG filte
 
 
 def png_text(params: dict, seed: int, model: str) -> dict[str, str]:
-    """The text chunks of one image: its own seed (seed + i), and the whole request as JSON."""
+    """The text chunks of one image: its own seed (app.schemas.image_seed), and the whole request as JSON."""
     values = {**params, "seed": seed, "model": model}
     text = {key: str(values[key]) for key in TEXT_KEYS if key in values}
     parameters = {key: values[key] for key in TEXT_KEYS if key in values}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from app.schemas import DEFAULT_SAMPLING, SAMPLING_FIELDS, GenerateRequest, allowed_range
+from app.schemas import DEFAULT_SAMPLING, SAMPLING_FIELDS, GenerateRequest, allowed_range, image_seed
 from model.request import ImageRequest, resolve_sampler
 
 MODEL_NAMES = {"guidance_scale": "cfg", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature"}
@@ -20,10 +20,12 @@ API_NAMES = {model: api for api, model in MODEL_NAMES.items()}
 
 
 def image_requests(params: dict) -> list[ImageRequest]:
-    """The n model requests of one job (every sampling field filled): image i uses seed + i."""
+    """The n model requests of one job (every sampling field filled): image i uses
+    image_seed(seed, i), (seed + i) mod 2^32."""
     sampling = {MODEL_NAMES[name]: params[name] for name in SAMPLING_FIELDS}
-    return [ImageRequest(prompt=params["prompt"], seed=params["seed"] + i, negative_prompt=params["negative_prompt"],
-                         sampler=params.get("sampler"), **sampling) for i in range(params["n"])]
+    return [ImageRequest(prompt=params["prompt"], seed=image_seed(params["seed"], i),
+                         negative_prompt=params["negative_prompt"], sampler=params.get("sampler"), **sampling)
+            for i in range(params["n"])]
 
 
 def has_sampler_head(pipeline: object) -> bool:
