@@ -46,6 +46,10 @@ class SizeNotServed(InvalidRequest):
     code = "size_not_served"
 
 
+class SamplerNotAvailable(InvalidRequest):
+    code = "sampler_not_available"
+
+
 class JobNotFound(ApiError):
     code = "not_found"
 

@@ -293,8 +293,9 @@ def _add_service_routes(app: FastAPI, ctx: Context) -> None:
              responses=errors(401, 429, 503))
     def models() -> ModelsOut:
         """Models and sizes served by live workers (the default size is the largest), with each
-        model's sampling defaults (what a request that leaves those fields out runs with) and its
-        queue depth and wait per lane."""
+        model's sampling defaults (what a request that leaves those fields out runs with), whether it
+        has a sampler head (what sampler `head` needs and `auto` uses) and its queue depth and wait
+        per lane."""
         return _models(ctx)
 
     @app.get("/metrics", tags=["service"], response_class=Response, responses=errors(503))
@@ -315,12 +316,13 @@ def _models(ctx: Context) -> ModelsOut:
             states[e.state] = states.get(e.state, 0) + 1
         sampling = next((e.sampling for e in entries if e.sampling), None)
         examples = next((e.example_prompts for e in entries if e.example_prompts), [])
+        head = next((e.sampler_head for e in entries if e.sampler_head is not None), None)
         lanes = {lane: LaneOut(queue=lane_queue_name(model, lane), queue_depth=stats.depth,
                                oldest_wait_s=stats.oldest_wait_s)
                  for lane, stats in read.lane_stats(ctx.redis, model).items()}
         out.append(ModelOut(name=model, size=size, queue=queue_name(model), workers=len(entries),
                             queue_depth=sum(lane.queue_depth for lane in lanes.values()), lanes=lanes,
                             states=states, max_batch=max(e.max_batch for e in entries), sampling=sampling,
-                            example_prompts=examples))
+                            example_prompts=examples, sampler_head=head))
     sizes = served_sizes(e for es in groups.values() for e in es)
     return ModelsOut(models=out, sizes=sizes, default_size=max(sizes) if sizes else None)

@@ -9,12 +9,13 @@ Sampling fields (guidance_scale, top_k, top_p, temperature) left out of a reques
 worker that runs the job fills them once, when it starts the job, from its model's defaults (the
 model directory's config.json "sampling" block over DEFAULT_SAMPLING, worker/sampling.py), and the
 job then reports the values it used. These API names are the service's one sampling vocabulary.
+So does `sampler`: "auto" (its default, declared here once) becomes "head" or "plain" when a
+worker starts the job, as its model has a sampler head or not.
 """
 from __future__ import annotations
 
 from datetime import datetime
-
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,6 +36,13 @@ SAMPLING_FIELDS = ("guidance_scale", "top_k", "top_p", "temperature")
 # model.request.OFFICIAL_SAMPLING is the same numbers under the model's names (tests/worker/test_units.py).
 DEFAULT_SAMPLING: dict[str, float | int] = {"guidance_scale": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
 MODEL_DEFAULT = " Default: the model's (GET /models), else {}."
+# How an image's late scales are sampled: model.request.SAMPLERS under the same names (kept equal by
+# tests/worker/test_units.py). "auto": the sampler head where the model has one, else "plain".
+Sampler = Literal["auto", "head", "plain"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+SAMPLER_HELP = ("Sampler: `auto` (the model's sampler head where it has one, else plain), `head` (causal-driven "
+                "stable sampling; only models with a sampler head, see `sampler_head` in GET /models) or `plain` "
+                "(every scale drawn at once).")
 
 
 class GenerateRequest(BaseModel):
@@ -56,6 +64,7 @@ class GenerateRequest(BaseModel):
                                 + MODEL_DEFAULT.format(DEFAULT_SAMPLING["top_p"]))
     temperature: float | None = Field(None, gt=0.0, le=5.0, description="Sampling temperature."
                                       + MODEL_DEFAULT.format(DEFAULT_SAMPLING["temperature"]))
+    sampler: Sampler = Field("auto", description=SAMPLER_HELP)
     priority: Lane = Field("normal", description="Lane of the job: workers take `high` jobs first, then `normal`, "
                            "then `low` (a lower lane's job still ends `expired` at its deadline). Which API keys "
                            "may use `high` is the setting STAR_HIGH_PRIORITY_KEYS (others get 403).")
@@ -67,6 +76,11 @@ class GenerateRequest(BaseModel):
                                                                      "`webhook_url`: [\"final\"] (the default: the "
                                                                      "job's end) or [\"running\", \"final\"] (also "
                                                                      "each start).")
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _null_sampler_is_auto(cls, value: object) -> object:
+        return "auto" if value is None else value   # null = left out, as for the sampling fields
 
     @field_validator("prompt")
     @classmethod
@@ -91,6 +105,8 @@ def allowed_range(field: str) -> str | None:
         for name in ("ge", "gt", "le", "lt", "min_length", "max_length"):
             if getattr(item, name, None) is not None:
                 bounds[name] = getattr(item, name)
+    if get_origin(info.annotation) is Literal:
+        return "one of " + ", ".join(map(str, get_args(info.annotation)))
     kinds: dict[type | None, str] = {int: "an integer", float: "a number", str: "a string"}
     kind = kinds.get(_base_type(info.annotation), "a value")
     if "min_length" in bounds or "max_length" in bounds:
@@ -132,6 +148,8 @@ class JobParameters(BaseModel):
     top_k: int | None = Field(None, description=RESOLVED)
     top_p: float | None = Field(None, description=RESOLVED)
     temperature: float | None = Field(None, description=RESOLVED)
+    sampler: Sampler = Field("auto", description="As requested while the job is queued; once a worker starts "
+                             "it, the sampler it runs: `head` or `plain` (`auto` resolved for its model).")
     priority: Lane = Field("normal", description="The lane the job was queued in.")
 
 
@@ -247,6 +265,9 @@ class ModelOut(BaseModel):
                                               "worker has loaded it).")
     example_prompts: list[str] = Field(default_factory=list, description="Prompts this model draws well, from "
                                        "its config.json (empty when it names none, or until a worker has loaded it).")
+    sampler_head: bool | None = Field(None, description="Whether the model has a sampler head (causal-driven "
+                                      "stable sampling): requests may ask for sampler `head`, and `auto` uses it. "
+                                      "Null until a worker has loaded the model.")
 
 
 class ModelsOut(BaseModel):

@@ -1,5 +1,6 @@
-"""POST /generate's way into the queue: Idempotency-Key, per-key job slot, model choice, admit and
-enqueue (app.jobs), with the protocol's refusals turned into the API's errors (app.errors)."""
+"""POST /generate's way into the queue: Idempotency-Key, per-key job slot, model choice (by size, and
+a sampler head for sampler "head", from the worker registry), admit and enqueue (app.jobs), with
+the protocol's refusals turned into the API's errors (app.errors)."""
 from __future__ import annotations
 
 import logging
@@ -8,10 +9,11 @@ import uuid
 
 from app import auth
 from app.context import Context
-from app.errors import (IdempotencyConflict, JobConflict, NoWorker, PriorityNotAllowed, QueueFull, SizeNotServed,
+from app.errors import (IdempotencyConflict, JobConflict, NoWorker, PriorityNotAllowed, QueueFull,
+                        SamplerNotAvailable, SizeNotServed,
                         TooManyJobs)
 from app.jobs import admission, submit as protocol
-from app.jobs.workers import model_for_size, served_sizes
+from app.jobs.workers import WorkerEntry, model_for_size, served_sizes
 from app.schemas import GenerateRequest
 from app.settings import allowed_high_priority
 
@@ -58,7 +60,7 @@ def _claim_idempotency(ctx: Context, name: str, key: str, body: GenerateRequest,
 def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) -> int:
     """Admit and enqueue a new job (per-key slot, then the queue limit); its queue position."""
     settings = ctx.settings
-    model, size = choose_model(ctx, body.size)
+    model, size = choose_model(ctx, body.size, body.sampler)
     params = body.model_dump(exclude={"webhook_url", "webhook_events", "priority"})   # what the model runs with
     webhook = {"url": body.webhook_url, "events": body.webhook_events or ["final"]} if body.webhook_url else None
     params["size"] = size
@@ -87,14 +89,28 @@ def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) ->
     return accepted[1]
 
 
-def choose_model(ctx: Context, size: int | None) -> tuple[str, int]:
+def choose_model(ctx: Context, size: int | None, sampler: str = "auto") -> tuple[str, int]:
+    """(model, size) for a request: the size asked, else the largest served (with sampler "head",
+    the largest served by a model with a sampler head); 422 when no model serves it as asked."""
     entries = ctx.workers.get(size)
     sizes = served_sizes(entries)
     if not sizes:
         raise NoWorker("no live worker serves any model; start a worker (star worker) and retry")
-    size = size or max(sizes)
+    head = sampler == "head"
+    size = size or max(served_sizes(entries, sampler_head=head) or sizes)
+    model = model_for_size(entries, size, sampler_head=head)
+    if model is not None:
+        return model, size
+    if head and size in sizes:
+        raise SamplerNotAvailable(_no_head_message(entries, size), field="sampler")
+    served = ", ".join(map(str, sizes))
+    raise SizeNotServed(f"size {size} is not served; served sizes: {served}", field="size")
+
+
+def _no_head_message(entries: list[WorkerEntry], size: int) -> str:
     model = model_for_size(entries, size)
-    if model is None:
-        served = ", ".join(map(str, sizes))
-        raise SizeNotServed(f"size {size} is not served; served sizes: {served}", field="size")
-    return model, size
+    with_head = served_sizes(entries, sampler_head=True)
+    where = (f"sizes served by a model with one: {', '.join(map(str, with_head))}" if with_head
+             else "no served model has one")
+    return (f"sampler 'head' needs a model with a sampler head; {model} (size {size}) has none ({where}; "
+            "GET /models shows `sampler_head`). Use sampler 'auto' or 'plain', or another size")

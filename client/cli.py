@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 EXIT_OK, EXIT_BAD_REQUEST, EXIT_SERVER, EXIT_TIMEOUT, EXIT_JOB, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
+SAMPLERS = ("auto", "head", "plain")   # POST /generate's `sampler` (checked again by the server)
 HELP = "Generate images on a running STAR server and save them as PNGs (see `star generate --help`)."
 
 
@@ -45,6 +46,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, help="top-k sampling, 0 = off (default: the model's)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling, 0 = off (default: the model's)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (default: the model's)")
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help="auto (default: the model's sampler head where it has one, else plain), head "
+                        "(causal-driven stable sampling; only models with a sampler head) or plain")
     parser.add_argument("--priority", choices=("high", "normal", "low"), help="the job's lane: workers take high "
                         "jobs first, then normal (the default), then low; high only for the API keys the "
                         "server allows (STAR_HIGH_PRIORITY_KEYS)")
@@ -140,7 +144,8 @@ def _generate(client, args: argparse.Namespace, paths: list[Path], progress: Pro
 
     options = {"negative_prompt": args.negative_prompt, "size": args.size, "n": args.n, "seed": args.seed,
                "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
-               "temperature": args.temperature, "priority": args.priority, "webhook_url": args.webhook_url,
+               "temperature": args.temperature, "sampler": args.sampler, "priority": args.priority,
+               "webhook_url": args.webhook_url,
                "webhook_events": args.webhook_events}
     started = time.monotonic()
     try:
@@ -178,10 +183,12 @@ def _generate(client, args: argparse.Namespace, paths: list[Path], progress: Pro
     except StarError as exc:
         return _report(exc, client.server)
     t, r = job.timings, job.request
-    ran = (f"; guidance {r.guidance_scale:g}, top-k {r.top_k}, top-p {r.top_p:g}, temperature {r.temperature:g}"
-           if None not in (r.guidance_scale, r.top_k, r.top_p, r.temperature) else "")
+    ran = ([f"guidance {r.guidance_scale:g}, top-k {r.top_k}, top-p {r.top_p:g}, temperature {r.temperature:g}"]
+           if None not in (r.guidance_scale, r.top_k, r.top_p, r.temperature) else [])
+    ran += [f"sampler {r.sampler}"] if r.sampler else []
     _note(args, f"star generate: job {job.id} on {job.model}: queue wait {_s(t.queue_wait_s)}, model "
-                f"{_s(t.model_s)}, total {_s(t.total_s)} (with downloads {time.monotonic() - started:.2f}s){ran}")
+                f"{_s(t.model_s)}, total {_s(t.total_s)} (with downloads {time.monotonic() - started:.2f}s)"
+                + "".join(f"; {part}" for part in ran))
     return EXIT_OK
 
 

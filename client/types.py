@@ -69,6 +69,9 @@ class JobParameters:
     top_k: int | None = None
     top_p: float | None = None
     temperature: float | None = None
+    # auto, head or plain as asked while queued; once started, the one that runs: "head" or "plain"
+    # (None from a server older than the sampler choice)
+    sampler: str | None = None
     priority: str = "normal"     # the lane it was queued in: high, normal, low
 
 
@@ -170,6 +173,7 @@ class ModelInfo:
     max_batch: int
     sampling: dict[str, float] | None = None   # the model's defaults: guidance_scale, top_k, top_p, temperature
     lanes: dict[str, LaneInfo] | None = None   # high, normal, low (None from servers without lanes)
+    sampler_head: bool | None = None   # the model has a sampler head (sampler "head"; "auto" uses it)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ModelInfo":

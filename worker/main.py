@@ -30,7 +30,7 @@ from worker.noop import NoopPipeline
 from worker.publish import Publisher
 from worker.rq_worker import BatchWorker
 from worker.runner import BatchRunner
-from worker.sampling import model_defaults
+from worker.sampling import has_sampler_head, job_defaults, model_defaults
 from worker.settings import WorkerSettings
 from worker.speed import prepare_model
 
@@ -139,6 +139,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     entry.device = str(getattr(pipeline, "device", ""))
     entry.sampling = model_defaults(pipeline)   # what requests without sampling fields get
     entry.example_prompts = list(getattr(pipeline, "example_prompts", None) or [])   # shown by GET /models
+    entry.sampler_head = has_sampler_head(pipeline)   # whether requests may ask for sampler "head"
     metrics.info.info({"model": pipeline.name, "size": str(pipeline.image_size), "device": entry.device,
                        "max_batch": str(settings.max_batch), "max_wait_ms": str(settings.max_wait_ms)})
     health.publish()
@@ -147,10 +148,11 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     if settings.warmup:
         runner.warm_up(entry.sampling)
     log.info("worker %s: model %s (%dpx) on %s; queue %s; batches of up to %d images, %d ms wait; "
-             "sampling defaults %s", entry.name, pipeline.name, pipeline.image_size, entry.device, entry.queue,
-             settings.max_batch, settings.max_wait_ms, entry.sampling)
+             "sampling defaults %s; sampler head: %s", entry.name, pipeline.name, pipeline.image_size, entry.device,
+             entry.queue, settings.max_batch, settings.max_wait_ms, entry.sampling,
+             "yes (sampler auto = head)" if entry.sampler_head else "no (sampler auto = plain)")
     return BatchWorker(lane_names(entry.queue), connection=conn, name=entry.name, runner=runner, publisher=publisher,
-                       health=health, sampling=entry.sampling, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                       health=health, sampling=job_defaults(pipeline), max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                        result_ttl=settings.result_ttl_s, deadline_s=settings.worker_deadline_s,
                        max_requeues=settings.max_requeues)
 

@@ -67,7 +67,7 @@ class BatchWorker(RedisTolerant):
         self.by_name = {queue.name: queue for queue in self.queues}
         self.runner, self.publisher, self.health = runner, publisher, health
         self.metrics = runner.metrics
-        self.sampling = sampling                    # the model's defaults for fields a request left out
+        self.sampling = sampling                    # the model's defaults for fields a request left out (+ sampler)
         self.deadline_s = deadline_s
         self.max_requeues = max_requeues
         self.fatal: BaseException | None = None   # a device error: the process must be replaced

@@ -7,8 +7,9 @@ the API and a rescue by the reaper: if the job is no longer queued (canceled, or
 gone) it is dropped; if it waited past its deadline it ends as expired without running. Starting
 writes what RQ's own worker writes (execution record, StartedJobRegistry, heartbeats, status
 `started`) plus a fresh owner token (OWNER_FIELD): from now on this attempt alone may record the
-job's progress and outcome (the fence: app.jobs.release). Request fields left out (None) get the
-model's defaults here, once; meta `sampling` records the values that run (GET /jobs/{id}).
+job's progress and outcome (the fence: app.jobs.release). Request fields left out (None, or
+"auto": the sampler) get the model's defaults here, once; meta `sampling` records the values that
+run (GET /jobs/{id}).
 """
 from __future__ import annotations
 
@@ -54,9 +55,13 @@ def job_images(job: Job) -> int:
     return int((job.meta or {}).get("images") or job.kwargs.get("n", 1))
 
 
+UNSET = (None, "auto")   # a request field left to the model: absent, null, or "auto" (the sampler)
+
+
 def with_defaults(params: dict, defaults: dict) -> dict:
-    """params with every field of `defaults` that is absent or None taken from it (explicit values win)."""
-    return {**params, **{name: value for name, value in defaults.items() if params.get(name) is None}}
+    """params with every field of `defaults` that is absent, None or "auto" taken from it (explicit
+    values win)."""
+    return {**params, **{name: value for name, value in defaults.items() if params.get(name) in UNSET}}
 
 
 def pull(worker: BaseWorker, queues: list[Queue], timeout_s: float) -> Job | None:

@@ -24,8 +24,10 @@ def test_generate_saves_pngs_with_their_seeds_and_reports_progress(stack, tmp_pa
     with StarClient(stack.url) as star:
         result = star.generate("a red fox in snow", n=2, seed=7, negative_prompt="fog", poll_s=0.05,
                                on_progress=seen.append)
-        assert star.models().sizes == (256,)
+        models = star.models()
+        assert models.sizes == (256,) and [m.sampler_head for m in models.models] == [False]
     assert result.job.status == "succeeded" and result.job.request.negative_prompt == "fog"
+    assert result.job.request.sampler == "plain"   # auto, on a model without a sampler head
     assert [(i.seed, i.width, i.height) for i in result.images] == [(7, 256, 256), (8, 256, 256)]
     for image in result.images:
         size, text = png_info(image.save(tmp_path / f"{image.seed}.png").read_bytes())
@@ -83,6 +85,9 @@ def test_http_errors_are_typed_and_carry_the_servers_message(stack):
         with pytest.raises(StarRequestError) as caught:
             star.submit("x", size=1024)
         assert caught.value.code == "size_not_served" and "256" in caught.value.message
+        with pytest.raises(StarRequestError) as caught:
+            star.submit("x", sampler="head")           # tiny has no sampler head
+        assert (caught.value.status, caught.value.code, caught.value.field) == (422, "sampler_not_available", "sampler")
         with pytest.raises(StarRequestError) as caught:
             star.get("00000000-0000-4000-8000-000000000000")
         assert caught.value.status == 404
