@@ -87,3 +87,15 @@ def test_training_logits_per_row_are_the_sampling_logits():
     expected = head.logits(e_NlCv, si, text_B1C, h_BlC, rope)
     got = head.logits_per_row(torch.cat((e_NlCv, e_NlCv)), si, text_B1C, h_BlC, (torch.cat((c0, c)), torch.cat((s0, s))))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adherence_scores_with_or_without_the_head(trained, capsys):
+    from training.adherence import main as adherence
+
+    base, out, _ = trained
+    assert adherence([str(out), "--prompts", "1", "--seeds", "0", "--sampler", "plain"]) == 0
+    assert json.loads(capsys.readouterr().out)["sampler"] == "plain"
+    assert adherence([str(out), "--prompts", "1", "--seeds", "0"]) == 0        # auto: the head
+    assert json.loads(capsys.readouterr().out)["sampler"] == "head"
+    assert adherence([str(base), "--prompts", "1", "--seeds", "0", "--sampler", "head"]) == 2
+    assert "needs a model with a sampler head" in capsys.readouterr().err
