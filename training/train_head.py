@@ -67,10 +67,11 @@ def head_data(work: Path, recipe, cfg: StarConfig, base: StarTransformer, text: 
     path = work / "head_data.pt"
     cached = load_ckpt(path)
     from_scale = cfg.sampler_head.from_scale
-    if cached is not None and cached["from_scale"] == from_scale:
-        return cached
-    vae = vae_from(work, recipe, "quant")
     tokens = load_ckpt(work / "tokens.pt")["tokens"]
+    key = {"from_scale": from_scale, "caption_dropout": recipe.caption_dropout, "seed": recipe.seed}
+    if cached is not None and cached.get("key") == key and torch.equal(cached["tokens"], tokens):
+        return cached                    # the same images (tokens), refined scales and dropped captions
+    vae = vae_from(work, recipe, "quant")
     N = tokens.shape[0]
     captions = [shapes.example_spec(recipe.data_seed, i).caption for i in range(N)]
     g = torch.Generator().manual_seed(recipe.seed + 11)
@@ -88,7 +89,7 @@ def head_data(work: Path, recipe, cfg: StarConfig, base: StarTransformer, text: 
         h = teacher_forced_hidden(base, enc.pooled_BD[w], enc.hidden_BTD[w], enc.mask_BT[w], x_in)
         hidden.append(h[:, begin:].clone())
     data = {"tokens": tokens, "hidden": torch.cat(hidden), "which": which, "pooled": enc.pooled_BD,
-            "codebook": vae.quantize.embedding.weight.detach().clone(), "from_scale": from_scale}
+            "codebook": vae.quantize.embedding.weight.detach().clone(), "key": key}
     save_ckpt(path, data)
     return data
 
