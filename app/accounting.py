@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from app.errors import Forbidden
+from app.errors import Forbidden, InvalidRequest
 from app.guards import require_key
 from app.jobs import usage
 from app.schemas import KeyUsage, Usage, UsageReport
 
 MAX_DAYS = 366
+QUERY_PARAMETERS = ("days", "key")
 
 
 def report(entries: list[usage.KeyUsage], days: int) -> UsageReport:
@@ -45,6 +46,10 @@ def create_router() -> APIRouter:
                                     "key's usage (default: every key with usage).")) -> UsageReport:
         """Usage by API key: succeeded jobs, images, pixels and model seconds, in total and per UTC
         day. A key sees its own; an admin key sees every key (docs/api.md#usage)."""
+        unknown = sorted(set(request.query_params) - set(QUERY_PARAMETERS))
+        if unknown:   # a typo such as ?day=7 would otherwise silently report the default 30 days
+            raise InvalidRequest(f"unknown query parameter {unknown[0]!r}: GET /usage takes "
+                                 f"{' and '.join(QUERY_PARAMETERS)}", field=unknown[0])
         ctx = request.app.state.ctx
         return report(usage.read_keys(ctx.redis, keys_to_read(ctx, caller, key), days), days)
 

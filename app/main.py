@@ -137,7 +137,7 @@ async def _reap_forever(ctx: Context) -> None:
 # POST /v1/images/generations answers in OpenAI's error shape (app.openai_compat).
 OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"description": "An error in OpenAI's shape", "content": {"application/json": {"schema": {
     "type": "object", "required": ["error"], "properties": {"error": {"type": "object"}}}}}}
-    for code in (400, 404, 409, 500, 504)}
+    for code in (400, 403, 404, 409, 500, 504)}
 
 
 def _context(settings: ApiSettings) -> Context:

@@ -110,6 +110,7 @@ def test_the_schema_documents_priority(make_client):
     field = schema["components"]["schemas"]["GenerateRequest"]["properties"]["priority"]
     assert field["enum"] == ["high", "normal", "low"] and field["default"] == "normal"
     assert "403" in schema["paths"]["/generate"]["post"]["responses"]
+    assert "403" in schema["paths"]["/v1/images/generations"]["post"]["responses"]   # in OpenAI's error shape
     assert "lanes" in schema["components"]["schemas"]["ModelOut"]["properties"]
     openai_body = schema["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]
     assert openai_body["schema"]["properties"]["priority"]["enum"] == ["high", "normal", "low"]

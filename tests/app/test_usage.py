@@ -113,6 +113,9 @@ def test_an_admin_key_sees_every_key_and_others_only_their_own(api, redis_url, t
     assert refused.status_code == 403 and refused.json()["error"]["field"] == "key"
     assert "STAR_ADMIN_API_KEYS" in refused.json()["error"]["message"]
     assert api.get("/usage", params={"days": 0}, headers=bearer("ops")).status_code == 422
+    typo = api.get("/usage", params={"day": 7}, headers=bearer("ops"))   # not silently the default 30 days
+    assert typo.status_code == 422 and typo.json()["error"]["field"] == "day"
+    assert "takes days and key" in typo.json()["error"]["message"]
     assert api.get("/usage").status_code == 401
 
 
