@@ -76,15 +76,17 @@ class SamplerHead(nn.Module):
         return self.encoder_proj2(pooled_BD.to(dtype))[:, None, :] + self.pos_start_last
 
     def logits(self, e_NlCv: torch.Tensor, si: int, text_B1C: torch.Tensor, h_BlC: torch.Tensor,
-               rope_lc: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [B, l, V] of scale si's positions, rows [conditional N; unconditional N].
+               rope_lc: torch.Tensor, uncond_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits [B, l, V] of scale si's positions, rows [conditional N; unconditional N]
+        (uncond_at: [conditional N; unconditional rows of these images], as fast guidance runs them).
 
         e_NlCv: each image's committed codebook vectors (zero where uncommitted); text_B1C: text_rows;
         h_BlC: the base model's hidden states of this scale; rope_lc: the RoPE table of the 1 + l
         rows (position (0, 0) first)."""
         dtype = self.pos_start_last.dtype
         pos_NlC = self.word_embed_head(e_NlCv.to(dtype)) + self.lvl_embed_2.weight[si]
-        rows_BlC = torch.cat((text_B1C, torch.cat((pos_NlC, pos_NlC))), dim=1)
+        pos_BlC = torch.cat((pos_NlC, pos_NlC if uncond_at is None else pos_NlC[uncond_at]))
+        rows_BlC = torch.cat((text_B1C, pos_BlC), dim=1)
         ctx_BlC = torch.cat((text_B1C, h_BlC.to(dtype)), dim=1)
         x_BlC = self.head_proj(torch.cat((rows_BlC, ctx_BlC), dim=-1))
         for blk in self.feat_extract_blocks:
