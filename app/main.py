@@ -243,8 +243,11 @@ def _models(ctx: Context) -> ModelsOut:
         for e in entries:
             states[e.state] = states.get(e.state, 0) + 1
         sampling = next((e.sampling for e in entries if e.sampling), None)
+        loaded = next((e for e in entries if e.scales), None)
         out.append(ModelOut(name=model, size=size, queue=queue_name(model), workers=len(entries),
                             queue_depth=read.queue_depth(ctx.redis, model), states=states,
-                            max_batch=max(e.max_batch for e in entries), sampling=sampling))
+                            max_batch=max(e.max_batch for e in entries), sampling=sampling,
+                            scales=loaded.scales if loaded else None,
+                            guidance_stop_scale=loaded.guidance_stop_scale if loaded else None))
     sizes = served_sizes(e for es in groups.values() for e in es)
     return ModelsOut(models=out, sizes=sizes, default_size=max(sizes) if sizes else None)

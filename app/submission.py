@@ -8,7 +8,8 @@ import uuid
 
 from app import auth
 from app.context import Context
-from app.errors import IdempotencyConflict, JobConflict, NoWorker, QueueFull, SizeNotServed, TooManyJobs
+from app.errors import (IdempotencyConflict, InvalidRequest, JobConflict, NoWorker, QueueFull, SizeNotServed,
+                        TooManyJobs)
 from app.jobs import admission, submit as protocol
 from app.jobs.workers import model_for_size, served_sizes
 from app.schemas import GenerateRequest
@@ -48,7 +49,8 @@ def _claim_idempotency(ctx: Context, name: str, key: str, body: GenerateRequest,
 def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) -> int:
     """Admit and enqueue a new job (per-key slot, then the queue limit); its queue position."""
     settings = ctx.settings
-    model, size = choose_model(ctx, body.size)
+    model, size, scales = choose_model(ctx, body.size)
+    check_guidance_stop(model, scales, body.guidance_stop_scale)
     params = body.model_dump()
     params["size"] = size
     if params["seed"] is None:
@@ -75,7 +77,17 @@ def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) ->
     return accepted[1]
 
 
-def choose_model(ctx: Context, size: int | None) -> tuple[str, int]:
+def check_guidance_stop(model: str, scales: int | None, stop: int | None) -> None:
+    """guidance_stop_scale must be a scale index of the model (0 .. its number of scales; not
+    checked here while no worker has reported the number: the worker checks it then)."""
+    if stop is not None and scales is not None and stop > scales:
+        raise InvalidRequest(f"guidance_stop_scale must be from 0 to {scales}: model {model} has {scales} scales "
+                             f"(0 = no guidance at all, {scales} = guidance on every scale), got {stop}",
+                             field="guidance_stop_scale")
+
+
+def choose_model(ctx: Context, size: int | None) -> tuple[str, int, int | None]:
+    """(model, size, its number of scales: None while no worker of it has loaded it)."""
     entries = ctx.workers.get(size)
     sizes = served_sizes(entries)
     if not sizes:
@@ -85,4 +97,5 @@ def choose_model(ctx: Context, size: int | None) -> tuple[str, int]:
     if model is None:
         served = ", ".join(map(str, sizes))
         raise SizeNotServed(f"size {size} is not served; served sizes: {served}", field="size")
-    return model, size
+    scales = min((e.scales for e in entries if e.model == model and e.scales), default=None)
+    return model, size, scales

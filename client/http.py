@@ -117,10 +117,13 @@ class StarClient(_Base):
 
     def submit(self, prompt: str, *, negative_prompt: str | None = None, size: int | None = None,
                n: int | None = None, seed: int | None = None, guidance_scale: float | None = None,
-               top_k: int | None = None, top_p: float | None = None, temperature: float | None = None) -> Accepted:
-        """Queue a request (`POST /generate`); None means the server's default."""
+               top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
+               guidance_stop_scale: int | None = None) -> Accepted:
+        """Queue a request (`POST /generate`); None means the server's default. guidance_stop_scale:
+        fast guidance, the first scale sampled without guidance (docs/api.md, "Fast guidance")."""
         body = self._body(prompt, negative_prompt=negative_prompt, size=size, n=n, seed=seed,
-                          guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature)
+                          guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
+                          guidance_stop_scale=guidance_stop_scale)
         response = self._request("POST", "/generate", json=body, headers={"Idempotency-Key": uuid.uuid4().hex})
         return _parse(Accepted, response.json())
 
@@ -220,9 +223,10 @@ class AsyncStarClient(_Base):
     async def submit(self, prompt: str, *, negative_prompt: str | None = None, size: int | None = None,
                      n: int | None = None, seed: int | None = None, guidance_scale: float | None = None,
                      top_k: int | None = None, top_p: float | None = None,
-                     temperature: float | None = None) -> Accepted:
+                     temperature: float | None = None, guidance_stop_scale: int | None = None) -> Accepted:
         body = self._body(prompt, negative_prompt=negative_prompt, size=size, n=n, seed=seed,
-                          guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature)
+                          guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
+                          guidance_stop_scale=guidance_stop_scale)
         response = await self._request("POST", "/generate", json=body,
                                        headers={"Idempotency-Key": uuid.uuid4().hex})
         return _parse(Accepted, response.json())

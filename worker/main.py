@@ -24,7 +24,7 @@ from worker.noop import NoopPipeline
 from worker.publish import Publisher
 from worker.rq_worker import BatchWorker
 from worker.runner import BatchRunner
-from worker.sampling import model_defaults
+from worker.sampling import GUIDANCE_STOP, guidance_stop_default, model_defaults
 from worker.settings import WorkerSettings
 from worker.speed import prepare_model
 
@@ -121,6 +121,8 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     entry.model, entry.size, entry.queue = pipeline.name, pipeline.image_size, queue_name(pipeline.name)
     entry.device = str(getattr(pipeline, "device", ""))
     entry.sampling = model_defaults(pipeline)   # what requests without sampling fields get
+    entry.scales = len(pipeline.patch_nums) if getattr(pipeline, "patch_nums", None) else None
+    entry.guidance_stop_scale = guidance_stop_default(settings.guidance_stop_scale, entry.scales)
     metrics.info.info({"model": pipeline.name, "size": str(pipeline.image_size), "device": entry.device,
                        "max_batch": str(settings.max_batch), "max_wait_ms": str(settings.max_wait_ms)})
     health.publish()
@@ -133,7 +135,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
              "sampling defaults %s", entry.name, pipeline.name, pipeline.image_size, entry.device, entry.queue,
              settings.max_batch, settings.max_wait_ms, entry.sampling)
     return BatchWorker(entry.queue, connection=conn, name=entry.name, runner=runner, publisher=publisher,
-                       health=health, sampling=entry.sampling, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                       health=health, sampling={**entry.sampling, GUIDANCE_STOP: entry.guidance_stop_scale}, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                        result_ttl=settings.result_ttl_s, deadline_s=settings.worker_deadline_s,
                        max_requeues=settings.max_requeues)
 

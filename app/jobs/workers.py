@@ -34,6 +34,8 @@ class WorkerEntry:
     started_at: float = field(default_factory=time.time)
     heartbeat_at: float = 0.0
     sampling: dict | None = None    # the model's sampling defaults (API names), known once loaded
+    scales: int | None = None       # scales of the model's schedule, known once loaded
+    guidance_stop_scale: int | None = None   # the worker's default first scale without guidance (None: none)
 
 
 _ENTRY_FIELDS = {f.name for f in fields(WorkerEntry)}

@@ -70,6 +70,7 @@ function formRequest() {
   if (form.size.value) body.size = Number(form.size.value);
   if (form.seed.value !== "") body.seed = Number(form.seed.value);
   if (form.guidance_scale.value !== "") body.guidance_scale = Number(form.guidance_scale.value);
+  if (form.guidance_stop_scale.value !== "") body.guidance_stop_scale = Number(form.guidance_stop_scale.value);
   body.n = Number(form.n.value);
   return body;
 }
@@ -172,13 +173,14 @@ function resultFigure(job, image) {
     ["Seed", image.seed], ["Size", `${image.width} × ${image.height}`],
     ["Guidance", request.guidance_scale], ["Model", job.model],
   ];
+  if (request.guidance_stop_scale != null) params.push(["Unguided from scale", request.guidance_stop_scale]);
   const list = $(".params", figure);
   for (const [name, value] of params) {
     const dt = document.createElement("dt");
     const dd = document.createElement("dd");
     dt.textContent = name;
     dd.textContent = String(value);
-    dd.className = `param-${name.toLowerCase()}`;
+    dd.className = `param-${name.toLowerCase().replaceAll(" ", "-")}`;
     list.append(dt, dd);
   }
   $(".again", figure).addEventListener("click", () => {

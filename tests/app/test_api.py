@@ -146,7 +146,7 @@ def test_generate_queues_a_job_and_reports_it(client, conn):
     # sampling fields left out are the model's defaults, known once a worker starts the job
     assert request | {"seed": 0} == {"prompt": PROMPT["prompt"], "negative_prompt": "", "size": 512, "n": 2,
                                      "seed": 0, "guidance_scale": None, "top_k": None, "top_p": None,
-                                     "temperature": None}
+                                     "temperature": None, "guidance_stop_scale": None}
     assert view["timings"]["queued_at"] and view["timings"]["started_at"] is None
     assert view["images"] is None and view["error"] is None
 
@@ -215,7 +215,8 @@ def test_health_readiness_and_models(client, conn):
     assert models["sizes"] == [256, 512] and models["default_size"] == 512
     tiny = next(m for m in models["models"] if m["name"] == "tiny")
     assert tiny == {"name": "tiny", "size": 256, "queue": "star-tiny", "queue_depth": 0, "workers": 2,
-                    "states": {"busy": 1, "ready": 1}, "max_batch": 8, "sampling": defaults}
+                    "states": {"busy": 1, "ready": 1}, "max_batch": 8, "sampling": defaults,
+                    "scales": None, "guidance_stop_scale": None}    # these workers report no schedule
     assert next(m for m in models["models"] if m["name"] == "star-512")["sampling"] is None   # not loaded yet
 
 
