@@ -25,15 +25,15 @@ ARG WORKER_BASE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 # ---------------------------------------------------------------------------------------------
 # The requirement lists, read from pyproject.toml: a later stage copies only these small files, so
 # its dependency layer stays cached while pyproject.toml changes elsewhere. The API image gets the
-# api and client extras (`star generate` works there too); the worker image the api and worker extras
-# (the worker extra's own `star-service[api]` line is spelled out, as pip cannot resolve it here).
+# api, client and s3 extras (`star generate` works there too); the worker image the api, worker and s3
+# extras (the worker extra's own `star-service[api]` line is spelled out, as pip cannot resolve it here).
 FROM ${PYTHON_IMAGE} AS requirements
 COPY pyproject.toml /tmp/pyproject.toml
 RUN python -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb')); \
 build = p['build-system']['requires']; deps = p['project']['dependencies']; \
 e = p['project']['optional-dependencies']; own = lambda reqs: [r for r in reqs if not r.startswith('star-service')]; \
-open('/tmp/api.txt', 'w').write('\n'.join(build + deps + e['api'] + e['client']) + '\n'); \
-open('/tmp/worker.txt', 'w').write('\n'.join(build + deps + e['api'] + own(e['worker'])) + '\n')"
+open('/tmp/api.txt', 'w').write('\n'.join(build + deps + e['api'] + e['client'] + e['s3']) + '\n'); \
+open('/tmp/worker.txt', 'w').write('\n'.join(build + deps + e['api'] + own(e['worker']) + e['s3']) + '\n')"
 
 # The project's source: pyproject.toml's packages, one line each (a new package: add its line).
 FROM scratch AS source

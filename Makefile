@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	if $(BIN)/python -m pip install --quiet --dry-run --no-index --no-deps "$(TORCH)" >/dev/null 2>&1; \
 	then $(BIN)/python -m pip install --quiet "$(TORCH)"; \
 	else $(BIN)/python -m pip install --quiet --index-url "$(TORCH_CPU_INDEX)" "$(TORCH)"; fi
-	$(BIN)/python -m pip install --quiet -e ".[client,worker,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[client,worker,s3,dev]"
 	touch $(STAMP)
 
 run: $(STAMP)

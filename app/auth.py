@@ -7,6 +7,11 @@ Only hashes are kept in memory; a presented token is hashed and compared with ev
 with `hmac.compare_digest`. No keys configured: authentication is off (every request is allowed,
 and per-key limits do not apply). The per-key limits (requests per minute, concurrent jobs) are
 kept in Redis by the job protocol (app.jobs.admission).
+
+Jobs belong to the key that created them (its name is recorded on the job): `may_see` decides who
+else may read, follow or cancel one. Admin keys (STAR_ADMIN_API_KEYS, same entry format) are keys
+like the others that may also see every key's jobs. Two entries with one name and different keys
+are refused at load (they would share jobs and limits).
 """
 from __future__ import annotations
 
@@ -42,21 +47,39 @@ def parse_entry(entry: str) -> tuple[str, str] | None:
     return f"key-{digest[:8]}", digest
 
 
+def _parse_all(entries: list[str]) -> list[tuple[str, str]]:
+    return [p for p in map(parse_entry, entries) if p]
+
+
 @dataclass
 class ApiKeys:
     hashes: list[tuple[str, bytes]]   # (name, sha256 digest)
+    admins: frozenset[str] = frozenset()   # names of the admin keys (also in hashes)
 
     @classmethod
-    def load(cls, inline: str | None, file: Path | None) -> "ApiKeys":
+    def load(cls, inline: str | None, file: Path | None, admin_inline: str | None = None) -> "ApiKeys":
         entries = (inline or "").split(",")
         if file is not None:
             entries += Path(file).read_text().splitlines()
-        parsed = [p for p in map(parse_entry, entries) if p]
-        return cls([(name, bytes.fromhex(digest)) for name, digest in parsed])
+        parsed, admins = _parse_all(entries), _parse_all((admin_inline or "").split(","))
+        by_name: dict[str, str] = {}
+        for name, digest in parsed + admins:
+            if by_name.setdefault(name, digest) != digest:
+                raise ValueError(f"API key name {name!r} is configured with two different keys; "
+                                 "give each key its own name (jobs and limits are per name)")
+        return cls([(name, bytes.fromhex(digest)) for name, digest in by_name.items()],
+                   frozenset(name for name, _ in admins))
 
     @property
     def enabled(self) -> bool:
         return bool(self.hashes)
+
+    def may_see(self, caller: str, owner: str | None) -> bool:
+        """Whether key `caller` may read, follow or cancel a job created by key `owner` (None: a job
+        created while keys were off). Keys off: everyone sees everything."""
+        if not self.enabled or caller in self.admins:
+            return True
+        return owner is not None and caller == owner
 
     def name_of(self, token: str) -> str | None:
         """The name of the key `token` is, or None; every stored hash is compared (constant time)."""

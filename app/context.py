@@ -5,27 +5,29 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis import Redis
 
 from app.auth import ApiKeys
 from app.jobs.workers import WorkerEntry, live_workers, served_sizes
+from app.longpoll import JobEnds
 from app.metrics import ApiMetrics
 from app.settings import ApiSettings
 from app.signing import SignedStorage, UrlSigner
-from app.storage import LocalStorage
+from app.storage import Storage
 
 
 @dataclass
 class Context:
     settings: ApiSettings
     redis: Redis
-    storage: LocalStorage | SignedStorage
+    storage: Storage | SignedStorage
     metrics: ApiMetrics
     keys: ApiKeys
     workers: WorkerCache
     signer: UrlSigner | None = None
+    ends: JobEnds = field(default_factory=JobEnds)   # long-poll waiters (GET /jobs/{id}?wait=S)
 
 
 class WorkerCache:

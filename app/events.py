@@ -17,15 +17,17 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import JobNotFound
+from app.guards import require_key
 from app.jobs.read import JobState, read_job
 from app.jobs.states import FINAL
+from app.ownership import read_own_job
 from app.schemas import ErrorBody
 from app.settings import ApiSettings
 from app.views import job_view
@@ -79,13 +81,13 @@ def create_router(settings: ApiSettings) -> APIRouter:
 
     @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
                 responses={200: {"content": {"text/event-stream": {}}}, 404: {"model": ErrorBody}})
-    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    async def job_events(job_id: str, request: Request, caller: Annotated[str, Depends(require_key)]
+                         ) -> StreamingResponse:
         """Server-Sent Events: `queued` (position), `running` (scale k of S), then one of
-        `succeeded`, `failed`, `canceled`, `expired` with the job as GET /jobs/{id} shows it."""
+        `succeeded`, `failed`, `canceled`, `expired` with the job as GET /jobs/{id} shows it.
+        404 for another API key's job, as for an unknown id."""
         ctx = request.app.state.ctx
-        state = await run_in_threadpool(read_job, ctx.redis, job_id)
-        if state is None:
-            raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
+        state = await run_in_threadpool(read_own_job, ctx, caller, job_id)
         return StreamingResponse(job_stream(ctx, state, settings), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

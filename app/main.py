@@ -3,42 +3,51 @@
 Request path: body size (app.guards) -> API key (app.auth) and rate limit (app.guards) -> validate
 (app.schemas) -> Idempotency-Key and per-key job slot (app.jobs.admission) -> admit and enqueue
 (app.jobs.submit) -> 202; a worker runs the job; GET /jobs/{id} reads it back (app.jobs.read) with
-image URLs from app.storage (signed by app.signing when configured). Never imports torch, `model`
-or `worker`.
+image URLs from app.storage (signed by app.signing when configured), at once or, with `?wait=S`,
+when the job ends (app.longpoll). Background tasks of the process: the reaper, the job-notice
+subscription (app.jobs.notify) and the webhook deliverer (app.webhook_delivery). Never imports
+torch, `model` or `worker`.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from contextlib import asynccontextmanager
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 from starlette.concurrency import run_in_threadpool
 
 from app import auth, events, openai_compat
 from app.context import Context, WorkerCache
-from app.errors import Forbidden, ImageNotFound, JobConflict, JobNotFound, NoWorker, install_error_handlers
+from app.errors import Forbidden, ImageNotFound, JobConflict, NoWorker, install_error_handlers
 from app.guards import BodySizeLimit, check_prompt_length, require_key
-from app.jobs import cancel, reaper, read
+from app.jobs import notify, reaper, read
 from app.jobs.rq_adapter import connect, queue_name
 from app.jobs.workers import READY_STATES, WorkerEntry, live_workers, served_sizes
 from app.metrics import ApiMetrics
+from app.ownership import cancel_own_job, read_own_job
 from app.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView, ModelOut, ModelsOut
 from app.settings import ApiSettings
 from app.signing import SignedStorage, UrlSigner
-from app.storage import LocalStorage
+from app.storage import Storage
+from app.stores import open_storage
+from app.storage_s3 import S3Storage
 from app.submission import submit
 from app.views import job_view
+from app.webhook_delivery import Deliverer, document_webhooks
+from app.webhook_targets import check_webhook
 
 log = logging.getLogger("app")
 AUTH = [Depends(require_key)]
+Caller = Annotated[str, Depends(require_key)]   # the API key's name (the dependency runs once per request)
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
@@ -53,7 +62,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     ctx = _context(settings)
     app = FastAPI(title="STAR image generation", version="0.1.0",
                   description="Text-to-image with STAR (scale-wise autoregressive). Jobs are queued "
-                              "and run in batches by GPU workers; poll GET /jobs/{id}.",
+                              "and run in batches by GPU workers; GET /jobs/{id}?wait=60 answers when "
+                              "the job ends, or give a `webhook_url` to be called.",
                   lifespan=partial(_lifespan, ctx))
     app.state.ctx = ctx
     install_error_handlers(app)
@@ -66,6 +76,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(openai_compat.create_router(settings), dependencies=AUTH,
                        responses={**errors(401, 413, 429, 503), **OPENAI_ERRORS})
     _add_web_page(app)
+    document_webhooks(app)
     return app
 
 
@@ -73,15 +84,33 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 async def _lifespan(ctx: Context, app: FastAPI):
     """While serving: the reaper every STAR_REAPER_S (workers run it too; a Redis lock lets one
     process act per period), so the jobs of dead workers are re-queued even when no worker of
-    their model is left to do it."""
-    task = asyncio.create_task(_reap_forever(ctx)) if ctx.settings.reaper_s > 0 else None
+    their model is left to do it; the job-notice subscription (wakes long-polls and the
+    deliverer); the webhook deliverer when webhooks are on (STAR_WEBHOOK_SECRET) and this process
+    delivers (STAR_WEBHOOK_CONCURRENCY > 0)."""
+    settings = ctx.settings
+    deliverer = Deliverer(ctx) if settings.webhook_secret and settings.webhook_concurrency > 0 else None
+    jobs = [notify.listen(settings.redis_url, ctx.ends.ended, deliverer.wake.set if deliverer else lambda: None)]
+    if deliverer is not None:
+        jobs.append(deliverer.run())
+    if settings.reaper_s > 0:
+        jobs.append(_reap_forever(ctx))
+    tasks = [asyncio.create_task(job) for job in jobs]
     try:
         yield
     finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in tasks:
+            await _stop(task)
+
+
+async def _stop(task: asyncio.Task) -> None:
+    """Cancel a background task and wait for its end. Cancel again while it runs: a cancel that
+    lands as a library's internal timeout fires can be taken for that timeout and swallowed
+    (seen with redis-py's pub/sub reads), and the task would run on."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.5)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s had stopped with an error", task.get_coro(), exc_info=task.exception())
 
 
 async def _reap_forever(ctx: Context) -> None:
@@ -95,6 +124,8 @@ async def _reap_forever(ctx: Context) -> None:
             log.warning("reaper pass failed: %s: %s", type(exc).__name__, exc)
             continue
         for outcome in outcomes:
+            if outcome.action == "expired":   # waited in its queue past its deadline (logged by the reaper)
+                continue
             log.warning("reaper: job %s of the lost worker %s: %s", outcome.job_id, outcome.worker or "?",
                         outcome.action)
 
@@ -106,19 +137,35 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"description": "An erro
 
 
 def _context(settings: ApiSettings) -> Context:
-    keys = auth.ApiKeys.load(settings.api_keys.get_secret_value() if settings.api_keys else None,
-                             settings.api_keys_file)
+    keys = auth.ApiKeys.load(_secret(settings.api_keys), settings.api_keys_file, _secret(settings.admin_api_keys))
     if keys.enabled:
-        log.info("API keys: %d configured; requests without a valid key get 401", len(keys.hashes))
+        log.info("API keys: %d configured (%d admin); requests without a valid key get 401; a job is "
+                 "visible to its own key only", len(keys.hashes), len(keys.admins))
     else:
         log.warning("no API keys configured (STAR_API_KEYS, STAR_API_KEYS_FILE): authentication is off")
-    storage: LocalStorage | SignedStorage = LocalStorage(settings.storage_dir, settings.public_base_url)
+    storage: Storage | SignedStorage = _open_storage(settings)
     signer = None
-    if settings.url_signing_key:
+    if settings.url_signing_key:   # settings refuse it with presigned S3 URLs: they would sign nothing
         signer = UrlSigner(settings.url_signing_key.get_secret_value(), settings.url_ttl_s)
         storage = SignedStorage(storage, signer)
     conn = connect(settings.redis_url, retries=2)
     return Context(settings, conn, storage, ApiMetrics(), keys, WorkerCache(conn, settings.worker_cache_s), signer)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value else None
+
+
+def _open_storage(settings: ApiSettings) -> Storage:
+    """The image store; for S3, how clients reach images (STAR_S3_URLS, app/storage_s3.py)."""
+    if not settings.storage_url:
+        return open_storage(settings)
+    storage = open_storage(settings, urls=settings.image_urls, url_ttl_s=settings.url_ttl_s,
+                           redirect_ttl_s=settings.s3_redirect_ttl_s,
+                           public_endpoint_url=settings.s3_public_endpoint_url)
+    if isinstance(storage, S3Storage):
+        log.info("images in %s; clients get %s URLs", storage.describe(), settings.image_urls)
+    return storage
 
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -146,6 +193,7 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
                  ) -> JobAccepted:
         """Queue a generation request; poll `status_url` (also the `Location` header)."""
         check_prompt_length(body, ctx.settings.max_prompt_chars)
+        check_webhook(body, ctx.settings)
         job_id, position = submit(ctx, body, idempotency_key)
         status_url = f"{base}/jobs/{job_id}"
         response.headers["Location"] = status_url
@@ -158,49 +206,64 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
                                queue_position=state.queue_position)
         return JobAccepted(id=job_id, status_url=status_url, queue_position=position or 0)
 
-    @app.get("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 429, 503), tags=["jobs"],
+    def read_view(job_id: str, caller: str) -> JobView:
+        return job_view(read_own_job(ctx, caller, job_id), ctx.storage)
+
+    @app.get("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 422, 429, 503), tags=["jobs"],
              dependencies=AUTH)
-    def get_job(job_id: str) -> JobView:
-        """Status, progress, timings, parameters and (on success) image URLs of a job."""
-        state = read.read_job(ctx.redis, job_id)
-        if state is None:
-            raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
-        return job_view(state, ctx.storage)
+    async def get_job(job_id: str, caller: Caller, wait: float | None = Query(
+            None, ge=0, le=ctx.settings.long_poll_max_s,
+            description="Long-poll: answer as soon as the job ends, or after this many seconds (at most "
+                        "STAR_LONG_POLL_MAX_S), whichever comes first. Absent or 0: answer at once.")) -> JobView:
+        """Status, progress, timings, parameters and (on success) image URLs of a job; with
+        `wait`, once the job has ended or `wait` seconds have passed. With API keys on, only the key
+        that created the job (or an admin key) sees it; others get 404."""
+        if not wait:
+            return await run_in_threadpool(read_view, job_id, caller)
+        return await ctx.ends.wait(job_id, wait, partial(run_in_threadpool, read_view, job_id, caller),
+                                   attrgetter("status"))
 
     @app.delete("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 409, 413, 429, 503),
                 tags=["jobs"], dependencies=AUTH)
-    def cancel_job(job_id: str, response: Response) -> JobView:
+    def cancel_job(job_id: str, response: Response, caller: Caller) -> JobView:
         """Cancel: a queued job at once (200, also for a job already canceled); a running one at
-        its next scale boundary (202, poll until `canceled`). 409 for finished jobs."""
-        outcome = cancel.request_cancel(ctx.redis, job_id)
-        if outcome is None:
-            raise JobNotFound(f"no job with id {job_id} (unknown, or its record expired)")
+        its next scale boundary (202, poll until `canceled`). 409 for finished jobs; 404 for
+        another key's job."""
+        outcome = cancel_own_job(ctx, caller, job_id)
         if outcome not in ("canceled", "cancel_requested"):
             raise JobConflict(f"job {job_id} is already {outcome}; nothing to cancel")
         response.status_code = 202 if outcome == "cancel_requested" else 200
-        return get_job(job_id)
+        return read_view(job_id, caller)
 
 
 def _add_image_route(app: FastAPI, ctx: Context) -> None:
-    @app.get("/images/{image_id}.png", tags=["images"], response_class=FileResponse,
+    @app.get("/images/{image_id}.png", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 304: {"description": "Not modified"},
+                        307: {"description": "S3 storage: a short-lived presigned URL of the store"},
                         **errors(403, 404)})
     def get_image(image_id: str, request: Request, expires: str | None = None, sig: str | None = None) -> Response:
         """A stored PNG; its text chunks carry the prompt, seed and parameters. With URL signing on
-        (STAR_URL_SIGNING_KEY), `expires` and `sig` must be those of the URL GET /jobs/{id} gave."""
+        (STAR_URL_SIGNING_KEY), `expires` and `sig` must be those of the URL GET /jobs/{id} gave.
+        With S3 storage (STAR_STORAGE_URL), a 307 redirect to a presigned URL of the store."""
         max_age = ctx.settings.image_max_age_s
         if ctx.signer is not None:
             problem = ctx.signer.check(image_id, expires, sig)
             if problem:
                 raise Forbidden(problem)
             max_age = min(max_age, ctx.signer.seconds_left(expires or "0"))   # checked above
-        path = ctx.storage.find(image_id)
-        if path is None:
+        store = ctx.storage.storage if isinstance(ctx.storage, SignedStorage) else ctx.storage
+        if isinstance(store, S3Storage):
+            target = store.redirect_url(image_id)
+            if target is None:
+                raise ImageNotFound(f"no image {image_id}")
+            return RedirectResponse(target, status_code=307, headers={"Cache-Control": "no-store"})
+        png = store.get(image_id)   # never through a link (app.storage)
+        if png is None:
             raise ImageNotFound(f"no image {image_id}")
         headers = {"Cache-Control": f"public, max-age={max_age}, immutable", "ETag": f'"{image_id}"'}
         if request.headers.get("if-none-match") in (headers["ETag"], "*"):
             return Response(status_code=304, headers=headers)
-        return FileResponse(path, media_type="image/png", headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
 
 
 def _add_service_routes(app: FastAPI, ctx: Context) -> None:

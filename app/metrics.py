@@ -5,6 +5,11 @@ What this process exports, and where each number comes from:
 - star_api_request_seconds{method, route}: time to answer, measured here.
 - star_queue_depth{model}: read from Redis (LLEN of each model's queue) at scrape time.
 - star_workers{model, state}: live workers from the Redis registry at scrape time.
+- star_webhook_deliveries_total{outcome}: webhook delivery attempts made by this process
+  (app.webhook_delivery): delivered, failed (retried later), gave_up (failed past
+  STAR_WEBHOOK_MAX_AGE_S), refused (the target resolved to a refused address at delivery), gone
+  (the job's record expired first). Sum across API replicas.
+- star_webhook_pending: webhook events not yet delivered nor given up (the outbox), at scrape time.
 - star_job_latency_seconds{model, status} and star_job_queue_wait_seconds{model}: observed here
   when scraped, from the timings each worker leaves in Redis as it finishes a job
   (app.jobs.finish). Every finished job is observed once by exactly one API replica,
@@ -22,9 +27,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from redis import Redis
 
 from app.jobs.read import all_queue_depths, drain_finished
+from app.jobs.webhooks import pending as webhooks_pending
 from app.jobs.workers import live_workers
 
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+WEBHOOK_OUTCOMES = ("delivered", "failed", "gave_up", "refused", "gone")
 
 
 class ApiMetrics:
@@ -40,6 +47,12 @@ class ApiMetrics:
                                      ["model", "status"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("star_job_queue_wait_seconds", "Enqueue to start, per started job.",
                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.webhook_deliveries = Counter("star_webhook_deliveries", "Webhook delivery attempts by outcome.",
+                                          ["outcome"], registry=r)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome)
+        self.webhook_pending = Gauge("star_webhook_pending", "Webhook events not yet delivered nor given up.",
+                                     registry=r)
 
     def install(self, app: FastAPI) -> None:
         app.add_middleware(CountRequests, metrics=self)
@@ -59,6 +72,7 @@ class ApiMetrics:
             counts[(entry.model, entry.state)] = counts.get((entry.model, entry.state), 0) + 1
         for (model, state), count in counts.items():
             self.workers.labels(model, state).set(count)
+        self.webhook_pending.set(webhooks_pending(conn))
         for item in drain_finished(conn):
             if item.get("latency_s") is not None:
                 self.job_latency.labels(item["model"], item["status"]).observe(item["latency_s"])

@@ -10,7 +10,8 @@ OpenAI fields: `prompt`, `n` (1-4), `size` ("WxH", square, a size a worker serve
 absent = the largest), `response_format` ("url" or "b64_json"), `user` (accepted, unused), `model`
 (a served STAR model's name picks its size when `size` is absent; any other value is ignored).
 STAR's own parameters (`negative_prompt`, `seed`, `guidance_scale`, `top_k`, `top_p`,
-`temperature`, `guidance_stop_scale`) may be added (the SDK's `extra_body`); any other field is ignored.
+`temperature`, `guidance_stop_scale`, `webhook_url`, `webhook_events`) may be added (the SDK's
+`extra_body`); any other field is ignored.
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; invalid requests are
 400 as at OpenAI, `code` carries STAR's error code.
 """
@@ -39,7 +40,8 @@ from app.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
-STAR_FIELDS = ("negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "temperature", "guidance_stop_scale")
+STAR_FIELDS = ("negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "temperature", "guidance_stop_scale",
+               "webhook_url", "webhook_events")
 NO_RETRY = {"x-should-retry": "false"}   # the SDK would otherwise resend (and queue again)
 
 
@@ -169,7 +171,11 @@ def create_router(settings: ApiSettings) -> APIRouter:
                      "prompt": {"type": "string"}, "n": {"type": "integer", "minimum": 1, "maximum": 4},
                      "size": {"type": "string", "example": "256x256"},
                      "response_format": {"type": "string", "enum": ["url", "b64_json"]},
-                     "model": {"type": "string"}, "user": {"type": "string"}}}}}}})
+                     "model": {"type": "string"}, "user": {"type": "string"},
+                     "webhook_url": {"type": "string", "maxLength": 2048, "description": "STAR extension: as in "
+                                     "POST /generate (a signed event when the job ends)"},
+                     "webhook_events": {"type": "array", "items": {"type": "string", "enum": ["running", "final"]},
+                                        "description": "STAR extension: as in POST /generate"}}}}}}})
     async def create_image(request: Request) -> JSONResponse:
         """OpenAI-compatible image generation: queues a job, waits for it, answers in OpenAI's shape."""
         ctx = request.app.state.ctx
@@ -186,7 +192,7 @@ def create_router(settings: ApiSettings) -> APIRouter:
                 return JSONResponse({}, status_code=499)
             if state.status != "succeeded":
                 raise failure(state)
-            return JSONResponse(answer(state, response_format, ctx.storage))
+            return JSONResponse(await run_in_threadpool(answer, state, response_format, ctx.storage))   # S3: requests
         except OpenAIError as exc:
             return exc.response()
         except ApiError as exc:

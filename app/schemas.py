@@ -12,11 +12,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.states import JobStatus
 
 MAX_SEED = 2**32 - 1
+
+
+def image_seed(seed: int, i: int) -> int:
+    """The seed of image i of a request with `seed`: seed + i, wrapping past MAX_SEED to 0, so every
+    reported seed is a valid request seed and (that seed, n=1) reproduces that image alone."""
+    return (seed + i) % (MAX_SEED + 1)
 
 SAMPLING_FIELDS = ("guidance_scale", "top_k", "top_p", "temperature")
 # The service's sampling defaults, for models whose directory recommends none (presets, older
@@ -41,8 +49,8 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(..., min_length=1, max_length=2000, description="What to draw (CLIP reads the first 77 tokens).")
     negative_prompt: str = Field("", max_length=2000, description="What to steer away from (guidance's unconditional side).")
     size: int | None = Field(None, ge=64, le=4096, description="Image side in pixels; one of the sizes live workers serve (GET /models). Default: the largest served.")
-    n: int = Field(1, ge=1, le=4, description="Number of images; image i uses seed + i.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; chosen by the server and reported when absent.")
+    n: int = Field(1, ge=1, le=4, description="Number of images; image i uses seed (seed + i) mod 2^32.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; chosen by the server and reported when absent. Image i uses (seed + i) mod 2^32: each image's own seed is reported, and that seed with n=1 reproduces the image.")
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="Classifier-free guidance scale (ramped "
                                          "over the scales)." + MODEL_DEFAULT.format(DEFAULT_SAMPLING["guidance_scale"]))
     top_k: int | None = Field(None, ge=0, le=16384, description="Top-k sampling (0 = off)."
@@ -52,6 +60,14 @@ class GenerateRequest(BaseModel):
     temperature: float | None = Field(None, gt=0.0, le=5.0, description="Sampling temperature."
                                       + MODEL_DEFAULT.format(DEFAULT_SAMPLING["temperature"]))
     guidance_stop_scale: int | None = Field(None, ge=0, le=MAX_SCALES, description=GUIDANCE_STOP)
+    # webhooks (checked further by app.webhook_targets.check_webhook: scheme, credentials, public host)
+    webhook_url: str | None = Field(None, max_length=2048, description="http(s) URL POSTed a signed JSON event "
+                                    "when the job ends (docs/api.md#webhooks); its host must resolve to public "
+                                    "addresses only.")
+    webhook_events: list[Literal["running", "final"]] | None = Field(None, description="Events sent to "
+                                                                     "`webhook_url`: [\"final\"] (the default: the "
+                                                                     "job's end) or [\"running\", \"final\"] (also "
+                                                                     "each start).")
 
     @field_validator("prompt")
     @classmethod
@@ -163,6 +179,16 @@ class JobView(BaseModel):
     images: list[ImageOut] | None = None
     prompt_truncated: bool | None = Field(None, description="The prompt had more than 77 CLIP tokens.")
     error: JobError | None = None
+
+
+class WebhookEvent(BaseModel):
+    """The body of a webhook delivery (app.webhook_delivery, docs/api.md#webhooks)."""
+
+    event_id: str = Field(description="Unique per event, the same on every retry of it: drop ids already handled.")
+    event: Literal["running", "succeeded", "failed", "canceled", "expired"] = Field(
+        description="`running` (a worker started the job) or the job's final status.")
+    created_at: datetime = Field(description="When the event happened (UTC).")
+    job: JobView = Field(description="The job as GET /jobs/{job_id} returned it when the event was first sent.")
 
 
 class ErrorDetail(BaseModel):

@@ -3,7 +3,9 @@
 Off by default: image URLs are unguessable already (128 random bits). With STAR_URL_SIGNING_KEY
 set, every image URL the API hands out carries `?expires=<unix time>&sig=<HMAC-SHA256>`, over
 `<image id>.png` and the expiry, and GET /images answers 403 to a URL whose signature is missing,
-wrong or expired. The expiry is rounded up to a step (a tenth of STAR_URL_TTL_S, at least a
+wrong or expired. Only the form the API issues is accepted: `expires` in canonical decimal (ASCII
+digits, no sign, no leading zero), so the string checked is the string signed, and any other
+input (non-ASCII, too long) is a 403, never an error. The expiry is rounded up to a step (a tenth of STAR_URL_TTL_S, at least a
 minute), so polling clients get the same URL for a while and a CDN keeps one cache entry; a URL
 stays valid between STAR_URL_TTL_S and STAR_URL_TTL_S + step.
 """
@@ -13,10 +15,12 @@ import base64
 import hashlib
 import hmac
 import math
+import re
 import time
 from collections.abc import Callable
 
 SIG_BYTES = 32
+CANONICAL_EXPIRES = re.compile(r"[1-9][0-9]{0,11}")   # what query() writes: str() of a positive int
 
 
 class UrlSigner:
@@ -38,9 +42,10 @@ class UrlSigner:
         """None if the URL is valid, else why not."""
         if not expires or not sig:
             return "this image URL needs a signature (`expires` and `sig`); get it from GET /jobs/{id}"
-        if not expires.isdigit() or len(expires) > 12:
+        if not CANONICAL_EXPIRES.fullmatch(expires):
             return "invalid `expires`"
-        if not hmac.compare_digest(self.signature(image_id, int(expires)), sig):
+        expected = self.signature(image_id, int(expires)).encode()
+        if not hmac.compare_digest(expected, sig.encode("utf-8", "replace")):   # bytes: any sig compares
             return "invalid signature"
         if int(expires) < self.clock():
             return "this image URL has expired; get a fresh one from GET /jobs/{id}"

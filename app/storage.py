@@ -3,15 +3,23 @@
 Workers `put` images; the API builds URLs and (for local storage) serves the files at
 `GET /images/{image_id}.png`. Image ids are random (secrets.token_urlsafe), so URLs are
 unguessable; they are also immutable, which lets clients cache them forever.
+
+The storage never reads or writes outside its root: below the root (which may itself be a link,
+the operator's choice), symbolic links are never followed. Reads open the fan-out directory and
+the file relative to each other with O_NOFOLLOW and serve only a regular file; writes refuse a
+fan-out directory that is a link. A link planted inside the directory is "no such image".
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
-import tempfile
+import stat
 from pathlib import Path
 from typing import Protocol
+
+NO_FOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK   # O_NONBLOCK: a FIFO planted there never blocks
 
 IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
@@ -55,39 +63,66 @@ class LocalStorage:
         return self.root / image_id[:2] / f"{image_id}.png"
 
     def put(self, image_id: str, data: bytes) -> str:
+        """Write then rename, inside the fan-out directory opened without following a link (OSError
+        if it is one): a reader never sees a half-written file, and nothing lands outside the root."""
         target = self.path(image_id)
-        # Write then rename: a reader never sees a half-written file.
+        fan_out = self._fan_out(image_id)
+        tmp = f".tmp-{secrets.token_hex(8)}.png"
         try:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
-        except FileNotFoundError:   # the fan-out directory's first image (or it was removed): make it
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the API may run as another user
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=fan_out)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    os.fchmod(handle.fileno(), 0o644)   # whatever the umask: the API may run as another user
+                    handle.write(data)
+                os.replace(tmp, target.name, src_dir_fd=fan_out, dst_dir_fd=fan_out)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=fan_out)
+                raise
+        finally:
+            os.close(fan_out)
         return self.url(image_id)
 
-    def get(self, image_id: str) -> bytes | None:
+    def _fan_out(self, image_id: str) -> int:
+        """A descriptor of image_id's fan-out directory, made if missing (first image, or removed)."""
+        path = self.path(image_id).parent
         try:
-            return self.path(image_id).read_bytes()
-        except (ValueError, FileNotFoundError):
+            return os.open(path, NO_FOLLOW | os.O_DIRECTORY)
+        except FileNotFoundError:
+            path.mkdir(parents=True, exist_ok=True)
+            return os.open(path, NO_FOLLOW | os.O_DIRECTORY)
+
+    def get(self, image_id: str) -> bytes | None:
+        fd = self.open(image_id)
+        if fd is None:
             return None
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read()
 
     def delete(self, image_id: str) -> None:
         try:
-            self.path(image_id).unlink(missing_ok=True)
+            self.path(image_id).unlink(missing_ok=True)   # removes a link itself, never its target
         except ValueError:
             pass
 
-    def find(self, image_id: str) -> Path | None:
-        """Path of a stored image (for streaming it), or None."""
-        try:
-            path = self.path(image_id)
-        except ValueError:
+    def open(self, image_id: str) -> int | None:
+        """A read-only descriptor of a stored image (a regular file, reached without following any
+        link below the root), or None. The caller closes it."""
+        if not is_image_id(image_id):
             return None
-        return path if path.is_file() else None
+        try:
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fan_out = os.open(image_id[:2], NO_FOLLOW | os.O_DIRECTORY, dir_fd=root)
+            finally:
+                os.close(root)
+            try:
+                fd = os.open(f"{image_id}.png", NO_FOLLOW, dir_fd=fan_out)
+            finally:
+                os.close(fan_out)
+        except OSError:   # absent, a link (ELOOP), or not a directory
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return fd

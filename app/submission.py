@@ -51,7 +51,8 @@ def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) ->
     settings = ctx.settings
     model, size, scales = choose_model(ctx, body.size)
     check_guidance_stop(model, scales, body.guidance_stop_scale)
-    params = body.model_dump()
+    params = body.model_dump(exclude={"webhook_url", "webhook_events"})   # what the model runs with
+    webhook = {"url": body.webhook_url, "events": body.webhook_events or ["final"]} if body.webhook_url else None
     params["size"] = size
     if params["seed"] is None:
         params["seed"] = secrets.randbelow(2**31)
@@ -65,7 +66,7 @@ def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) ->
         accepted = protocol.enqueue(ctx.redis, params, model, deadline_s=settings.job_deadline_s,
                              result_ttl=settings.result_ttl_s, failure_ttl=settings.failure_ttl_s,
                              queue_limit=settings.queue_limit, job_id=job_id,
-                             api_key=name if ctx.keys.enabled else None)
+                             api_key=name if ctx.keys.enabled else None, webhook=webhook)
     except BaseException:
         admission.release_slot(ctx.redis, name, job_id)
         raise

@@ -5,10 +5,10 @@ from app.jobs.read import JobState
 from app.jobs.states import ACTIVE
 from app.schemas import ImageOut, JobParameters, JobView, Progress, Timings
 from app.signing import SignedStorage
-from app.storage import LocalStorage
+from app.storage import Storage
 
 
-def job_view(state: JobState, storage: LocalStorage | SignedStorage) -> JobView:
+def job_view(state: JobState, storage: Storage | SignedStorage) -> JobView:
     def seconds(a, b):
         return round((b - a).total_seconds(), 3) if a and b else None
 

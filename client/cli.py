@@ -7,6 +7,8 @@
 stdout: one line per saved image, `PATH SEED WxH` (for scripts). stderr: the job id, a progress
 bar (queue position, then scale k of S) and the timings. `-o NAME.png` with n > 1 saves
 NAME-0.png, NAME-1.png, ...; without -o the name comes from the prompt.
+Progress comes from the job's event stream; with --quiet the command long-polls instead (one
+request, answered when the job ends). --webhook-url also has the server call a URL when it ends.
 
 Exit codes (EXIT_*): 0 saved; 2 the server rejected the request (4xx, its message is shown);
 3 server error or unavailable (5xx, connection refused, queue still full after the retries);
@@ -35,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="PNG path (default: from the prompt); with --n > 1, "
                         "NAME.png becomes NAME-0.png, NAME-1.png, ...; a directory keeps the default name")
     parser.add_argument("--size", type=int, help="image side in pixels (default: the largest served)")
-    parser.add_argument("--n", "-n", type=int, default=1, help="number of images, 1-4; image i uses seed + i")
+    parser.add_argument("--n", "-n", type=int, default=1, help="number of images, 1-4; image i uses seed (seed + i) mod 2^32")
     parser.add_argument("--seed", type=int, help="seed of the first image (default: chosen by the server)")
     parser.add_argument("--negative-prompt", help="what to steer away from")
     parser.add_argument("--guidance-scale", "--guidance", type=float,
@@ -52,7 +54,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "prefer the variable, command lines are visible to other users)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds to wait for the job before canceling it (exit 4); default 600")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress or timings on stderr")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress or timings on stderr (the "
+                        "command then long-polls the job instead of following its events)")
+    parser.add_argument("--webhook-url", help="also have the server POST a signed event to this URL when the "
+                        "job ends (docs/api.md#webhooks)")
+    parser.add_argument("--webhook-events", type=_events, help="with --webhook-url: `final` (the default) or "
+                        "`running,final` (also when a worker starts the job)")
+
+
+def _events(text: str) -> list[str]:
+    events = [part.strip() for part in text.split(",") if part.strip()]
+    if not events or any(event not in ("running", "final") for event in events):
+        raise argparse.ArgumentTypeError(f"expected `final` or `running,final`, not {text!r}")
+    return events
 
 
 def output_paths(output: str | None, prompt: str, n: int) -> list[Path]:
@@ -127,7 +141,8 @@ def _generate(client, args: argparse.Namespace, paths: list[Path], progress: Pro
 
     options = {"negative_prompt": args.negative_prompt, "size": args.size, "n": args.n, "seed": args.seed,
                "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
-               "temperature": args.temperature, "guidance_stop_scale": args.guidance_stop_scale}
+               "temperature": args.temperature, "guidance_stop_scale": args.guidance_stop_scale,
+               "webhook_url": args.webhook_url, "webhook_events": args.webhook_events}
     started = time.monotonic()
     try:
         accepted = client.submit(args.prompt, **options)
@@ -135,7 +150,8 @@ def _generate(client, args: argparse.Namespace, paths: list[Path], progress: Pro
         return _report(exc, client.server)
     _note(args, f"star generate: job {accepted.id} queued on {client.server}")
     try:
-        job = client.wait(accepted.id, timeout=args.timeout, poll_s=0.25, on_progress=progress.update)
+        job = client.wait(accepted.id, timeout=args.timeout, poll_s=0.25,
+                          on_progress=None if args.quiet else progress.update)
     except KeyboardInterrupt:
         progress.end()
         _cancel(client, accepted.id)

@@ -14,11 +14,13 @@ errors; POST is not (the request may have reached the server). Retrying a POST a
 safe because the server refused it before queueing anything, and each `submit` creates a fresh
 job; every `submit` sends one `Idempotency-Key` (the same on its retries), so a retry the server
 had in fact accepted returns the first job instead of queueing a second one.
+
+Waiting (client.waiting): `wait` long-polls (`GET /jobs/{id}?wait=S`: one request answered when the
+job ends) unless it reports progress, which comes from the job's event stream.
 """
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import time
 import uuid
@@ -32,6 +34,7 @@ from client.types import (
     Job, Accepted, ModelInfo, Models, GeneratedImage, Generation, StarError, StarConnectionError,
     StarHTTPError, StarRequestError, StarBusyError, StarServerError, StarTimeout, JobFailed,
     error_from_response, retry_after_seconds, RetryPolicy)
+from client.waiting import LONG_POLL_S, wait_async, wait_sync
 
 
 __all__ = ["StarClient", "AsyncStarClient", "ProgressCallback", "DEFAULT_SERVER",
@@ -47,10 +50,13 @@ ProgressCallback = Callable[[Job], Any]
 
 
 class _Base:
+    timeout: float
+
     def __init__(self, server: str | None, api_key: str | None, retry: RetryPolicy | None):
         self.server = (server or os.environ.get("STAR_SERVER") or DEFAULT_SERVER).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("STAR_API_KEY") or None
         self.retry = retry or RetryPolicy()
+        self.long_poll_s = LONG_POLL_S   # the longest `wait` asked of GET /jobs/{id} (client.waiting)
 
     def _headers(self, url: str) -> dict[str, str]:
         """The API key goes to our server only, never to another host an image URL may name."""
@@ -59,14 +65,20 @@ class _Base:
 
     @staticmethod
     def _body(prompt: str, **options: Any) -> dict[str, Any]:
+        events = options.get("webhook_events")
+        if isinstance(events, str):
+            options["webhook_events"] = [events]
         return {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
+
+    def _job_request(self, job_id: str, wait: float | None) -> dict[str, Any]:
+        """The GET /jobs/{id} request: with `wait`, a long-poll whose read may take that much longer."""
+        if not wait:
+            return {"url": f"/jobs/{job_id}"}
+        return {"url": f"/jobs/{job_id}", "params": {"wait": round(wait, 3)},
+                "timeout": httpx.Timeout(self.timeout, read=self.timeout + wait)}
 
     def _fail(self, exc: httpx.TransportError) -> StarConnectionError:
         return StarConnectionError(self.server, str(exc) or type(exc).__name__)
-
-    @staticmethod
-    def _state(job: Job) -> tuple:
-        return (job.status, job.queue_position, job.progress, job.cancel_requested)
 
     @staticmethod
     def _images(job: Job, pngs: list[bytes]) -> Generation:
@@ -83,6 +95,7 @@ class StarClient(_Base):
     def __init__(self, server: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
                  retry: RetryPolicy | None = None, transport: httpx.BaseTransport | None = None):
         super().__init__(server, api_key, retry)
+        self.timeout = timeout
         self._http = httpx.Client(base_url=self.server, timeout=timeout, transport=transport,
                                   headers={"User-Agent": "star-client/0.1"})
         self._sleep = time.sleep
@@ -118,17 +131,23 @@ class StarClient(_Base):
     def submit(self, prompt: str, *, negative_prompt: str | None = None, size: int | None = None,
                n: int | None = None, seed: int | None = None, guidance_scale: float | None = None,
                top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
-               guidance_stop_scale: int | None = None) -> Accepted:
+               guidance_stop_scale: int | None = None, webhook_url: str | None = None,
+               webhook_events: list[str] | None = None) -> Accepted:
         """Queue a request (`POST /generate`); None means the server's default. guidance_stop_scale:
-        fast guidance, the first scale sampled without guidance (docs/api.md, "Fast guidance")."""
+        fast guidance, the first scale sampled without guidance (docs/api.md, "Fast guidance").
+        `webhook_url`: the server POSTs a signed event there when the job ends (and when it starts,
+        with `webhook_events=["running", "final"]`)."""
         body = self._body(prompt, negative_prompt=negative_prompt, size=size, n=n, seed=seed,
                           guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
-                          guidance_stop_scale=guidance_stop_scale)
+                          guidance_stop_scale=guidance_stop_scale, webhook_url=webhook_url,
+                          webhook_events=webhook_events)
         response = self._request("POST", "/generate", json=body, headers={"Idempotency-Key": uuid.uuid4().hex})
         return _parse(Accepted, response.json())
 
-    def get(self, job_id: str) -> Job:
-        return Job.from_json(self._request("GET", f"/jobs/{job_id}").json())
+    def get(self, job_id: str, *, wait: float | None = None) -> Job:
+        """`GET /jobs/{id}`; with `wait` (seconds, at most the server's STAR_LONG_POLL_MAX_S, 60 by
+        default) the server answers when the job ends or after `wait` seconds."""
+        return Job.from_json(self._request("GET", **self._job_request(job_id, wait)).json())
 
     def cancel(self, job_id: str) -> Job:
         """`DELETE /jobs/{id}`: queued jobs end at once, running ones at their next scale."""
@@ -138,25 +157,16 @@ class StarClient(_Base):
         return Models.from_json(self._request("GET", "/models").json())
 
     def download(self, image: ImageRef | str) -> bytes:
-        return self._request("GET", image if isinstance(image, str) else image.url).content
+        """The PNG; follows the API's redirect to an S3 store (httpx drops the API key across origins)."""
+        return self._request("GET", image if isinstance(image, str) else image.url, follow_redirects=True).content
 
     def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5,
              on_progress: ProgressCallback | None = None) -> Job:
-        """Poll until the job is finished (any terminal status; nothing is raised for `failed`).
-        `on_progress(job)` is called whenever status, queue position or progress changes."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last = None
-        while True:
-            job = self.get(job_id)
-            if on_progress is not None and self._state(job) != last:
-                on_progress(job)
-            last = self._state(job)
-            if job.done:
-                return job
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise StarTimeout(job, timeout or 0.0)
-            self._sleep(poll_s if left is None else min(poll_s, left))
+        """Until the job is finished (any terminal status; nothing is raised for `failed`): long-polls,
+        or with `on_progress` the job's event stream, calling `on_progress(job)` whenever status,
+        queue position or progress changes (client.waiting). `poll_s`: the polling interval when
+        the server holds no long-poll or the stream breaks. StarTimeout after `timeout`."""
+        return wait_sync(self, job_id, timeout, poll_s, on_progress)
 
     def generate(self, prompt: str, *, timeout: float | None = None, poll_s: float = 0.5,
                  on_progress: ProgressCallback | None = None, **options: Any) -> Generation:
@@ -188,6 +198,7 @@ class AsyncStarClient(_Base):
     def __init__(self, server: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
                  retry: RetryPolicy | None = None, transport: httpx.AsyncBaseTransport | None = None):
         super().__init__(server, api_key, retry)
+        self.timeout = timeout
         self._http = httpx.AsyncClient(base_url=self.server, timeout=timeout, transport=transport,
                                        headers={"User-Agent": "star-client/0.1"})
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -222,17 +233,19 @@ class AsyncStarClient(_Base):
 
     async def submit(self, prompt: str, *, negative_prompt: str | None = None, size: int | None = None,
                      n: int | None = None, seed: int | None = None, guidance_scale: float | None = None,
-                     top_k: int | None = None, top_p: float | None = None,
-                     temperature: float | None = None, guidance_stop_scale: int | None = None) -> Accepted:
+                     top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
+                     guidance_stop_scale: int | None = None, webhook_url: str | None = None,
+                     webhook_events: list[str] | None = None) -> Accepted:
         body = self._body(prompt, negative_prompt=negative_prompt, size=size, n=n, seed=seed,
                           guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
-                          guidance_stop_scale=guidance_stop_scale)
+                          guidance_stop_scale=guidance_stop_scale, webhook_url=webhook_url,
+                          webhook_events=webhook_events)
         response = await self._request("POST", "/generate", json=body,
                                        headers={"Idempotency-Key": uuid.uuid4().hex})
         return _parse(Accepted, response.json())
 
-    async def get(self, job_id: str) -> Job:
-        return Job.from_json((await self._request("GET", f"/jobs/{job_id}")).json())
+    async def get(self, job_id: str, *, wait: float | None = None) -> Job:
+        return Job.from_json((await self._request("GET", **self._job_request(job_id, wait))).json())
 
     async def cancel(self, job_id: str) -> Job:
         return Job.from_json((await self._request("DELETE", f"/jobs/{job_id}")).json())
@@ -241,25 +254,13 @@ class AsyncStarClient(_Base):
         return Models.from_json((await self._request("GET", "/models")).json())
 
     async def download(self, image: ImageRef | str) -> bytes:
-        return (await self._request("GET", image if isinstance(image, str) else image.url)).content
+        """The PNG; follows the API's redirect to an S3 store (httpx drops the API key across origins)."""
+        url = image if isinstance(image, str) else image.url
+        return (await self._request("GET", url, follow_redirects=True)).content
 
     async def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5,
                    on_progress: ProgressCallback | None = None) -> Job:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last = None
-        while True:
-            job = await self.get(job_id)
-            if on_progress is not None and self._state(job) != last:
-                outcome = on_progress(job)
-                if inspect.isawaitable(outcome):
-                    await outcome
-            last = self._state(job)
-            if job.done:
-                return job
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise StarTimeout(job, timeout or 0.0)
-            await self._sleep(poll_s if left is None else min(poll_s, left))
+        return await wait_async(self, job_id, timeout, poll_s, on_progress)
 
     async def generate(self, prompt: str, *, timeout: float | None = None, poll_s: float = 0.5,
                        on_progress: ProgressCallback | None = None, **options: Any) -> Generation:

@@ -41,7 +41,7 @@ class Progress:
 @dataclass(frozen=True)
 class ImageRef:
     url: str
-    seed: int
+    seed: int   # this image's own seed, (request seed + i) mod 2^32: with n=1 it reproduces the image
     width: int
     height: int
 
@@ -148,7 +148,7 @@ class Models:
 @dataclass(frozen=True)
 class GeneratedImage:
     url: str
-    seed: int
+    seed: int   # this image's own seed, (request seed + i) mod 2^32: with n=1 it reproduces the image
     width: int
     height: int
     png: bytes
@@ -161,7 +161,8 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class Generation:
-    """What `generate` returns: the finished job and its PNGs, in seed order."""
+    """What `generate` returns: the finished job and its PNGs, in order (image i has seed
+    (seed + i) mod 2^32)."""
 
     job: Job
     images: tuple[GeneratedImage, ...]

@@ -24,7 +24,8 @@ SAMPLERS = ("auto", "head", "plain")
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """One image; a job with n images becomes n of these with seeds seed+i."""
+    """One image; a job with n images becomes n of these, image i with seed (seed + i) mod 2^32
+    (app.schemas.image_seed)."""
 
     prompt: str
     seed: int

@@ -1,10 +1,12 @@
 """Shared fixtures: a real Redis server for the session, one clean Redis database per user, the API
-served in-process (TestClient, or uvicorn on a free port) and workers run as `python -m worker`
-subprocesses (what `star serve` and the containers run).
+served in-process (TestClient, or uvicorn on a free port), workers run as `python -m worker`
+subprocesses (what `star serve` and the containers run), and an S3-compatible server (moto's
+`moto_server`, a separate process on loopback) with one fresh bucket per test.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -212,3 +214,116 @@ def worker_process() -> type[WorkerProcess]:
 def api_server() -> Callable[..., ApiServer]:
     """`with api_server(settings) as api:` -> api.url, api.client (httpx)."""
     return ApiServer
+
+
+# ------------------------------------------------------------------------------------ S3 storage
+
+S3_REGION = "us-east-1"
+
+
+class S3Server:
+    """`python -m moto.server` (PyPI `moto[server]`, the dev extra) on a free loopback port. With
+    `auth`, it checks every request's signature and access key against the IAM users it knows:
+    `credentials` are then those of a user it created, allowed everything on S3. Moto does not
+    check presigned URLs (signature or expiry); with `auth` it cannot serve them at all."""
+
+    def __init__(self, log_path: Path, auth: bool = False):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path, self.auth = log_path, auth
+        self.credentials = {"AWS_ACCESS_KEY_ID": "star-test", "AWS_SECRET_ACCESS_KEY": "star-test-secret"}
+
+    def start(self) -> "S3Server":
+        env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
+        if self.auth:   # the four calls of _make_user run unauthenticated, every later one is checked
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "4"
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+        def answers() -> bool:
+            assert self.process.poll() is None, f"moto_server exited: {self.log_path.read_text()[-2000:]}"
+            try:
+                return httpx.get(f"{self.url}/moto-api/", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_for(answers, 60, interval=0.1, what="moto_server to answer")
+        if self.auth:
+            self.credentials = self._make_user()
+        return self
+
+    def client(self, service: str = "s3", **credentials):
+        import boto3
+        from botocore.config import Config
+
+        keys = {k.lower(): v for k, v in (credentials or self.credentials).items()}
+        return boto3.session.Session().client(service, endpoint_url=self.url, region_name=S3_REGION,
+                                              config=Config(s3={"addressing_style": "path"}), **keys)
+
+    def _make_user(self) -> dict[str, str]:
+        iam = self.client("iam")
+        iam.create_user(UserName="star")
+        iam.put_user_policy(UserName="star", PolicyName="s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="star")["AccessKey"]
+        credentials = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        self.client(**credentials).create_bucket(Bucket="star-auth")
+        return credentials
+
+    def env(self) -> dict[str, str]:
+        """The environment of a process using this server: its endpoint, region and credentials."""
+        return {**self.credentials, "STAR_S3_ENDPOINT_URL": self.url, "STAR_S3_ADDRESSING_STYLE": "path",
+                "AWS_REGION": S3_REGION}
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server(tmp_path_factory) -> Iterator[S3Server]:
+    """A second server that checks signatures and access keys; bucket `star-auth` (S3Server)."""
+    server = S3Server(tmp_path_factory.mktemp("s3-auth") / "moto.log", auth=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No AWS setting of the developer's shell or ~/.aws reaches the test (nor instance metadata)."""
+    for key in list(os.environ):
+        if key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return monkeypatch
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, aws_env: pytest.MonkeyPatch) -> str:
+    """A new, empty bucket on the session's S3 server; this process's AWS_* and STAR_S3_* point at it."""
+    bucket = f"star-test-{next(_BUCKETS)}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    for key, value in s3_server.env().items():
+        aws_env.setenv(key, value)
+    return bucket
+
+
+_BUCKETS = itertools.count()

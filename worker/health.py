@@ -1,7 +1,8 @@
 """Worker health: a state (starting, ready, busy, draining, failed) published in the Redis worker
 registry (app.jobs.workers) and in the worker's metrics, by a heartbeat thread that also keeps RQ's
 heartbeats of in-flight jobs alive while the main thread is inside a long model call, runs the
-reaper of dead workers' jobs (hooks), and watches the drain grace period after SIGTERM.
+reaper of dead workers' jobs (hooks), and watches the drain grace period after SIGTERM (the stop
+itself, bounded whatever Redis does, is worker.stopping's).
 
 The registry entry lives `deadline_s` (STAR_WORKER_DEADLINE_S) after each beat: a worker silent
 that long is presumed dead and its running jobs are re-queued (app.jobs.reaper).
@@ -17,6 +18,7 @@ from redis import Redis
 
 from app.jobs.workers import WorkerEntry, publish_worker, remove_worker
 from worker.metrics import WorkerMetrics
+from worker.stopping import Stop
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +32,21 @@ class Health:
         self.entry = entry
         self.period_s = period_s
         self.deadline_s = deadline_s or max(3 * period_s, 2.0)
-        self.grace_s = grace_s
+        self.shutdown = Stop(grace_s)   # shutdown.signal() from the signal handlers
+        self._grace_over = False
         self.metrics = metrics
         self.hooks: list[Callable[[], None]] = []         # every beat
         self.grace_hooks: list[Callable[[], None]] = []   # once, when the drain grace is over
-        self.drain_requested = False   # set from a signal handler: a plain attribute, no locks
-        self._drain_since: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="star-heartbeat", daemon=True)
 
     @property
     def state(self) -> str:
         return self.entry.state
+
+    @property
+    def drain_requested(self) -> bool:
+        return self.shutdown.requested
 
     def set_state(self, state: str) -> None:
         if self.drain_requested and state in ("ready", "busy"):
@@ -91,10 +96,9 @@ class Health:
     def _watch_drain(self) -> None:
         if self.entry.state not in ("draining", "failed"):
             self.set_state("draining")
-        if self._drain_since is None:
-            self._drain_since = time.monotonic()
-        elif time.monotonic() - self._drain_since > self.grace_s:
-            self.grace_s = float("inf")   # once
+        since = self.shutdown.requested_at
+        if not self._grace_over and since is not None and time.monotonic() - since > self.shutdown.grace_s:
+            self._grace_over = True   # once
             for hook in self.grace_hooks:
                 try:
                     hook()

@@ -1,11 +1,13 @@
 """`worker.main:main` (`star worker`, `python -m worker`): load the model once, warm up, then take
 jobs from the model's queue in batches until SIGTERM/SIGINT: take no more jobs, finish the batch
-within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0.
+within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0. The stop is bounded
+whatever Redis does (worker.stopping): a second signal, or Redis still unreachable 10 s after the
+grace, and the jobs not recorded are left for the reaper; a process still hung 5 s later exits 4.
 
 States: starting (loading, warming up) -> ready <-> busy -> draining -> gone; `failed` if the
 model cannot be loaded (exit 1) or a device error left the device unusable (its jobs go back to
-the queue; exit 3, for the supervisor to start a fresh process). A metrics port already taken is
-exit 1 with a message, before the model loads.
+the queue; exit 3, for the supervisor to start a fresh process). A metrics port already taken, or
+an S3 store (STAR_STORAGE_URL) that cannot be written, is exit 1 with a message, before the model loads.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import socket
 
 from app.jobs.rq_adapter import connect, queue_name
 from app.jobs.workers import WorkerEntry
-from app.storage import LocalStorage
+from app.storage import Storage
+from app.stores import open_storage
+from app.storage_s3 import StorageUnavailable
 from worker.health import Health
 from worker.metrics import WorkerMetrics
 from worker.noop import NoopPipeline
@@ -31,12 +35,13 @@ from worker.speed import prepare_model
 log = logging.getLogger("worker")
 EXIT_DEVICE_FAILURE = 3
 EXIT_METRICS_PORT = 1
+EXIT_STORAGE = 1
 
 OPTIONS = {  # flag -> setting (each overrides its STAR_* variable)
     "--model": "model", "--redis-url": "redis_url", "--device": "device", "--dtype": "dtype",
     "--max-batch": "max_batch", "--max-wait-ms": "max_wait_ms", "--metrics-host": "metrics_host",
     "--metrics-port": "metrics_port", "--name": "name", "--storage-dir": "storage_dir",
-    "--log-level": "log_level",
+    "--storage-url": "storage_url", "--log-level": "log_level",
 }
 
 
@@ -70,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(settings: WorkerSettings, pipeline=None, burst: bool = False) -> int:
     """Run a worker until stopped (or, with burst, until its queue is empty); `pipeline`
-    (already loaded) is for tests and benchmarks."""
+    (already loaded) is for tests and benchmarks. Once a stop is signalled, the process exits within
+    its bounds (worker.stopping), even after this returns: call it as the process's main."""
     metrics = WorkerMetrics()
     try:   # before the model loads: a worker that cannot start says so at once
         metrics.serve(settings.metrics_listen_port, settings.metrics_host)
@@ -80,6 +86,11 @@ def run(settings: WorkerSettings, pipeline=None, burst: bool = False) -> int:
                   "(--metrics-port), or 0 to disable its metrics", settings.metrics_host,
                   settings.metrics_listen_port, exc.strerror or exc)
         return EXIT_METRICS_PORT
+    try:   # a store that cannot be written would fail every job: say so now, and do not register
+        storage = open_storage(settings, check=True)
+    except StorageUnavailable as exc:
+        log.error("%s", exc)
+        return EXIT_STORAGE
     conn = connect(settings.redis_url, socket_timeout=None)
     name = settings.name or f"{socket.gethostname()}.{os.getpid()}"
     entry = WorkerEntry(name=name, model=settings.model, state="starting", max_batch=settings.max_batch,
@@ -87,17 +98,20 @@ def run(settings: WorkerSettings, pipeline=None, burst: bool = False) -> int:
     health = Health(conn, entry, settings.heartbeat_s, metrics, deadline_s=settings.worker_deadline_s,
                     grace_s=settings.drain_grace_s)
     health.start()
+    health.shutdown.start_watchdog()
     previous = _drain_on_signals(health)   # until RQ installs its own handlers
     try:
-        return _serve(settings, conn, health, metrics, pipeline, burst)
+        return _serve(settings, conn, health, metrics, storage, pipeline, burst)
     finally:
         _restore(previous)
         health.stop()
+        health.shutdown.disarm()
 
 
-def _serve(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetrics, pipeline, burst: bool) -> int:
+def _serve(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetrics, storage: Storage, pipeline,
+           burst: bool) -> int:
     try:
-        worker = _prepare(settings, conn, health, metrics, pipeline)
+        worker = _prepare(settings, conn, health, metrics, storage, pipeline)
     except Exception:
         log.exception("worker %s: could not start", health.entry.name)
         health.set_state("failed")
@@ -113,7 +127,8 @@ def _serve(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetric
     return 0 if (health.drain_requested or burst) else 1
 
 
-def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetrics, pipeline) -> BatchWorker:
+def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetrics, storage: Storage,
+             pipeline) -> BatchWorker:
     pipeline = pipeline or load_pipeline(settings)
     entry = health.entry
     settings = prepare_model(settings, pipeline)   # STAR_MAX_BATCH_AUTO, STAR_COMPILE (worker/speed.py)
@@ -127,8 +142,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
                        "max_batch": str(settings.max_batch), "max_wait_ms": str(settings.max_wait_ms)})
     health.publish()
     runner = BatchRunner(pipeline, metrics)
-    publisher = Publisher(LocalStorage(settings.storage_dir, settings.public_base_url), metrics, pipeline.name,
-                          settings.encode_threads)
+    publisher = Publisher(storage, metrics, pipeline.name, settings.encode_threads)
     if settings.warmup:
         runner.warm_up(entry.sampling)
     log.info("worker %s: model %s (%dpx) on %s; queue %s; batches of up to %d images, %d ms wait; "
@@ -142,7 +156,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
 
 def _drain_on_signals(health: Health) -> dict:
     def request_drain(signum, frame):
-        health.drain_requested = True
+        health.shutdown.signal()
 
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):

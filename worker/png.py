@@ -25,7 +25,7 @@ FILTERS = {"none": 0, "sub": 1, "up": 2, "average": 3, "paeth": 4}   # PNG filte
 
 
 def png_text(params: dict, seed: int, model: str) -> dict[str, str]:
-    """The text chunks of one image: its own seed (seed + i), and the whole request as JSON."""
+    """The text chunks of one image: its own seed (app.schemas.image_seed), and the whole request as JSON."""
     values = {**params, "seed": seed, "model": model}
     if values.get("guidance_stop_scale") is None:   # written only where fast guidance ran
         values.pop("guidance_stop_scale", None)

@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+from app.schemas import image_seed
 from app.storage import Storage, new_image_id
 from worker.metrics import WorkerMetrics
 from worker.png import encode_png, png_text
@@ -56,7 +57,7 @@ class Publisher:
         """Encode + store one job's images (uint8 [H, W, 3], seed order); their records."""
         records = []
         for i, image in enumerate(images):
-            seed = params["seed"] + i
+            seed = image_seed(params["seed"], i)
             image_id = new_image_id()
             self.storage.put(image_id, encode_png(image, png_text(params, seed, self.model_name)))
             height, width = image.shape[:2]

@@ -24,7 +24,7 @@ T = TypeVar("T")
 def retry_redis(action: Callable[[], T], what: str, give_up_s: float = 300.0,
                 stop: Callable[[], bool] = lambda: False) -> T:
     """action() retried with backoff (0.2 s doubling to 5 s) while Redis is unreachable; the
-    error is raised after give_up_s, or at once when stop() says so."""
+    error is raised after give_up_s, or as soon as stop() says so (checked while waiting too)."""
     delay, deadline = 0.2, time.monotonic() + give_up_s
     while True:
         try:
@@ -33,7 +33,11 @@ def retry_redis(action: Callable[[], T], what: str, give_up_s: float = 300.0,
             if time.monotonic() > deadline or stop():
                 raise
             log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
-        time.sleep(delay)
+            wake = time.monotonic() + delay
+            while time.monotonic() < wake and not stop():
+                time.sleep(min(0.1, delay))
+            if stop():
+                raise
         delay = min(2 * delay, 5.0)
 
 

@@ -10,7 +10,9 @@ calls `execute_job`; from there one batch follows the data path:
              or the job given back to the queue (app.jobs.release)
 
 The heartbeat thread (worker.health) keeps RQ's heartbeats of in-flight jobs alive, runs the
-reaper and, past the drain grace after SIGTERM, gives the running batch back.
+reaper and, past the drain grace after SIGTERM, gives the running batch back. Every Redis write
+that is retried stops retrying when the stop gives up on Redis (worker.stopping): its job is then
+left for the reaper.
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ class BatchWorker(RedisTolerant):
                                    max_wait_s=max_wait_ms / 1000.0)
         health.hooks += [self.beat_jobs, self.reap]
         health.grace_hooks.append(self.release_after_grace)
+        health.shutdown.unfinished = lambda: sorted(self._inflight)
+        self.gave_up = health.shutdown.give_up.is_set   # retried Redis writes stop when this is true
 
     # ------------------------------------------------------------ RQ hooks
 
@@ -128,12 +132,22 @@ class BatchWorker(RedisTolerant):
         return self.health.drain_requested
 
     def request_stop(self, signum, frame) -> None:
-        self.health.drain_requested = True
+        self.health.shutdown.signal()
         super().request_stop(signum, frame)
+
+    def request_force_stop(self, signum, frame) -> None:
+        self.health.shutdown.signal()   # a second signal: give up on Redis now (worker.stopping)
+        super().request_force_stop(signum, frame)
+
+    def set_shutdown_requested_date(self) -> None:
+        """Not written: RQ calls this from the signal handler, where a Redis that is down would fail
+        (or hang) whatever the main thread was doing, the model call included."""
 
     def teardown(self) -> None:
         self.publisher.close()   # finish publishing and recording the last batch first
         self._release(list(self._inflight.values()), count=False, reason="worker stopped")
+        if self._inflight:
+            log.warning("stopping with job(s) not recorded, left for the reaper: %s", ", ".join(sorted(self._inflight)))
         super().teardown()
 
     # ------------------------------------------------------------ heartbeat thread
@@ -148,7 +162,8 @@ class BatchWorker(RedisTolerant):
         """Re-queue the jobs of dead workers (at most one reaper acts per heartbeat period)."""
         for outcome in reaper.reap(self.connection, max_requeues=self.max_requeues,
                                    deadline_s=self.deadline_s, lock_s=self.health.period_s):
-            self.metrics.requeues.labels(f"reaper_{outcome.action}").inc()
+            if outcome.action != "expired":   # a queued job past its deadline: not a requeue
+                self.metrics.requeues.labels(f"reaper_{outcome.action}").inc()
 
     def release_after_grace(self) -> None:
         """The drain grace is over and the batch still runs: put its jobs back and stop it."""
@@ -169,11 +184,12 @@ class BatchWorker(RedisTolerant):
             return None
 
     def _give_back(self, job: Job) -> None:
-        retry_redis(lambda: claim.put_back(self, self.queues[0], job), f"job {job.id}: give back")
+        retry_redis(lambda: claim.put_back(self, self.queues[0], job), f"job {job.id}: give back", stop=self.gave_up)
 
     def _start(self, job: Job) -> InFlight | None:
         try:
-            started = retry_redis(lambda: claim.start(self, job, self.queues[0], self.sampling), f"job {job.id}: start")
+            started = retry_redis(lambda: claim.start(self, job, self.queues[0], self.sampling), f"job {job.id}: start",
+                                  stop=self.gave_up)
         except REDIS_DOWN:
             return None   # left in RQ's intermediate list: the reaper puts it back
         if isinstance(started, Expired):
@@ -257,9 +273,9 @@ class BatchWorker(RedisTolerant):
                 return False
             inflight.ending = True
         try:
-            owned = retry_redis(lambda: record(inflight.running), f"job {job.id}: record {status}")
+            owned = retry_redis(lambda: record(inflight.running), f"job {job.id}: record {status}", stop=self.gave_up)
         except Exception:
-            log.exception("job %s: could not record its outcome", job.id)
+            log.exception("job %s: could not record its outcome; left for the reaper", job.id)
             return False
         finally:
             with self._lock:
@@ -290,7 +306,8 @@ class BatchWorker(RedisTolerant):
             try:
                 action = retry_redis(lambda: release.release(
                     self.connection, running.job, running.token, [running.execution], count=count,
-                    max_requeues=self.max_requeues, reason=reason), f"job {running.job.id}: release", give_up_s=30)
+                    max_requeues=self.max_requeues, reason=reason), f"job {running.job.id}: release", give_up_s=30,
+                    stop=self.gave_up)
             except REDIS_DOWN:
                 action = None   # the reaper re-queues it once this worker's heartbeat is gone
             with self._lock:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from app.schemas import DEFAULT_SAMPLING, SAMPLING_FIELDS, GenerateRequest, allowed_range
+from app.schemas import DEFAULT_SAMPLING, SAMPLING_FIELDS, GenerateRequest, allowed_range, image_seed
 from model.request import ImageRequest
 
 MODEL_NAMES = {"guidance_scale": "cfg", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature"}
@@ -21,11 +21,12 @@ OPTION_NAMES = {GUIDANCE_STOP: "cfg_stop_scale"}   # optional fields: None (abse
 
 
 def image_requests(params: dict) -> list[ImageRequest]:
-    """The n model requests of one job (every sampling field filled): image i uses seed + i."""
+    """The n model requests of one job (every sampling field filled): image i uses
+    image_seed(seed, i), (seed + i) mod 2^32."""
     sampling = {MODEL_NAMES[name]: params[name] for name in SAMPLING_FIELDS}
     options = {model: params.get(api) for api, model in OPTION_NAMES.items()}
-    return [ImageRequest(prompt=params["prompt"], seed=params["seed"] + i, negative_prompt=params["negative_prompt"],
-                         **sampling, **options) for i in range(params["n"])]
+    return [ImageRequest(prompt=params["prompt"], seed=image_seed(params["seed"], i),
+                         negative_prompt=params["negative_prompt"], **sampling, **options) for i in range(params["n"])]
 
 
 def guidance_stop_default(stop: int | None, scales: int | None) -> int | None:

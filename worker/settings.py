@@ -28,7 +28,8 @@ class WorkerSettings(CommonSettings):
     encode_threads: int = Field(2, ge=1, description="Threads encoding and storing PNGs off the model's critical path.")
     trust_pickle: bool = Field(False, description="Allow loading pickled checkpoints (only files you trust).")
     drain_grace_s: float = Field(90.0, gt=0, description="After SIGTERM, how long the batch in progress may run "
-                                 "before its jobs are put back on the queue and the worker exits.")
+                                 "before its jobs are put back on the queue and the worker exits (at most 15 s "
+                                 "later whatever Redis does, worker/stopping.py).")
     max_batch_auto: bool = Field(False, description="On CUDA, size the max batch from the free GPU memory after "
                                  "loading (model/memory.py) instead of STAR_MAX_BATCH, and reserve its KV cache.")
     memory_margin: float = Field(0.1, ge=0, lt=1, description="Fraction of the free GPU memory that "

@@ -12,13 +12,17 @@ result TTLs tell the truth). Its life, in the order of the data path:
     finish   finish.py     worker claim the outcome with the token, record it (succeeded, failed,
                                   canceled; expired for a pulled job past its deadline)
     read     read.py       API    the job as clients see it; cancel.py: DELETE /jobs/{id}
+    notify   notify.py     both   every ending publishes the job's id (long-polls wake at once)
+    webhook  webhooks.py   both   a start or ending the job's webhook asked for leaves an event in
+                                  the outbox, in the same transaction; the API delivers it
 
 States (states.py, the one list): queued, running, succeeded, failed, canceled, expired.
 
     queued  -> running     a worker's start (claim.start), exclusive with a cancel (WATCH)
     queued  -> canceled    the API (cancel.request_cancel: RQ's cancel)
     queued  -> expired     read as such by the API once past its deadline; recorded by the worker
-                           that pulls it (finish.expired)
+                           that pulls it (finish.expired) or, while it still waits, by the reaper
+                           (finish.expire_queued), each under a WATCH of the job: once
     running -> succeeded | failed | canceled    the owning worker only (finish; the token claim)
     running -> queued      release.py: the reaper (its worker is lost) or the worker itself
                            (drain past its grace, device error, shutdown); counted requeues end

@@ -3,10 +3,13 @@ the per-key concurrent-job slots and the Idempotency-Key record. All in Redis, s
 across API replicas; the queue limit itself is checked atomically with the push (app.jobs.submit).
 
 - Rate: a fixed one-minute window counter per key name.
-- Slots: the set of a key's queued or running job ids, reserved atomically on accept and left when
-  the job ends (app.jobs.finish, app.jobs.release, app.jobs.read.request_cancel); members whose job
-  ended without telling (record expired, failed by RQ's own cleanup) are pruned when the set is
-  full, so a lost release never leaks a slot for good.
+- Slots: a sorted set of a key's queued or running job ids (scored by when each was reserved),
+  reserved atomically on accept (Lua: check and take in one step) and left when the job ends
+  (app.jobs.finish, app.jobs.release, app.jobs.cancel). When the set is full, members whose job
+  ended without telling (record expired, failed by RQ's own cleanup) are given back in the same
+  script that retries the reservation, so a lost release never leaks a slot for good; a member
+  with no job record yet is given back only once its reservation is older than SLOT_HOLD_S (its
+  POST is still between the reservation and the enqueue, or crashed there).
 - Idempotency: `star:idem:<key name>:<sha256 of the Idempotency-Key>` -> {"fingerprint": sha256
   of the canonical request, "job_id", "at"}, written with SET NX before the job is enqueued (the
   job id is chosen first) and kept STAR_RESULT_TTL_S. Same key and body: the same job; another
@@ -19,6 +22,7 @@ import json
 import logging
 import math
 import time
+from typing import cast
 
 from redis import Redis
 from rq.job import Job
@@ -57,27 +61,44 @@ def count_request(conn: Redis, name: str, limit: int, now: float | None = None) 
 # ---------------------------------------------------------------- slots
 
 def reserve_slot(conn: Redis, name: str, job_id: str, limit: int, ttl_s: int) -> bool:
-    """Take one of `name`'s `limit` job slots for job_id (atomic); False when all are held by
-    jobs that are still queued or running."""
-    key = keys.ACTIVE_KEY.format(name)
-    if conn.eval(keys.RESERVE_SLOT, 1, key, limit, job_id, ttl_s):
+    """Take one of `name`'s `limit` job slots for job_id; False when all are held by jobs that are
+    queued, running, or reserved and not yet enqueued. Check and take are one Lua script, so a
+    burst of POSTs never holds more than `limit` slots."""
+    key = keys.SLOTS_KEY.format(name)
+    if _reserve(conn, key, job_id, limit, ttl_s, []):
         return True
-    _prune_ended(conn, key)
-    return bool(conn.eval(keys.RESERVE_SLOT, 1, key, limit, job_id, ttl_s))
+    ended = _ended(conn, key)
+    return bool(ended) and _reserve(conn, key, job_id, limit, ttl_s, ended)
 
 
 def release_slot(conn, name: str, job_id: str) -> None:
     """Give back a slot (a job that was not queued after all, or one that ended); conn may be a pipeline."""
-    conn.srem(keys.ACTIVE_KEY.format(name), job_id)
+    conn.zrem(keys.SLOTS_KEY.format(name), job_id)
 
 
-def _prune_ended(conn: Redis, key: str) -> None:
-    members = sorted(as_text(m) for m in conn.smembers(key))
-    ended = [job_id for job_id, status in zip(members, public_statuses(conn, members))
-             if status not in ("queued", "running")]
+def held_slots(conn: Redis, name: str) -> set[str]:
+    """The job ids holding `name`'s slots."""
+    return set(_members(conn, keys.SLOTS_KEY.format(name)))
+
+
+def _reserve(conn: Redis, key: str, job_id: str, limit: int, ttl_s: int, give_back: list[str]) -> bool:
+    return bool(conn.eval(keys.RESERVE_SLOT, 1, key, limit, job_id, ttl_s, keys.SLOT_HOLD_S, *give_back))
+
+
+def _members(conn: Redis, key: str) -> list[str]:
+    return [as_text(m) for m in cast(list[bytes], conn.zrange(key, 0, -1))]
+
+
+def _ended(conn: Redis, key: str) -> list[str]:
+    """Members whose job ended without telling ('e:<id>'), and members with no job record ('g:<id>':
+    a record that expired, or a job not yet enqueued; the script tells them apart by age)."""
+    members = sorted(_members(conn, key))
+    ended = [("g:" if status == "gone" else "e:") + job_id
+             for job_id, status in zip(members, public_statuses(conn, members)) if status not in ("queued", "running")]
     if ended:
-        log.info("released %d job slot(s) of jobs that ended unseen: %s", len(ended), ", ".join(ended))
-        conn.srem(key, *ended)
+        log.info("job slots of %d job(s) that ended unseen or were never enqueued may be given back: %s",
+                 len(ended), ", ".join(ended))
+    return ended
 
 
 # ---------------------------------------------------------------- idempotency

@@ -22,7 +22,7 @@ from rq.job import Job, JobStatus
 from rq.utils import now
 from rq.worker import BaseWorker
 
-from app.jobs import finish
+from app.jobs import finish, webhooks
 from app.jobs.keys import OWNER_FIELD
 from app.jobs.rq_adapter import SERIALIZER, give_back, leave_intermediate, persist_record
 from app.jobs.states import is_expired
@@ -90,8 +90,7 @@ def start(worker: BaseWorker, job: Job, queue: Queue, defaults: dict) -> Running
                     pipe.execute()
                     return None
                 if is_expired(job):
-                    pipe.unwatch()
-                    return Expired(job.id, finish.expired(worker, job, queue))
+                    return Expired(job.id, finish.expired(worker, job, queue, pipe))
                 params = with_defaults(dict(job.kwargs), defaults)
                 job.meta["sampling"] = {name: params[name] for name in defaults}
                 execution = _start_writes(worker, pipe, job, queue, token)
@@ -112,6 +111,7 @@ def _start_writes(worker: BaseWorker, pipe, job: Job, queue: Queue, token: str) 
     pipe.hset(job.key, OWNER_FIELD, token)
     persist_record(pipe, job)                # as RQ's worker does: a started record no longer expires
     leave_intermediate(pipe, queue, job.id)
+    webhooks.record(pipe, job, webhooks.RUNNING)   # only if its webhook asked for `running`
     pipe.execute()
     worker.executions[execution.id] = execution
     return execution

@@ -6,12 +6,14 @@ recorded, and the caller drops what it made (its PNGs). The outcome is then writ
 transaction with RQ's public calls, as RQ's own worker would (status, the job record, the
 result, the registries, the execution, the worker's counters), plus the bookkeeping of any
 ending: the cancel flag removed, the API key's job slot left, the timings left for the API's
-histograms (`star:metrics:job_timings`, drained by GET /metrics).
+histograms (`star:metrics:job_timings`, drained by GET /metrics), the job's webhook event put in
+the outbox (app.jobs.webhooks) and its end announced to long-polls (app.jobs.notify).
 
 succeeded: result {"images": [{id, seed, width, height}], "prompt_truncated", "model_s", "encode_s"}
 failed:    meta error {code, message}; RQ's failure result carries the traceback, else `code: message`
 canceled:  RQ's cancel (CanceledJobRegistry)
-expired:   a pulled job past its deadline, never started: failed with code `expired`
+expired:   a job past its deadline, never started: failed with code `expired`, by the worker that
+           pulls it (`expired`) or by the reaper while it still waits in its queue (`expire_queued`)
 """
 from __future__ import annotations
 
@@ -19,16 +21,18 @@ import json
 import time
 from datetime import timedelta
 
-from redis import Redis
+from redis import Redis, WatchError
 from rq import Queue
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.utils import now
 from rq.worker import BaseWorker
 
-from app.jobs import keys
+from app.jobs import keys, notify, webhooks
 from app.jobs.admission import release_slot
-from app.jobs.rq_adapter import leave_intermediate
+from app.jobs.rq_adapter import SERIALIZER, leave_intermediate
+from app.jobs.states import is_expired
 
 
 def claim_outcome(conn: Redis, job: Job, token: str) -> bool:
@@ -69,7 +73,7 @@ def failed(worker: BaseWorker, running, code: str, message: str, exc_string: str
     job.meta.update(error={"code": code, "message": message}, progress=None)
     job.ended_at = now()
     with worker.connection.pipeline() as pipe:
-        _fail(worker, pipe, job, exc_string or f"JobFailed: {code}: {message}")
+        _fail(pipe, job, exc_string or f"JobFailed: {code}: {message}", worker.name)
         _end_execution(worker, pipe, running, success=False)
         _ended(pipe, job, "failed")
         pipe.execute()
@@ -92,26 +96,57 @@ def canceled(worker: BaseWorker, running) -> bool:
     return True
 
 
-def expired(worker: BaseWorker, job: Job, queue: Queue) -> str:
-    """A pulled job past its deadline: never run, failed with code `expired`; returns the message."""
+def expired(worker: BaseWorker, job: Job, queue: Queue, pipe) -> str:
+    """A pulled job past its deadline: never run, failed with code `expired`; returns the message.
+    `pipe` WATCHes the job: WatchError if it changed meanwhile (the reaper may have expired it)."""
+    message = _mark_expired(job)
+    pipe.multi()
+    _fail(pipe, job, f"JobExpired: {message}", worker.name)
+    worker.increment_failed_job_count(pipe)
+    leave_intermediate(pipe, queue, job.id)
+    _ended(pipe, job, "expired")
+    pipe.execute()
+    return message
+
+
+def expire_queued(conn: Redis, queue: Queue, job_id: str) -> bool:
+    """A job still waiting in `queue` past its deadline: taken off the queue and recorded as
+    expired, so that its end is announced and its webhook sent even when no worker of its model
+    pulls it any more (the reaper calls this). False when it is not (any more) a queued, overdue
+    job; a worker that pulls it meanwhile finds it ended and drops it (it WATCHes the job too)."""
+    with conn.pipeline() as pipe:
+        try:
+            pipe.watch(Job.key_for(job_id))
+            try:
+                job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)   # read after the WATCH
+            except NoSuchJobError:
+                return False
+            if job.get_status(refresh=False) != JobStatus.QUEUED or not is_expired(job):
+                return False
+            message = _mark_expired(job)
+            pipe.multi()
+            queue.remove(job.id, pipeline=pipe)
+            _fail(pipe, job, f"JobExpired: {message}", worker_name="")
+            _ended(pipe, job, "expired")
+            pipe.execute()
+            return True
+        except WatchError:
+            return False
+
+
+def _mark_expired(job: Job) -> str:
     waited = time.time() - job.enqueued_at.timestamp() if job.enqueued_at else float("nan")
     message = f"waited {waited:.1f}s in the queue, past its deadline"
     job.meta.update(error={"code": "expired", "message": message})
     job.ended_at = now()
-    with worker.connection.pipeline() as pipe:
-        _fail(worker, pipe, job, f"JobExpired: {message}")
-        worker.increment_failed_job_count(pipe)
-        leave_intermediate(pipe, queue, job.id)
-        _ended(pipe, job, "expired")
-        pipe.execute()
     return message
 
 
-def _fail(worker: BaseWorker, pipe, job: Job, exc_string: str) -> None:
+def _fail(pipe, job: Job, exc_string: str, worker_name: str) -> None:
     job.set_status(JobStatus.FAILED, pipeline=pipe)
     job.save(pipeline=pipe)
     job.failed_job_registry.add(job, ttl=job.failure_ttl, exc_string=exc_string, pipeline=pipe)
-    Result.create_failure(job, job.failure_ttl, exc_string=exc_string, worker_name=worker.name, pipeline=pipe)
+    Result.create_failure(job, job.failure_ttl, exc_string=exc_string, worker_name=worker_name, pipeline=pipe)
 
 
 def _end_execution(worker: BaseWorker, pipe, running, success: bool) -> None:
@@ -125,8 +160,10 @@ def _end_execution(worker: BaseWorker, pipe, running, success: bool) -> None:
 
 
 def _ended(pipe, job: Job, status: str) -> None:
-    """The bookkeeping of any ending, on the ending's pipeline."""
+    """The bookkeeping of any ending, on the ending's pipeline (webhook event and end notice included)."""
     pipe.delete(keys.CANCEL_KEY.format(job.id))
+    webhooks.record(pipe, job, status)
+    notify.announce_end(pipe, job.id)
     if (job.meta or {}).get("api_key"):
         release_slot(pipe, job.meta["api_key"], job.id)
     ended, enqueued, started = job.ended_at, job.enqueued_at, job.started_at

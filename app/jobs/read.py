@@ -1,11 +1,13 @@
 """Read (API side): a job as clients see it, queue depths, and the finished jobs' timings.
 
 JobState is built from RQ's record of the job: its status (app.jobs.states), kwargs (the request),
-meta (progress, the sampling values it runs with, model time, error) and result (image ids).
+meta (progress, the sampling values it runs with, model time, error, and `api_key`: the name of
+the API key that created it, its owner) and result (image ids).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
@@ -38,6 +40,7 @@ class JobState:
     images: list[dict] | None = None
     prompt_truncated: bool | None = None
     error: dict | None = None
+    owner: str | None = None   # the API key name that created it (None: created with keys off)
 
 
 def fetch_job(conn: Redis, job_id: str) -> Job | None:
@@ -53,15 +56,23 @@ def fetch_job(conn: Redis, job_id: str) -> Job | None:
     return job
 
 
+def job_owner(job: Job) -> str | None:
+    """The name of the API key that created the job (None when keys were off)."""
+    return (job.meta or {}).get("api_key")
+
+
 def public_statuses(conn: Redis, job_ids: list[str]) -> list[str]:
     """Public status of each id ('gone' when its record no longer exists)."""
     jobs = Job.fetch_many(job_ids, connection=conn, serializer=SERIALIZER) if job_ids else []
     return [public_status(job) if job is not None else "gone" for job in jobs]
 
 
-def read_job(conn: Redis, job_id: str) -> JobState | None:
+def read_job(conn: Redis, job_id: str, allowed: Callable[[str | None], bool] = lambda owner: True
+             ) -> JobState | None:
+    """The job as clients see it; None if it is unknown, or if allowed(its owner) is false (checked
+    before anything else is read, so another key's job costs what an unknown one does)."""
     job = fetch_job(conn, job_id)
-    if job is None:
+    if job is None or not allowed(job_owner(job)):
         return None
     meta = job.meta or {}
     state = JobState(
@@ -69,7 +80,7 @@ def read_job(conn: Redis, job_id: str) -> JobState | None:
         params={**job.kwargs, **(meta.get("sampling") or {})},   # sampling: the values the worker used
         queued_at=job.enqueued_at, started_at=job.started_at, finished_at=job.ended_at,
         model_s=meta.get("model_s"), error=meta.get("error"),
-        cancel_requested=bool(conn.exists(keys.CANCEL_KEY.format(job.id))),
+        cancel_requested=bool(conn.exists(keys.CANCEL_KEY.format(job.id))), owner=job_owner(job),
     )
     if state.status == "queued":
         state.queue_position = Queue(job.origin, connection=conn).get_job_position(job.id) or 0

@@ -6,7 +6,11 @@ heartbeat, the API every STAR_REAPER_S), looks at each star queue:
   expired are released: re-queued at the front, counting a requeue; past STAR_MAX_REQUEUES failed
   as `worker_lost`; canceled if their cancel was requested;
 - jobs left in RQ's intermediate list longer than the deadline (taken by a worker that died
-  before starting them) go back to the front of the queue.
+  before starting them) go back to the front of the queue;
+- jobs waiting past their own deadline (`deadline_at`) among the first OVERDUE_SCAN of the queue
+  (the oldest: new jobs go to the back) are recorded as expired (finish.expire_queued), so that
+  their end is announced and their webhook sent even when no worker of their model is left to
+  pull them (a worker that pulls one records it the same way).
 
 RQ's own cleanup fails a started job whose execution heartbeat is older than its TTL
 (AbandonedJobError) and a job stuck in the intermediate list for a minute. Workers give executions
@@ -29,12 +33,13 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.utils import as_text, now, utcformat
 
-from app.jobs import keys
+from app.jobs import finish, keys
 from app.jobs.release import release
 from app.jobs.rq_adapter import SERIALIZER, intermediate_has, leave_intermediate, star_queues, stored_status
 from app.jobs.workers import worker_alive
 
 log = logging.getLogger(__name__)
+OVERDUE_SCAN = 100   # queued jobs looked at per queue and pass, from the front
 
 
 def rq_execution_ttl(deadline_s: float) -> int:
@@ -46,7 +51,7 @@ def rq_execution_ttl(deadline_s: float) -> int:
 class Outcome:
     job_id: str
     worker: str
-    action: str      # requeued, failed, canceled, rescued
+    action: str      # requeued, failed, canceled, rescued, expired
 
 
 def reap(conn: Redis, *, max_requeues: int, deadline_s: float, lock_s: float) -> list[Outcome]:
@@ -59,6 +64,7 @@ def reap(conn: Redis, *, max_requeues: int, deadline_s: float, lock_s: float) ->
     for queue in star_queues(conn):
         outcomes += _reap_started(conn, queue, max_requeues)
         outcomes += _rescue_stranded(conn, queue, deadline_s)
+        outcomes += _expire_overdue(conn, queue)
     return outcomes
 
 
@@ -113,6 +119,23 @@ def _rescue_stranded(conn: Redis, queue: Queue, deadline_s: float) -> list[Outco
             log.warning("job %s: stranded in %s's intermediate list; back on the queue", job_id, queue.name)
             outcomes.append(Outcome(job_id, "", "rescued"))
     return outcomes
+
+
+def _expire_overdue(conn: Redis, queue: Queue) -> list[Outcome]:
+    """Record the overdue jobs among the first OVERDUE_SCAN of the queue as expired."""
+    job_ids = queue.get_job_ids(0, OVERDUE_SCAN)
+    deadlines = [_deadline(job) for job in Job.fetch_many(job_ids, connection=conn, serializer=SERIALIZER)]
+    outcomes, now_s = [], time.time()
+    for job_id, deadline in zip(job_ids, deadlines):
+        if deadline is not None and now_s > deadline and finish.expire_queued(conn, queue, job_id):
+            log.info("job %s: waited in %s past its deadline; recorded as expired", job_id, queue.name)
+            outcomes.append(Outcome(job_id, "", "expired"))
+    return outcomes
+
+
+def _deadline(job: Job | None) -> float | None:
+    deadline = (job.meta or {}).get("deadline_at") if job is not None else None
+    return float(deadline) if deadline is not None else None
 
 
 def _rescue(conn: Redis, queue: Queue, job_id: str) -> bool:

@@ -21,7 +21,7 @@ from rq.job import Job
 from rq.job_lifecycle import record_job_failure
 from rq.utils import now
 
-from app.jobs import keys
+from app.jobs import keys, notify, webhooks
 from app.jobs.admission import release_slot
 from app.jobs.rq_adapter import SERIALIZER
 
@@ -70,7 +70,7 @@ def _fail_lost(conn: Redis, job: Job, executions: list[Execution], requeues: int
             execution.delete(job=job, pipeline=pipe)
         job.save(pipeline=pipe)
         record_job_failure(job, f"WorkerLost: {message}", pipe)
-        _left(pipe, job)
+        _left(pipe, job, "failed")
         pipe.execute()
 
 
@@ -89,11 +89,13 @@ def _cancel(conn: Redis, job: Job, executions: list[Execution]) -> None:
         pass
     with conn.pipeline() as pipe:
         job.cleanup(job.result_ttl or keys.CANCEL_FLAG_TTL_S, pipeline=pipe)
-        _left(pipe, job)
+        _left(pipe, job, "canceled")
         pipe.execute()
 
 
-def _left(pipe, job: Job) -> None:
+def _left(pipe, job: Job, status: str) -> None:
     pipe.delete(keys.CANCEL_KEY.format(job.id))
+    webhooks.record(pipe, job, status)
+    notify.announce_end(pipe, job.id)
     if (job.meta or {}).get("api_key"):
         release_slot(pipe, job.meta["api_key"], job.id)

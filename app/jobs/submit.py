@@ -3,7 +3,8 @@
 The job calls JOB_FUNC with the request parameters as kwargs (JSON serializer), so `rq info`
 shows queues, jobs and workers; its meta (written here, then only by the worker that runs it)
 carries `model`, `images` (n), `deadline_at` (unix time after which a still-queued job is
-`expired`) and, with API keys on, `api_key` (whose job slot it holds). The queue limit is checked
+`expired`), with API keys on `api_key` (whose job slot it holds), and with a webhook `webhook`
+({"url", "events"}: app.jobs.webhooks). The queue limit is checked
 atomically with the push: a reservation in `star:admit:<queue>` covers the POSTs between the check
 and the push, so that queue depth + reservations never exceed the limit however many POSTs race.
 """
@@ -30,8 +31,8 @@ def admit(conn: Redis, queue: Queue, job_id: str, limit: int) -> bool:
 
 
 def enqueue(conn: Redis, params: dict, model: str, *, job_id: str, deadline_s: float, result_ttl: int,
-            failure_ttl: int, queue_limit: int | None = None, api_key: str | None = None
-            ) -> tuple[Job, int] | None:
+            failure_ttl: int, queue_limit: int | None = None, api_key: str | None = None,
+            webhook: dict | None = None) -> tuple[Job, int] | None:
     """Put one request on its model's queue; returns the job and its queue position, or None when
     the queue already holds `queue_limit` jobs."""
     queue = get_queue(conn, model)
@@ -40,6 +41,8 @@ def enqueue(conn: Redis, params: dict, model: str, *, job_id: str, deadline_s: f
     meta: dict = {"model": model, "images": params["n"], "deadline_at": time.time() + deadline_s}
     if api_key:
         meta["api_key"] = api_key
+    if webhook:
+        meta["webhook"] = webhook
     try:
         with conn.pipeline() as pipe:
             job = queue.enqueue_call(

@@ -43,7 +43,7 @@ def test_local_storage_round_trip(tmp_path):
     assert storage.get(new_image_id()) is None
     with pytest.raises(ValueError):
         storage.path("../../etc/passwd")
-    assert storage.find("../secret") is None
+    assert storage.get("../secret") is None and storage.open("../secret") is None
     assert not list(tmp_path.rglob(".tmp-*"))
 
 

@@ -23,7 +23,8 @@ def stack(new_redis_db, tmp_path_factory, worker_process, api_server):
         "STAR_MODEL": "tiny", "STAR_MAX_BATCH": "8", "STAR_MAX_WAIT_MS": "50", "STAR_WARMUP": "false",
         "TEST_SCALE_DELAY_MS": str(SCALE_DELAY_MS)})
     with worker:
-        settings = ApiSettings(redis_url=redis_url, storage_dir=data / "images")
+        # event streams read the job every 0.1 s: the clients' progress shows (nearly) every scale
+        settings = ApiSettings(redis_url=redis_url, storage_dir=data / "images", events_poll_s=0.1)
         with api_server(settings) as api:
             api.redis_url, api.worker, api.data = redis_url, worker, data
             yield api

@@ -19,6 +19,7 @@ from PIL import Image
 
 from app import cli
 from client import cli as cli_generate
+from client.waiting import LONG_POLL_S
 from app.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,10 +44,22 @@ def job_id(stderr: str) -> str:
     return re.search(r"job ([0-9a-f-]{36}) queued", stderr).group(1)
 
 
+def job_reads(stack) -> dict[str, float]:
+    """GET requests the API has answered so far on the job's route and on its event stream."""
+    counts = {"/jobs/{job_id}": 0.0, "/jobs/{job_id}/events": 0.0}
+    for line in stack.client.get("/metrics").text.splitlines():
+        route = re.search(r'^star_api_requests_total\{.*method="GET".*route="([^"]+)"', line)
+        if route and route.group(1) in counts:
+            counts[route.group(1)] += float(line.split()[-1])
+    return counts
+
+
 def test_generate_saves_numbered_pngs_and_prints_path_seed_size(stack, tmp_path):
+    streams = job_reads(stack)["/jobs/{job_id}/events"]
     result = star("a red fox in snow", "-o", "out/fox.png", "--n", "2", "--seed", "7", "--guidance", "3",
                   cwd=tmp_path, env={"STAR_SERVER": stack.url})
     assert result.returncode == 0, result.stderr
+    assert job_reads(stack)["/jobs/{job_id}/events"] == streams + 1   # progress from one event stream
     assert result.stdout.splitlines() == ["out/fox-0.png 7 256x256", "out/fox-1.png 8 256x256"]
     for i in range(2):
         image = Image.open(tmp_path / f"out/fox-{i}.png")
@@ -59,10 +72,16 @@ def test_generate_saves_numbered_pngs_and_prints_path_seed_size(stack, tmp_path)
 
 
 def test_default_name_comes_from_the_prompt_and_quiet_keeps_stderr_clean(stack, tmp_path):
+    before, started = job_reads(stack), time.monotonic()
     result = star("A Lighthouse, at dusk!", "--server", stack.url, "--quiet", cwd=tmp_path)
+    took, after = time.monotonic() - started, job_reads(stack)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("a-lighthouse-at-dusk.png ") and result.stderr == ""
     assert (tmp_path / "a-lighthouse-at-dusk.png").is_file()
+    # --quiet waits with long-polls: one GET per window used (one unless the machine is very slow), no stream
+    gets = after["/jobs/{job_id}"] - before["/jobs/{job_id}"]
+    assert 1 <= gets <= 1 + took // LONG_POLL_S
+    assert after["/jobs/{job_id}/events"] == before["/jobs/{job_id}/events"]
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -151,6 +170,24 @@ def test_sampling_options_are_sent_only_when_given(tmp_path, capsys):
     run_mocked(handler, tmp_path, "--top-k", "0", "--temperature", "0.5")
     assert bodies[0] == {"prompt": "a fox", "n": 1}
     assert bodies[1] == {"prompt": "a fox", "n": 1, "top_k": 0, "temperature": 0.5}
+
+
+def test_webhook_options_are_sent_and_checked(tmp_path, capsys):
+    bodies = []
+
+    def handler(request):
+        if request.method == "POST":
+            bodies.append(json.loads(request.content))
+            return httpx.Response(202, json={"id": JOB_ID, "status_url": "x", "queue_position": 0})
+        return httpx.Response(200, json={"id": JOB_ID, "status": "failed", "model": "shapes", "request": PARAMS,
+                                         "timings": {}, "error": {"code": "model_error", "message": "x"}})
+    run_mocked(handler, tmp_path, "--webhook-url", "https://hooks.example.com/star", "--webhook-events",
+               "running,final")
+    assert bodies[0]["webhook_url"] == "https://hooks.example.com/star"
+    assert bodies[0]["webhook_events"] == ["running", "final"]
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args(["generate", "a fox", "--webhook-events", "done"])
+    assert caught.value.code == 2 and "expected `final` or `running,final`" in capsys.readouterr().err
 
 
 def test_output_names():

@@ -63,7 +63,29 @@ def test_api_image_is_slim_python_without_torch(dockerfile, root):
     assert "/tmp/api.txt" in api and "worker.txt" not in api
     requirements = " ".join(args for _, args in dockerfile["requirements"])
     api_list = requirements.split("/tmp/api.txt", 1)[1].split("/tmp/worker.txt", 1)[0]
-    assert "e['api'] + e['client']" in api_list and "'worker'" not in api_list   # the api and client extras only
+    assert "e['api'] + e['client']" in api_list and "'worker'" not in api_list   # no worker extra
+
+
+def test_requirement_lists_of_the_requirements_stage(dockerfile, root, tmp_path):
+    """The stage's script, run on pyproject.toml: each image gets its extras' pinned requirements
+    (boto3 for S3 storage in both), no `star-service[...]` self-reference pip cannot resolve there."""
+    import subprocess
+    import sys
+
+    from packaging.requirements import Requirement
+
+    (run,) = [args for name, args in dockerfile["requirements"] if name == "RUN"]
+    script = re.fullmatch(r'python -c "(.*)"', run, re.DOTALL).group(1)
+    for name in ("pyproject.toml", "api.txt", "worker.txt"):
+        script = script.replace(f"/tmp/{name}", str(tmp_path / name))
+    (tmp_path / "pyproject.toml").write_text((root / "pyproject.toml").read_text())
+    subprocess.run([sys.executable, "-c", script], check=True)
+    lists = {image: {Requirement(line).name: Requirement(line) for line in
+                     (tmp_path / f"{image}.txt").read_text().splitlines()} for image in ("api", "worker")}
+    assert {"fastapi", "redis", "rq", "httpx", "boto3"} <= set(lists["api"]) and "torch" not in lists["api"]
+    assert {"fastapi", "redis", "rq", "torch", "isal", "boto3"} <= set(lists["worker"])
+    assert "star-service" not in set(lists["api"]) | set(lists["worker"])
+    assert str(lists["worker"]["boto3"].specifier).startswith("==")
 
 
 def test_worker_image_uses_a_cuda_pytorch_base_in_the_worker_extra_range(root):

@@ -1,7 +1,9 @@
 """deploy/k8s: the manifests parse, use only real settings and `star` subcommands, and wire the
-GPU workers, probes, KEDA autoscaling and Prometheus the way the code expects."""
+GPU workers, probes, KEDA autoscaling, Prometheus and the S3 image store the way the code expects;
+deploy/k8s-volume (the same stack with a shared images volume) patches them into a valid whole."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,12 @@ import yaml
 
 @pytest.fixture(scope="module")
 def manifests(root, yaml_docs) -> dict[tuple[str, str], dict]:
+    return load_manifests(root / "deploy/k8s", yaml_docs)
+
+
+def load_manifests(folder: Path, yaml_docs) -> dict[tuple[str, str], dict]:
     objects = {}
-    for path in sorted((root / "deploy/k8s").glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         for doc in yaml_docs(path):
@@ -55,7 +61,9 @@ def test_every_star_variable_is_a_setting(manifests, unknown_vars):
     for name, container in star_containers(manifests):
         env_names = [e["name"] for e in container.get("env", [])]
         assert unknown_vars(env_names) == [], name
-        assert [ref["configMapRef"]["name"] for ref in container["envFrom"]] == ["star-config"]
+        config, secret = container["envFrom"]
+        assert config["configMapRef"]["name"] == "star-config"
+        assert secret["secretRef"] == {"name": "star-s3", "optional": True}   # S3 keys, unless a role
 
 
 def test_configmap_values_are_valid_settings(manifests, monkeypatch):
@@ -105,17 +113,87 @@ def test_worker_gets_one_gpu_and_read_only_weights(manifests):
     assert volumes["weights"]["persistentVolumeClaim"]["readOnly"] is True
     config = manifests[("ConfigMap", "star-config")]["data"]
     assert config["STAR_MODEL"].startswith(mounts["weights"]["mountPath"] + "/")
-    assert mounts["images"]["mountPath"] == config["STAR_STORAGE_DIR"]
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
-def test_images_volume_is_shared_read_write_many(manifests):
-    claim = manifests[("PersistentVolumeClaim", "star-images")]
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+def test_images_go_to_an_s3_bucket_without_a_shared_volume(manifests):
+    from app.storage_s3 import S3Location
+
+    config = manifests[("ConfigMap", "star-config")]["data"]
+    assert S3Location.parse(config["STAR_STORAGE_URL"]).prefix and "STAR_STORAGE_DIR" not in config
+    assert ("PersistentVolumeClaim", "star-images") not in manifests
+    assert ("ServiceAccount", "star") in manifests
     for name in ("star-api", "star-worker"):
-        volumes = manifests[("Deployment", name)]["spec"]["template"]["spec"]["volumes"]
-        claims = [v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v]
-        assert "star-images" in claims, name
+        pod = manifests[("Deployment", name)]["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "star"   # a role for the bucket can be bound to it
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert "star-images" not in claims, name
+
+
+def apply_json_patch(document: dict, operations: list[dict]) -> dict:
+    """The RFC 6902 operations kustomize applies (add, remove, replace) to a copy of document."""
+    document = copy.deepcopy(document)
+    for op in operations:
+        *parents, last = [part.replace("~1", "/").replace("~0", "~") for part in op["path"].split("/")[1:]]
+        target = document
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        if op["op"] == "remove":
+            del target[int(last) if isinstance(target, list) else last]
+        elif isinstance(target, list) and last == "-":
+            target.append(op["value"])
+        else:
+            target[int(last) if isinstance(target, list) else last] = op["value"]
+    return document
+
+
+def test_the_shared_volume_variant_mounts_one_read_write_many_volume_everywhere(root, manifests, yaml_docs,
+                                                                              monkeypatch):
+    from app.settings import ApiSettings
+    from worker.settings import WorkerSettings
+
+    folder = root / "deploy/k8s-volume"
+    (kustomization,) = yaml_docs(folder / "kustomization.yaml")
+    assert kustomization["resources"][0] == "../k8s"
+    objects = {**manifests, **load_manifests(folder, yaml_docs)}
+    assert set(kustomization["resources"][1:]) == {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
+    for patch in kustomization["patches"]:
+        key = (patch["target"]["kind"], patch["target"]["name"])
+        objects[key] = apply_json_patch(objects[key], yaml.safe_load(patch["patch"]))
+    claim = objects[("PersistentVolumeClaim", "star-images")]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    config = objects[("ConfigMap", "star-config")]["data"]
+    assert "STAR_STORAGE_URL" not in config and not any(k.startswith("STAR_S3_") for k in config)
+    for name in ("star-api", "star-worker"):
+        pod = objects[("Deployment", name)]["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] in volumes
+                    and volumes[m["name"]].get("persistentVolumeClaim", {}).get("claimName") == "star-images"]
+        assert mount["mountPath"] == config["STAR_STORAGE_DIR"], name
+    for key, value in config.items():
+        monkeypatch.setenv(key, value)
+    assert ApiSettings().image_urls == "local" and WorkerSettings().storage_url is None
+
+
+@pytest.mark.parametrize("folder", ["deploy/k8s", "deploy/k8s-volume"])
+def test_kubectl_builds_both_variants_as_tested_here(root, folder, manifests, yaml_docs):
+    """Where kubectl is installed, its kustomize agrees with the patching above."""
+    import shutil
+    import subprocess
+
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl not installed")
+    built = subprocess.run(["kubectl", "kustomize", str(root / folder)], capture_output=True, text=True,
+                           timeout=60, check=True).stdout
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built) if d}
+    config = objects[("ConfigMap", "star-config")]["data"]
+    volume = folder.endswith("volume")
+    assert ("STAR_STORAGE_DIR" in config) is volume and ("STAR_STORAGE_URL" in config) is not volume
+    assert (("PersistentVolumeClaim", "star-images") in objects) is volume
+    for name in ("star-api", "star-worker"):
+        mounts = [m["mountPath"] for m in objects[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+                  ["volumeMounts"]]
+        assert ("/data/images" in mounts) is volume, (folder, name)
 
 
 def test_keda_scales_workers_on_the_rq_queue_of_the_model(manifests):

@@ -53,7 +53,7 @@ def test_makefile_torch_pin_is_in_the_worker_range_and_installed_first(root, pro
     (torch,) = [r for r in worker if r.name == "torch"]
     assert version in torch.specifier
     recipe = makefile.split("$(STAMP):", 1)[1]
-    assert recipe.index('"$(TORCH)"') < recipe.index('-e ".[client,worker,dev]"')
+    assert recipe.index('"$(TORCH)"') < recipe.index('-e ".[client,worker,s3,dev]"')
 
 
 def test_ci_runs_make_test_and_fails_on_failure(root):

@@ -112,6 +112,25 @@ def test_concurrent_requests_are_batched_and_each_matches_its_solo_run(service):
     assert metric(metrics, "star_worker_state", {"star_worker_state": "ready"}) == 1
 
 
+def test_every_reported_seed_reproduces_its_image_alone_even_past_the_largest_seed(service):
+    """Image i of (seed, n) uses (seed + i) mod 2^32: the seeds reported wrap past 4294967295 and each
+    one, posted back with n=1, gives that image's pixels."""
+    client = service.client
+    body = {"prompt": "a red kite over the sea", "seed": 4294967294, "n": 3}
+    view = wait_done(client, client.post("/generate", json=body).json()["id"])
+    assert view["status"] == "succeeded", view
+    assert [i["seed"] for i in view["images"]] == [4294967294, 4294967295, 0]
+    for image in view["images"]:
+        png = Image.open(io.BytesIO(client.get(image["url"]).content))
+        assert png.text["seed"] == str(image["seed"]) and json.loads(png.text["parameters"])["seed"] == image["seed"]
+        again = client.post("/generate", json={**body, "seed": image["seed"], "n": 1})
+        assert again.status_code == 202, again.text
+        alone = wait_done(client, again.json()["id"])
+        assert np.array_equal(pixels(client, image["url"]), pixels(client, alone["images"][0]["url"])), image["seed"]
+    first, last = (pixels(client, view["images"][k]["url"]) for k in (0, 2))
+    assert np.count_nonzero(first != last) > 0.5 * first.size   # different seeds, different images (control)
+
+
 def test_invalid_and_unknown(service):
     client = service.client
     error = client.post("/generate", json={"prompt": "x", "size": 1024}).json()["error"]

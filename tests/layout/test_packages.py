@@ -111,3 +111,19 @@ def test_the_client_mirrors_the_one_list_of_final_states():
     from client.types import TERMINAL_STATUSES
 
     assert TERMINAL_STATUSES == frozenset(FINAL)
+
+
+def test_the_worker_never_reaches_a_webhook_receiver(graph):
+    """Webhooks are delivered by API processes only (the GPU never waits on a receiver): nothing the
+    worker imports, directly or not, is the deliverer or speaks HTTP as a client."""
+    reachable, todo = set(), [name for name in graph if name.split(".")[0] == "worker"]
+    while todo:
+        name = todo.pop()
+        if name not in reachable:
+            reachable.add(name)
+            todo.extend(graph.get(name, ()))
+    assert not reachable & {"app.webhook_delivery", "app.webhook_targets"}
+    http_clients = re.compile(r"^\s*(import|from)\s+(httpx|requests|aiohttp|urllib3|urllib\.request|http\.client)\b",
+                              re.M)
+    paths = modules()
+    assert not [name for name in sorted(reachable) if http_clients.search(paths[name].read_text())]

@@ -5,10 +5,13 @@ noop pipeline (STAR_MODEL=noop:SIZE), wrapped by fault injection set from the en
   TEST_SLOW_PROMPT: if set, only calls with a prompt containing this word are slowed;
 - TEST_OOM_ABOVE=K: torch.OutOfMemoryError for a call of more than K images, and
   TEST_OOM_PROMPT: for any call holding a prompt with this word (an image that never fits);
-- TEST_DEVICE_ERROR=1: every call raises CUDA's "illegal memory access" RuntimeError.
+- TEST_DEVICE_ERROR=1: every call raises CUDA's "illegal memory access" RuntimeError;
+- TEST_STOP_AFTER_STORE=1: the process stops itself (SIGSTOP, as a stalled node) right after storing
+  its first job's PNGs, before recording the job; SIGCONT resumes it.
 """
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -43,4 +46,19 @@ def faulty_generate(requests, *, on_scale=None):
 
 
 pipeline.generate = faulty_generate
+
+if os.environ.get("TEST_STOP_AFTER_STORE") == "1":
+    from worker.publish import Publisher
+
+    store = Publisher.store
+    stopped = []
+
+    def store_then_stop(self, params, images):
+        records = store(self, params, images)
+        if not stopped:
+            stopped.append(True)
+            logging.getLogger("faulty").info("stored %d images; stopping", len(records))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return records
+    Publisher.store = store_then_stop
 sys.exit(run(settings, pipeline=pipeline))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.jobs.keys import ACTIVE_KEY
+from app.jobs.admission import held_slots
 from app.jobs.read import queue_depth
 from app.jobs.rq_adapter import connect, get_queue, queue_name
 from app.jobs.workers import WorkerEntry, publish_worker
@@ -123,7 +123,7 @@ def test_concurrent_jobs_per_key_are_limited_and_freed_on_cancel_and_expiry(make
     time.sleep(1.1)   # second and third expire in the queue (no worker): their slots are pruned
     assert [client.post("/generate", json=BODY, headers=bearer("alice")).status_code for _ in range(3)] \
         == [202, 202, 429]
-    assert second not in {m.decode() for m in conn.smembers(ACTIVE_KEY.format("alice"))}
+    assert second not in held_slots(conn, "alice")
 
 
 def test_a_job_slot_is_freed_when_a_worker_ends_the_job(env_stack, h, tmp_path, redis_url):
@@ -136,7 +136,7 @@ def test_a_job_slot_is_freed_when_a_worker_ends_the_job(env_stack, h, tmp_path, 
         job_id = h.post(api.client, prompt)
         assert h.wait_job(api.client, job_id, timeout=30)["status"] == status
     conn = connect(redis_url)
-    assert conn.scard(ACTIVE_KEY.format("alice")) == 0
+    assert held_slots(conn, "alice") == set()
 
 
 # ------------------------------------------------------------------------------------ Idempotency-Key
