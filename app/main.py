@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from starlette.concurrency import run_in_threadpool
 
 from app import auth, events, openai_compat
+from app.body import JsonRoute
 from app.context import Context, WorkerCache
 from app.errors import Forbidden, ImageNotFound, JobConflict, NoWorker, install_error_handlers
 from app.guards import BodySizeLimit, check_prompt_length, require_key
@@ -66,6 +67,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                               "the job ends, or give a `webhook_url` to be called.",
                   lifespan=partial(_lifespan, ctx))
     app.state.ctx = ctx
+    app.router.route_class = JsonRoute   # bodies parsed by app.body (clear errors for unreadable ones)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     ctx.metrics.install(app)   # outermost: refused requests are counted too
@@ -223,8 +225,10 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
         return await ctx.ends.wait(job_id, wait, partial(run_in_threadpool, read_view, job_id, caller),
                                    attrgetter("status"))
 
-    @app.delete("/jobs/{job_id}", response_model=JobView, responses=errors(401, 404, 409, 413, 429, 503),
-                tags=["jobs"], dependencies=AUTH)
+    @app.delete("/jobs/{job_id}", response_model=JobView, tags=["jobs"], dependencies=AUTH, responses={
+                202: {"model": JobView, "description": "The job is running: it stops at its next scale boundary "
+                      "(`cancel_requested` is true; poll until `canceled`)"},
+                **errors(401, 404, 409, 413, 429, 503)})
     def cancel_job(job_id: str, response: Response, caller: Caller) -> JobView:
         """Cancel: a queued job at once (200, also for a job already canceled); a running one at
         its next scale boundary (202, poll until `canceled`). 409 for finished jobs; 404 for
@@ -306,11 +310,12 @@ def _models(ctx: Context) -> ModelsOut:
         for e in entries:
             states[e.state] = states.get(e.state, 0) + 1
         sampling = next((e.sampling for e in entries if e.sampling), None)
+        examples = next((e.example_prompts for e in entries if e.example_prompts), [])
         loaded = next((e for e in entries if e.scales), None)
         out.append(ModelOut(name=model, size=size, queue=queue_name(model), workers=len(entries),
                             queue_depth=read.queue_depth(ctx.redis, model), states=states,
                             max_batch=max(e.max_batch for e in entries), sampling=sampling,
-                            scales=loaded.scales if loaded else None,
+                            example_prompts=examples, scales=loaded.scales if loaded else None,
                             guidance_stop_scale=loaded.guidance_stop_scale if loaded else None))
     sizes = served_sizes(e for es in groups.values() for e in es)
     return ModelsOut(models=out, sizes=sizes, default_size=max(sizes) if sizes else None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import re
 import time
@@ -30,7 +31,8 @@ from pydantic import ValidationError
 from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import ApiError, RedisUnavailable, status_for, validation_message
+from app.body import EXAMPLE_BODY, JsonRoute, describe_json_error
+from app.errors import REDIS_RETRY_AFTER_S, ApiError, RedisUnavailable, status_for, validation_message
 from app.jobs.cancel import request_cancel
 from app.jobs.read import JobState, read_job
 from app.jobs.states import ACTIVE
@@ -59,15 +61,16 @@ class OpenAIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
     @classmethod
-    def from_api_error(cls, exc: ApiError) -> "OpenAIError":
+    def from_api_error(cls, exc: ApiError, retry_after_s: int) -> "OpenAIError":
         status = status_for(exc)
-        return cls(400 if status == 422 else status, exc.message, param=exc.field, code=exc.code, headers=exc.headers)
+        headers = exc.headers if status not in (429, 503) else {"Retry-After": str(retry_after_s), **exc.headers}
+        return cls(400 if status == 422 else status, exc.message, param=exc.field, code=exc.code, headers=headers)
 
 
 def translate(body: object, served: list[WorkerEntry]) -> tuple[GenerateRequest, str]:
     """(the STAR request, response_format) for an OpenAI request body; OpenAIError if invalid."""
     if not isinstance(body, dict):
-        raise OpenAIError(400, "the body must be a JSON object, e.g. {\"prompt\": \"a red fox\"}")
+        raise OpenAIError(400, f"the body must be a JSON object, e.g. {EXAMPLE_BODY}")
     response_format = body.get("response_format") or "url"
     if response_format not in ("url", "b64_json"):
         raise OpenAIError(400, f"response_format must be 'url' or 'b64_json', not {response_format!r}",
@@ -164,7 +167,7 @@ async def _disconnected(request: Request) -> None:
 
 
 def create_router(settings: ApiSettings) -> APIRouter:
-    router = APIRouter(tags=["openai"])
+    router = APIRouter(tags=["openai"], route_class=JsonRoute)
 
     @router.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": {"type": "object", "required": ["prompt"], "properties": {
@@ -182,8 +185,10 @@ def create_router(settings: ApiSettings) -> APIRouter:
         try:
             try:
                 body = await request.json()
+            except json.JSONDecodeError as exc:
+                raise OpenAIError(400, describe_json_error(exc.doc, exc.pos, exc.msg)) from None
             except ValueError:
-                raise OpenAIError(400, "the body is not valid JSON") from None
+                raise OpenAIError(400, "the body is not valid JSON in UTF-8") from None
             served = await run_in_threadpool(live_workers, ctx.redis)
             star_request, response_format = translate(body, served)
             accepted = await run_in_threadpool(_generate_endpoint(request.app), body=star_request, response=Response())
@@ -196,10 +201,10 @@ def create_router(settings: ApiSettings) -> APIRouter:
         except OpenAIError as exc:
             return exc.response()
         except ApiError as exc:
-            return OpenAIError.from_api_error(exc).response()
+            return OpenAIError.from_api_error(exc, settings.retry_after_s).response()
         except RedisError as exc:
             log.warning("redis unavailable: %s", exc)
-            return OpenAIError(503, f"the job store (Redis) is unavailable: {exc}",
-                               code=RedisUnavailable.code).response()
+            return OpenAIError(503, f"the job store (Redis) is unavailable: {exc}", code=RedisUnavailable.code,
+                               headers={"Retry-After": str(REDIS_RETRY_AFTER_S)}).response()
 
     return router

@@ -1,7 +1,9 @@
 """Per-request parameters and response bodies of the HTTP API (pydantic).
 
 The bounds declared here are the single source of the allowed ranges: validation uses them and
-`allowed_range()` turns them into the text of a 422 message.
+`allowed_range()` turns them into the text of a 422 message. Types are strict, as JSON has them: an
+integer field takes only a JSON integer (not `true`, `"2"` or `128.0`), a number field a finite JSON
+number (integers included; not NaN or Infinity), a text field a string. `-0.0` reads as 0.0.
 
 Sampling fields (guidance_scale, top_k, top_p, temperature) left out of a request are None: the
 worker that runs the job fills them once, when it starts the job, from its model's defaults (the
@@ -44,11 +46,12 @@ GUIDANCE_STOP = ("Fast guidance (opt-in): the index of the first scale sampled w
 class GenerateRequest(BaseModel):
     """Body of `POST /generate`. Unknown fields are rejected."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     prompt: str = Field(..., min_length=1, max_length=2000, description="What to draw (CLIP reads the first 77 tokens).")
     negative_prompt: str = Field("", max_length=2000, description="What to steer away from (guidance's unconditional side).")
-    size: int | None = Field(None, ge=64, le=4096, description="Image side in pixels; one of the sizes live workers serve (GET /models). Default: the largest served.")
+    size: int | None = Field(None, ge=64, le=4096, description="Image side in pixels, an integer (128, not "
+                             "\"128x128\"); one of the sizes live workers serve (GET /models). Default: the largest served.")
     n: int = Field(1, ge=1, le=4, description="Number of images; image i uses seed (seed + i) mod 2^32.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; chosen by the server and reported when absent. Image i uses (seed + i) mod 2^32: each image's own seed is reported, and that seed with n=1 reproduces the image.")
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="Classifier-free guidance scale (ramped "
@@ -75,6 +78,11 @@ class GenerateRequest(BaseModel):
         if not value.strip():
             raise ValueError("must contain non-whitespace text")
         return value
+
+    @field_validator("guidance_scale", "top_p", "temperature")
+    @classmethod
+    def _no_negative_zero(cls, value: float | None) -> float | None:
+        return None if value is None else value + 0.0   # -0.0 + 0.0 == +0.0: one zero in records and PNGs
 
 
 def allowed_range(field: str) -> str | None:
@@ -215,6 +223,8 @@ class ModelOut(BaseModel):
                                "to this (null until a worker has loaded it).")
     guidance_stop_scale: int | None = Field(None, description="The workers' default first scale without "
                                             "guidance (STAR_GUIDANCE_STOP_SCALE); null: guidance on every scale.")
+    example_prompts: list[str] = Field(default_factory=list, description="Prompts this model draws well, from "
+                                       "its config.json (empty when it names none, or until a worker has loaded it).")
 
 
 class ModelsOut(BaseModel):

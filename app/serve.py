@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
+from redis import RedisError
+
 
 def http_get(url: str, timeout: float) -> tuple[int, str]:
     try:
@@ -86,18 +88,27 @@ def _label(child: subprocess.Popen) -> str:
     return "star " + " ".join(cast(list[str], child.args)[3:])  # args: python -m app.cli SUBCOMMAND ...
 
 
-def _wait_ready(url: str, children: Sequence[subprocess.Popen], timeout_s: float) -> None:
+def _wait_ready(url: str, redis_url: str, children: Sequence[subprocess.Popen], timeout_s: float) -> None:
+    """Until /readyz answers 200. While the worker loads its model the registry is read in Redis
+    instead of polling /readyz, whose 503s would fill the API's access log (one line a second)."""
+    from app.jobs.rq_adapter import connect
+    from app.jobs.workers import READY_STATES, live_workers
+
+    conn = connect(redis_url, socket_timeout=2.0, retries=0)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for child in children:
-            if child.poll() is not None:
-                raise RuntimeError(f"{_label(child)} exited with {child.returncode}")
-        try:
-            if http_get(url, 2.0)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(1.0)
+    try:
+        while time.monotonic() < deadline:
+            for child in children:
+                if child.poll() is not None:
+                    raise RuntimeError(f"{_label(child)} exited with {child.returncode}")
+            try:
+                if any(e.state in READY_STATES and e.size for e in live_workers(conn)) and http_get(url, 2.0)[0] == 200:
+                    return
+            except (OSError, RedisError):   # the API is not listening yet; Redis answers below
+                pass
+            time.sleep(0.5)
+    finally:
+        conn.close()
     raise RuntimeError(f"{url} was not ready within {timeout_s:.0f}s")
 
 
@@ -130,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         star = [sys.executable, "-m", "app.cli"]
         _spawn(star + ["worker"], env, children)
         _spawn(star + ["api", "--host", args.host, "--port", str(args.port)], env, children)
-        _wait_ready(f"http://{_local(args.host)}:{args.port}/readyz", children, args.ready_timeout)
+        _wait_ready(f"http://{_local(args.host)}:{args.port}/readyz", redis.url, children, args.ready_timeout)
         public = env["STAR_PUBLIC_BASE_URL"].rstrip("/")
         print(f"STAR is serving at {public} (docs: {public}/docs)", flush=True)
         while all(child.poll() is None for child in children):

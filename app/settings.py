@@ -62,7 +62,7 @@ class ApiSettings(CommonSettings):
     host: str = Field("127.0.0.1", description="Interface the API binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
     queue_limit: int = Field(1000, ge=1, description="Queued jobs per model above which POST /generate answers 429.")
-    retry_after_s: int = Field(5, ge=1, description="`Retry-After` seconds sent with a 429 (queue full).")
+    retry_after_s: int = Field(5, ge=1, description="`Retry-After` seconds sent with a 429 (queue full, too many jobs) and a 503 `no_worker`.")
     image_max_age_s: int = Field(31536000, ge=0, description="`Cache-Control: max-age` of served PNGs (they never change).")
     api_keys: SecretStr | None = Field(None, description="API keys, comma-separated: plaintext keys, or `NAME:SHA256HEX` "
                                        "entries (see docs/reliability.md). No keys anywhere: no authentication.")

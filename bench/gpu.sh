@@ -58,9 +58,12 @@ read -r -a sampler_args <<< "${SAMPLER_ARGS:-}"
 mkdir -p "$OUT"
 
 if [ "$DEVICE" != "cpu" ] || [ "${ALLOW_CPU:-0}" != "1" ]; then
-  "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)' || {
-    echo "bench/gpu.sh: no CUDA device visible to $PY (torch $("$PY" -c 'import torch; print(torch.__version__)'))" >&2
-    exit 3; }
+  cuda=$("$PY" -c 'import torch; print("yes" if torch.cuda.is_available() else torch.__version__)') \
+    || cuda="not importable"
+  if [ "$cuda" != "yes" ]; then
+    echo "bench/gpu.sh: no CUDA device visible to $PY (torch $cuda)" >&2
+    exit 3
+  fi
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 fi
 echo "bench/gpu.sh: $PRESET on $DEVICE, dtypes [$DTYPES], results in $OUT" >&2

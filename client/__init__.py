@@ -3,7 +3,7 @@
 
     from client import StarClient
     with StarClient("http://localhost:8000") as star:
-        star.generate("a red fox in snow", seed=7).images[0].save("fox.png")
+        star.generate("a red circle on a blue background", seed=7).images[0].save("circle.png")
 
     client.http    StarClient (sync) and AsyncStarClient (asyncio): submit, get, wait, cancel,
                    models, download, generate

@@ -1,8 +1,8 @@
 """`star generate PROMPT`: submit to a running STAR server, show progress, save the PNGs.
 
-    star generate "a red fox in snow" -o fox.png --n 2 --seed 7
-    fox-0.png 7 256x256
-    fox-1.png 8 256x256
+    star generate "a red circle on a blue background" -o circle.png --n 2 --seed 7
+    circle-0.png 7 128x128
+    circle-1.png 8 128x128
 
 stdout: one line per saved image, `PATH SEED WxH` (for scripts). stderr: the job id, a progress
 bar (queue position, then scale k of S) and the timings. `-o NAME.png` with n > 1 saves

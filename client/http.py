@@ -1,9 +1,9 @@
 """Python client of the STAR HTTP API: `StarClient` (sync) and `AsyncStarClient` (asyncio).
 
     with StarClient("http://localhost:8000") as star:
-        result = star.generate("a red fox in snow", n=2, seed=7)
+        result = star.generate("a red circle on a blue background", n=2, seed=7)
         for image in result.images:
-            image.save(f"fox-{image.seed}.png")
+            image.save(f"circle-{image.seed}.png")
 
 Only httpx and the standard library (the `client` extra): no FastAPI, no torch.
 

@@ -9,7 +9,8 @@
     CLIP/text_encoder/        CLIPTextModel (save_pretrained layout)
 
 config.json may also hold "sampling": the model's recommended per-image defaults (cfg, top_k, top_p,
-temperature); readers that do not know the key ignore it. A bare name such as "shapes" that is not
+temperature), and "example_prompts": a list of prompts the model draws well (the service shows them
+to users); readers that do not know these keys ignore them. A bare name such as "shapes" that is not
 an existing path resolves to a model shipped in `model/zoo/<name>/`.
 
 safetensors files are memory-mapped and assigned onto a meta-device model with strict keys.
@@ -95,7 +96,8 @@ def _contiguous(sd: dict, dtype: torch.dtype) -> dict:
 
 def write_model_dir(out: str | Path, cfg: StarConfig, transformer_sd: dict, vae_sd: dict, text_encoder,
                     transformer_dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32,
-                    source: dict | None = None, sampling: dict | None = None) -> Path:
+                    source: dict | None = None, sampling: dict | None = None,
+                    example_prompts: list[str] | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(transformer_sd, transformer_dtype), out / "transformer.safetensors")
@@ -109,6 +111,8 @@ def write_model_dir(out: str | Path, cfg: StarConfig, transformer_sd: dict, vae_
         if unknown:
             raise ValueError(f"unknown sampling defaults {unknown}; known: {list(SAMPLING_KEYS)}")
         config["sampling"] = dict(sampling)
+    if example_prompts:
+        config["example_prompts"] = list(example_prompts)
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return out
 
@@ -155,3 +159,14 @@ def sampling_defaults(spec: str | Path) -> dict:
         return {}
     sampling = read_config(spec).get("sampling") or {}
     return {k: sampling[k] for k in SAMPLING_KEYS if k in sampling}
+
+
+def example_prompts(spec: str | Path) -> list[str]:
+    """The prompts the model directory recommends to users ([] for presets and directories without)."""
+    if not is_model_dir(spec):
+        return []
+    examples = read_config(spec).get("example_prompts") or []
+    if not (isinstance(examples, list) and all(isinstance(e, str) and e.strip() for e in examples)):
+        raise WeightsError(f"{resolve_model_path(spec) / 'config.json'}: example_prompts must be a list of "
+                           f"non-empty strings, not {examples!r}")
+    return list(examples)

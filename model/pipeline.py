@@ -19,7 +19,7 @@ import torch
 from .autoregress import Conditioning, ScaleOutput, sample_scales
 from .config import PRESETS, StarConfig
 from .kv_cache import KVCache
-from .model_dir import is_model_dir, load_model_dir, parse_dtype, sampling_defaults
+from .model_dir import example_prompts, is_model_dir, load_model_dir, parse_dtype, sampling_defaults
 from .random_init import random_sampler_head, random_transformer, random_vae
 from .request import OFFICIAL_SAMPLING, SAMPLERS, ImageRequest, ImageResult
 from .sampler import RowParams, make_generators
@@ -106,6 +106,7 @@ class StarPipeline:
         # The model directory's recommended cfg/top_k/top_p/temperature (config.json "sampling";
         # {} for presets): what a request's unset fields get (with_defaults), here and in the service.
         self.sampling: dict = {}
+        self.example_prompts: list[str] = []   # config.json "example_prompts": what the model draws well
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -125,6 +126,7 @@ class StarPipeline:
         text = TextEncoder.from_folder(clip_dir, cfg.text_len)
         pipe = cls(Path(spec).name, cfg, transformer, vae, text, device, dtype, sampler_head=head, **precision)
         pipe.sampling = sampling_defaults(spec)
+        pipe.example_prompts = example_prompts(spec)
         return pipe
 
     @classmethod

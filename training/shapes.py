@@ -42,6 +42,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
 }
 COLOUR_NAMES = tuple(COLOURS)
+# What the service shows users as a start (config.json "example_prompts", GET /models, the web page):
+# one per shape, each drawn right on 6 of 6 seeds by the shipped model (tests/training/test_shipped_model.py).
+EXAMPLE_PROMPTS = ("a red circle on a blue background", "a yellow star on a black background",
+                   "a green ring on a white background", "a red square on a white background",
+                   "a white triangle on a red background")
 RADIUS_RANGE = (20.0, 40.0)     # half the shape's extent, pixels
 MARGIN = 4.0                    # the shape's bounding box stays this far from the border
 RING_INNER = 0.55               # inner / outer radius of a ring
@@ -70,6 +75,19 @@ def _article(word: str) -> str:
 
 def caption(shape: str, colour: str, background: str) -> str:
     return f"{_article(colour)} {colour} {shape} on {_article(background)} {background} background"
+
+
+def parse_caption(text: str) -> tuple[str, str, str] | None:
+    """(shape, colour, background) of a prompt in the captions' grammar, "a {colour} {shape} on a
+    {colour} background" (articles as `caption` writes them, colour != background), else None: the
+    only prompts the shapes model was trained to draw."""
+    words = text.split()
+    if len(words) != 7 or words[3] != "on" or words[6] != "background":
+        return None
+    colour, shape, background = words[1], words[2], words[5]
+    if shape not in SHAPES or colour not in COLOURS or background not in COLOURS or colour == background:
+        return None
+    return (shape, colour, background) if caption(shape, colour, background) == " ".join(words) else None
 
 
 def all_combos() -> list[tuple[str, str, str]]:

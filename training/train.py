@@ -205,7 +205,8 @@ def stage_export(work: Path, recipe: Recipe, out: Path, log: Log, transformer_dt
     if note:
         source["note"] = note
     write_model_dir(out, recipe.arch, ar["transformer"], vae.state_dict(), text, transformer_dtype=transformer_dtype,
-                    vae_dtype=torch.float32, source=source, sampling=dict(recipe.sampling))
+                    vae_dtype=torch.float32, source=source, sampling=dict(recipe.sampling),
+                    example_prompts=list(shapes.EXAMPLE_PROMPTS))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log.write(stage="export", out=str(out), bytes=size)
     return out

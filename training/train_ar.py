@@ -12,6 +12,7 @@ cannot differentiate through); a test keeps the two equal.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +25,10 @@ from model.transformer import Block, StarTransformer
 from training import shapes
 from training import train_vae as tv
 from training.checkpoints import load_ckpt, run_loop, vae_from
+
+# The clock of a time budget (recipe.ar_seconds), in seconds; read at each step. Tests give it a
+# clock of their own, so that what a budget trains does not depend on the machine's speed.
+CLOCK = time.perf_counter
 
 
 def _scaled_unit(x: torch.Tensor, scale_mul_1H11: torch.Tensor | None, max_log: float = 0.0) -> torch.Tensor:
@@ -116,9 +121,6 @@ def ar_step(model, clip, opt, data: dict, idx: torch.Tensor, drop: torch.Tensor)
 def stage_ar(work: Path, recipe, log, progress: bool, device: str = "cpu", init: str | None = None) -> None:
     """init: a file with "transformer" and "text" state dicts (an ar.pt, or bench/gpu_shapes.sh's
     weights-*.pt) to start from instead of random weights (fine-tuning); ignored when resuming."""
-    import time
-
-
     device = torch.device(device)
     model = random_transformer(recipe.arch, recipe.seed)
     text = new_text_encoder(recipe)
@@ -144,7 +146,7 @@ def stage_ar(work: Path, recipe, log, progress: bool, device: str = "cpu", init:
     clock = {"t0": None, "before": float(ckpt.get("elapsed", 0.0)) if ckpt else 0.0}
 
     def elapsed() -> float:
-        return clock["before"] + (time.perf_counter() - clock["t0"] if clock["t0"] is not None else 0.0)
+        return clock["before"] + (CLOCK() - clock["t0"] if clock["t0"] is not None else 0.0)
 
     def position(step: int) -> int:
         if recipe.ar_seconds > 0:
@@ -153,7 +155,7 @@ def stage_ar(work: Path, recipe, log, progress: bool, device: str = "cpu", init:
 
     def step_fn(step):
         if clock["t0"] is None:
-            clock["t0"] = time.perf_counter()
+            clock["t0"] = CLOCK()
         lr = tv.lr_at(position(step), recipe.ar_steps, recipe.ar_lr, warmup=max(1, recipe.ar_steps // 20))
         tv.set_lr_(opt, lr)
         g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)

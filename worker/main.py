@@ -136,6 +136,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     entry.model, entry.size, entry.queue = pipeline.name, pipeline.image_size, queue_name(pipeline.name)
     entry.device = str(getattr(pipeline, "device", ""))
     entry.sampling = model_defaults(pipeline)   # what requests without sampling fields get
+    entry.example_prompts = list(getattr(pipeline, "example_prompts", None) or [])   # shown by GET /models
     entry.scales = len(pipeline.patch_nums) if getattr(pipeline, "patch_nums", None) else None
     entry.guidance_stop_scale = guidance_stop_default(settings.guidance_stop_scale, entry.scales)
     metrics.info.info({"model": pipeline.name, "size": str(pipeline.image_size), "device": entry.device,

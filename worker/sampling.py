@@ -48,7 +48,7 @@ def model_defaults(pipeline: object) -> dict:
             raise ValueError(f"unknown sampling default {key!r}; known: {sorted(API_NAMES)}")
         values[API_NAMES[key]] = value
     try:
-        checked = GenerateRequest(prompt="-", **values)
+        checked = GenerateRequest.model_validate({"prompt": "-", **values})
     except ValidationError as exc:
         error = exc.errors()[0]
         name = str(error["loc"][0]) if error.get("loc") else "?"

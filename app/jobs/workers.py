@@ -1,7 +1,8 @@
 """The worker registry: `star:worker:<name>` (a JSON entry whose TTL is the worker's heartbeat
 deadline) indexed by the set `star:workers`. Workers publish their entry (state, model, size,
-sampling defaults) on every heartbeat and state change; the API reads it to choose a model for a
-request, for /readyz, /models and /metrics; the reaper reads it to tell live workers from lost ones.
+sampling defaults, example prompts) on every heartbeat and state change; the API reads it to choose
+a model for a request, for /readyz, /models and /metrics; the reaper reads it to tell live workers
+from lost ones.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class WorkerEntry:
     sampling: dict | None = None    # the model's sampling defaults (API names), known once loaded
     scales: int | None = None       # scales of the model's schedule, known once loaded
     guidance_stop_scale: int | None = None   # the worker's default first scale without guidance (None: none)
+    example_prompts: list[str] = field(default_factory=list)   # from the model's config.json, once loaded
 
 
 _ENTRY_FIELDS = {f.name for f in fields(WorkerEntry)}

@@ -7,9 +7,29 @@
 const FINAL = ["succeeded", "failed", "canceled", "expired"];
 const $ = (selector, root = document) => root.querySelector(selector);
 
+// Server messages quote names in backticks (`seed`): shown as <code>, never as raw backticks.
 function show(element, text) {
-  element.textContent = text;
+  renderMessage(element, text);
   element.hidden = !text;
+}
+
+function renderMessage(element, text) {
+  element.replaceChildren();
+  const parts = String(text || "").split("`");
+  if (parts.length % 2 === 0) {            // an unpaired backtick: plain text
+    element.textContent = String(text);
+    return;
+  }
+  parts.forEach((part, i) => {
+    if (!part) return;
+    if (i % 2) {
+      const code = document.createElement("code");
+      code.textContent = part;
+      element.append(code);
+    } else {
+      element.append(part);
+    }
+  });
 }
 
 // API keys: when the server answers 401, ask for a key once, keep it in this browser
@@ -50,6 +70,7 @@ async function loadModels() {
       option.selected = size === models.default_size;
       select.append(option);
     }
+    showExamples(models.models.flatMap((m) => m.example_prompts || []));
     if (!models.sizes.length) {
       select.append(new Option("server default", ""));
       service.textContent = "No worker is running yet: requests will be refused until one starts.";
@@ -61,6 +82,41 @@ async function loadModels() {
   } catch (error) {
     service.textContent = `Cannot read the served models: ${error.message}`;
   }
+}
+
+// The served models' example prompts (their config.json, via GET /models): the placeholder, and
+// one button each that puts it in the prompt box.
+function showExamples(prompts) {
+  const unique = [...new Set(prompts)];
+  const box = $("#examples");
+  box.querySelectorAll("button").forEach((button) => button.remove());
+  for (const text of unique) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "example secondary";
+    button.textContent = text;
+    button.addEventListener("click", () => {
+      $("#prompt").value = text;
+      $("#prompt").focus();
+    });
+    box.append(button);
+  }
+  if (unique.length) $("#prompt").placeholder = unique[0];
+  box.hidden = !unique.length;
+}
+
+// Put a request's parameters back into the form (what "Same seed again" submits).
+function fillForm(request) {
+  const form = $("#generate-form");
+  form.prompt.value = request.prompt;
+  form.negative_prompt.value = request.negative_prompt || "";
+  if ([...form.size.options].some((option) => option.value === String(request.size))) {
+    form.size.value = String(request.size);
+  }
+  form.seed.value = request.seed;
+  form.guidance_scale.value = request.guidance_scale == null ? "" : request.guidance_scale;
+  form.guidance_stop_scale.value = request.guidance_stop_scale == null ? "" : request.guidance_stop_scale;
+  form.n.value = String(request.n);
 }
 
 function formRequest() {
@@ -142,7 +198,7 @@ function finish(card, job) {
   card.dataset.status = job.status;
   if (job.status !== "succeeded") {
     const detail = job.error ? `: ${job.error.message}` : "";
-    text.textContent = `${job.status[0].toUpperCase()}${job.status.slice(1)}${detail}`;
+    renderMessage(text, `${job.status[0].toUpperCase()}${job.status.slice(1)}${detail}`);
     card.classList.add("problem");
     return;
   }
@@ -184,8 +240,8 @@ function resultFigure(job, image) {
     list.append(dt, dd);
   }
   $(".again", figure).addEventListener("click", () => {
-    const again = { ...request, seed: image.seed, n: 1 };
-    $("#seed").value = image.seed;
+    const again = { ...request, seed: image.seed, n: 1 };   // every parameter as run, this image's seed
+    fillForm(again);
     submit(again);
   });
   return figure;

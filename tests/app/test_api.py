@@ -215,7 +215,7 @@ def test_health_readiness_and_models(client, conn):
     assert models["sizes"] == [256, 512] and models["default_size"] == 512
     tiny = next(m for m in models["models"] if m["name"] == "tiny")
     assert tiny == {"name": "tiny", "size": 256, "queue": "star-tiny", "queue_depth": 0, "workers": 2,
-                    "states": {"busy": 1, "ready": 1}, "max_batch": 8, "sampling": defaults,
+                    "states": {"busy": 1, "ready": 1}, "max_batch": 8, "sampling": defaults, "example_prompts": [],
                     "scales": None, "guidance_stop_scale": None}    # these workers report no schedule
     assert next(m for m in models["models"] if m["name"] == "star-512")["sampling"] is None   # not loaded yet
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import agreement
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,23 +29,24 @@ def test_bf16_tokens_agree_with_float32_on_tiny(capsys, tmp_path):
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.timeout(900)   # six Python processes, each importing torch and transformers: minutes on a busy CPU
 def test_gpu_script_dry_run_on_cpu(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DEVICE": "cpu", "ALLOW_CPU": "1",
            "PRESET": "tiny", "AGREE_PRESET": "tiny", "AGREE_IMAGES": "1", "DTYPES": "float32",
-           "BATCHES": "1,2", "REPS": "1", "WARMUP": "0", "COMPILE": "1", "COMPILE_DTYPES": "float32",
-           "COMPILE_BACKEND": "eager", "SAMPLER_ARGS": "--no-breakdown --no-decode", "DECODE_BATCH": "3",
+           "BATCHES": "1", "REPS": "1", "WARMUP": "0", "COMPILE": "1", "COMPILE_DTYPES": "float32",
+           "COMPILE_BACKEND": "eager", "SAMPLER_ARGS": "--no-breakdown --no-decode", "DECODE_BATCH": "2",
            "DECODE_REPS": "1", "PNG_ARGS": "--images noise --options pillow-6,up+isal-1 --reps 1",
-           "FAST_GUIDANCE_STOPS": "7", "FAST_GUIDANCE_BATCHES": "2"}
+           "FAST_GUIDANCE_STOPS": "7", "FAST_GUIDANCE_BATCHES": "1"}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=840)
     assert done.returncode == 0, done.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
     assert names == ["agreement-float32.jsonl", "decode.jsonl", "fast-guidance-float32.jsonl", "png.jsonl", "report.md",
                      "sampler-float32-compiled.jsonl", "sampler-float32-compiled.png", "sampler-float32.jsonl",
                      "sampler-float32.png"]
     decode = json.loads((out / "decode.jsonl").read_text())
-    assert (decode["kind"], decode["batch_size"], decode["bit_identical"]) == ("decode", 3, True)
+    assert (decode["kind"], decode["batch_size"], decode["bit_identical"]) == ("decode", 2, True)
     pngs = [json.loads(line) for line in (out / "png.jsonl").read_text().splitlines()]
     assert {r["option"] for r in pngs if r["kind"] == "png"} == {"pillow-6", "up+isal-1"}
     assert all(r["pixels_equal"] and r["text_ok"] for r in pngs if r["kind"] == "png")
@@ -52,12 +55,12 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert all(r["compile"] for r in compiled if r["kind"] == "batch")
     report = (out / "report.md").read_text()
     assert "| tiny | cpu | float32 | True |" in report and "agreement float32 vs float32" in report
-    assert "decode (tiny, cpu, batch 3)" in report and "png noise up+isal-1" in report
+    assert "decode (tiny, cpu, batch 2)" in report and "png noise up+isal-1" in report
     fast = [json.loads(line) for line in (out / "fast-guidance-float32.jsonl").read_text().splitlines()]
-    assert [(r["guidance_stop_scale"], r["batch_size"]) for r in fast if r["kind"] == "batch"] == [(None, 2), (7, 2)]
+    assert [(r["guidance_stop_scale"], r["batch_size"]) for r in fast if r["kind"] == "batch"] == [(None, 1), (7, 1)]
     (cost,) = [r for r in fast if r["kind"] == "guidance_stop_cost"]
     assert cost["guidance_stop_scale"] == 7 and cost["flops_fast_over_full"] < 1
-    assert "| fast-guidance-float32.jsonl | plain | 2 | 7 |" in report
+    assert "| fast-guidance-float32.jsonl | plain | 1 | 7 |" in report
 
 
 def test_gpu_script_refuses_to_run_without_cuda_unless_allowed(tmp_path):
@@ -68,4 +71,4 @@ def test_gpu_script_refuses_to_run_without_cuda_unless_allowed(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "x")}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode == 3 and "no CUDA device" in done.stderr
+    assert done.returncode == 3 and "no CUDA device" in done.stderr and f"(torch {torch.__version__})" in done.stderr

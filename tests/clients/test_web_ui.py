@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.jobs.rq_adapter import queue_name
+from app.jobs.workers import WorkerEntry, publish_worker
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -105,9 +108,21 @@ def test_type_a_prompt_submit_and_see_the_image(stack, browser_page):
     assert download.inner_text() == "Download" and download.get_attribute("download") == "star-42.png"
     url = download.get_attribute("href")
 
+    # the user moves on: another prompt and seed in the form, then "Same seed again" on the first image
+    page.get_by_label("Prompt", exact=True).fill("a blue whale")
+    page.get_by_label("Negative prompt").fill("")
+    page.get_by_label("Seed").fill("7")
+    page.get_by_label("Guidance").fill("9")
     first.get_by_role("button", name="Same seed again").click()   # a new job, on top of the gallery
     page.wait_for_function("document.querySelectorAll('.job .result img').length === 2", timeout=30_000)
+    # the form shows what was submitted again: the image's prompt and parameters, with its seed
+    assert page.get_by_label("Prompt", exact=True).input_value() == "a red fox in snow, watercolor"
+    assert page.get_by_label("Negative prompt").input_value() == "blurry"
+    assert page.get_by_label("Seed").input_value() == "42"
+    assert page.get_by_label("Guidance").input_value() == "3.5"
+    assert page.get_by_label("Images").input_value() == "1"
     again = page.locator(".job").first
+    assert again.locator(".job-prompt").inner_text() == "a red fox in snow, watercolor"
     again_image = again.locator(".result img")
     page.wait_for_function("img => img.complete && img.naturalWidth === 256", arg=again_image.element_handle())
     assert again.locator(".param-seed").inner_text() == "42"
@@ -126,8 +141,27 @@ def test_a_rejected_request_shows_the_servers_message(stack, browser_page):
     page.get_by_role("button", name="Generate").click()
     alert = page.get_by_role("alert")
     alert.wait_for()
-    assert "`seed`" in alert.inner_text() and "from 0 to 4294967295" in alert.inner_text()
+    assert "from 0 to 4294967295" in alert.inner_text()
+    assert alert.locator("code").first.inner_text() == "seed" and "`" not in alert.inner_text()  # no raw backticks
     assert page.locator(".job").count() == 0
+
+
+def test_the_models_example_prompts_are_offered(idle_api, browser_page):
+    """GET /models carries each model's example prompts (its config.json, published by its worker);
+    the page offers them: the first as the placeholder, each as a button that fills the prompt box."""
+    examples = ["a red circle on a blue background", "a green ring on a white background"]
+    publish_worker(idle_api.conn, WorkerEntry(name="idle", model="tiny", state="ready", size=256,
+                                              queue=queue_name("tiny"), example_prompts=examples), ttl_s=60)
+    page = browser_page
+    page.goto(idle_api.url)
+    buttons = page.locator("#examples button")
+    buttons.first.wait_for()
+    assert buttons.all_inner_texts() == examples
+    prompt = page.get_by_label("Prompt", exact=True)
+    assert prompt.get_attribute("placeholder") == examples[0]
+    buttons.nth(1).click()
+    assert prompt.input_value() == examples[1]
+    assert page.problems == []
 
 
 def test_without_the_event_stream_the_page_polls(stack, browser_page):

@@ -5,6 +5,7 @@ the URL, generate an image, fetch it, stop with SIGTERM.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -65,8 +66,13 @@ def served(tmp_path):
 
 def test_serve_generates_an_image_end_to_end(served):
     proc, base, tmp_path = served
+    starting = (tmp_path / "serve.log").read_text()
+    # waiting for the worker to load leaves no `GET /readyz ... 503` lines in the API's access log
+    assert [line for line in starting.splitlines() if "/readyz" in line and "503" in line] == [], starting
     with httpx.Client(base_url=base, timeout=30) as client:
         assert client.get("/readyz").status_code == 200
+        (served,) = client.get("/models").json()["models"]   # the model's example prompts, from its config
+        assert served["example_prompts"] == read_config("shapes")["example_prompts"] != []
         accepted = client.post("/generate", json={"prompt": "a red circle on a blue background", "seed": 7})
         assert accepted.status_code == 202, accepted.text
         job_url = urljoin(base + "/", accepted.json()["status_url"])
@@ -92,6 +98,22 @@ def test_serve_generates_an_image_end_to_end(served):
         width, height = struct.unpack(">II", png.content[16:24])
         assert (width, height) == (image["width"], image["height"])
 
+    readme_examples_work(base, tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(90) == 0, (tmp_path / "serve.log").read_text()
     assert "(model shapes)" in (tmp_path / "serve.log").read_text()
+
+
+def readme_examples_work(base: str, tmp_path: Path) -> None:
+    """The README's "Using the API" commands, as written but for the port, against `star serve`."""
+    section = (ROOT / "README.md").read_text().split("## Using the API")[1]
+    script = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("http://localhost:8000", base)
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stderr + run.stdout
+    assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = run.stdout
+    assert '"example_prompts":["a red circle on a blue background"' in out and "star_api_requests_total" in out
+    # the still-queued job is canceled (or, on a machine fast enough to have started it, stopping)
+    assert '"status":"canceled"' in out or '"cancel_requested":true' in out, out
+    assert '"code":"conflict"' in out and "is already succeeded; nothing to cancel" in out, out

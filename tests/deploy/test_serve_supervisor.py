@@ -47,6 +47,7 @@ FAKE_WORKER = '''
 import json, os, signal, time
 from pathlib import Path
 from redis import Redis
+from app.jobs.workers import WorkerEntry, publish_worker
 from worker.settings import WorkerSettings
 
 def main(argv=None):
@@ -61,6 +62,8 @@ def main(argv=None):
     conn.set("fake-worker", json.dumps({
         "redis_url": settings.redis_url, "storage_dir": str(settings.storage_dir),
         "public_base_url": settings.public_base_url, "model": settings.model}))
+    # what star serve waits for before it asks /readyz: a ready worker in the registry
+    publish_worker(conn, WorkerEntry(name="fake", model=settings.model, state="ready", size=64), ttl_s=600)
     while not stop:
         time.sleep(0.05)
     time.sleep(0.5)  # "finishing the batch": Redis must still answer afterwards

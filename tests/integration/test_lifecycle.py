@@ -3,6 +3,7 @@ subprocess slowed between scales by tests/integration/slow_worker.py): cancel wh
 while running, a full queue, expiry, what `rq info` shows, and draining on SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry
 from app.jobs.rq_adapter import SERIALIZER, connect
 
 SLOW_WORKER = str(Path(__file__).with_name("slow_worker.py"))
-SCALE_DELAY_MS = 150   # x 10 scales: a batch takes 1.5 s + model time
+SCALE_DELAY_MS = 0   # the tests hold a batch (TEST_HOLD_FILE) where they must act while it runs
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,29 @@ def stack(new_redis_db, tmp_path_factory, worker_process):
     redis_url, data = new_redis_db(), tmp_path_factory.mktemp("lifecycle")
     worker = worker_process(redis_url, data / "images", data / "worker.log", script=[SLOW_WORKER], env={
         "STAR_MODEL": "tiny", "STAR_MAX_BATCH": "4", "STAR_MAX_WAIT_MS": "600", "STAR_WARMUP": "false",
-        "TEST_SCALE_DELAY_MS": str(SCALE_DELAY_MS)})
+        "TEST_SCALE_DELAY_MS": str(SCALE_DELAY_MS), "TEST_HOLD_FILE": str(data / "hold")})
     with worker:
         worker.redis_url, worker.data = redis_url, data
         yield worker
+
+
+@contextlib.contextmanager
+def held(stack):
+    """The running batch waits after each scale until the block ends (slow_worker.py): what the
+    test does meanwhile happens mid-batch however fast or busy the machine is. Yields `hold_only`:
+    from then on only a batch with a prompt containing that word waits."""
+    hold = stack.data / "hold"
+
+    def hold_only(word: str) -> None:
+        staged = hold.with_suffix(".new")
+        staged.write_text(word)
+        staged.replace(hold)
+
+    hold_only("")
+    try:
+        yield hold_only
+    finally:
+        hold.unlink()
 
 
 @pytest.fixture
@@ -78,40 +98,48 @@ def done(v: dict) -> bool:
 
 def test_cancel_while_running_leaves_the_batch_mate_intact(api, stack):
     client = api()
-    doomed, mate = post(client, seed=1), post(client, seed=2)   # same batch (600 ms wait)
-    until(client, doomed, running_at_scale(2))
-    assert view(client, mate)["status"] == "running"
+    with held(stack) as hold_only:
+        blocker = post(client, n=4)                 # a full batch, held: the next two queue behind it
+        until(client, blocker, running_at_scale(1))
+        doomed = post(client, seed=1, prompt="a harbour at night, mates")
+        mate = post(client, seed=2, prompt="a harbour at night, mates")
+        hold_only("mates")                          # the blocker ends; the two queued jobs are one batch, held
+        until(client, doomed, running_at_scale(1))
+        assert view(client, mate)["status"] == "running"
 
-    rq = str(Path(sys.executable).with_name("rq"))   # the `rq` command, as an operator types it
-    info = subprocess.run([rq, "info", "--url", stack.redis_url], capture_output=True, text=True, timeout=60).stdout
-    assert "star-tiny" in info and "2 executing" in info
-    assert f"{stack.name}" in info and "busy" in info
+        rq = str(Path(sys.executable).with_name("rq"))   # the `rq` command, as an operator types it
+        info = subprocess.run([rq, "info", "--url", stack.redis_url], capture_output=True, text=True,
+                              timeout=60).stdout
+        assert "star-tiny" in info and "2 executing" in info
+        assert f"{stack.name}" in info and "busy" in info
 
-    response = client.delete(f"/jobs/{doomed}")
-    assert response.status_code == 202 and response.json()["cancel_requested"] is True
+        response = client.delete(f"/jobs/{doomed}")
+        assert response.status_code == 202 and response.json()["cancel_requested"] is True
     canceled = until(client, doomed, done)
     assert canceled["status"] == "canceled" and canceled["images"] is None
     assert canceled["progress"] is None and canceled["timings"]["finished_at"]
     finished = until(client, mate, done)
     assert finished["status"] == "succeeded" and len(finished["images"]) == 1
+    assert view(client, blocker)["status"] == "succeeded"
     conn = connect(stack.redis_url)
     assert Job.fetch(doomed, connection=conn, serializer=SERIALIZER).get_status() == JobStatus.CANCELED
     assert doomed in CanceledJobRegistry("star-tiny", connection=conn).get_job_ids()
 
 
-def test_cancel_while_queued_and_a_full_queue(api):
+def test_cancel_while_queued_and_a_full_queue(api, stack):
     client = api(queue_limit=1, retry_after_s=3)
-    busy = post(client, n=4)                        # fills the batch (max 4 images)
-    until(client, busy, running_at_scale(1))
-    waiting = post(client)
-    assert view(client, waiting)["status"] == "queued" and view(client, waiting)["queue_position"] == 0
-    full = client.post("/generate", json={"prompt": "one too many"})
-    assert full.status_code == 429 and full.headers["retry-after"] == "3"
-    assert full.json()["error"]["code"] == "queue_full"
+    with held(stack):
+        busy = post(client, n=4)                        # fills the batch (max 4 images)
+        until(client, busy, running_at_scale(1))
+        waiting = post(client)
+        assert view(client, waiting)["status"] == "queued" and view(client, waiting)["queue_position"] == 0
+        full = client.post("/generate", json={"prompt": "one too many"})
+        assert full.status_code == 429 and full.headers["retry-after"] == "3"
+        assert full.json()["error"]["code"] == "queue_full"
 
-    response = client.delete(f"/jobs/{waiting}")
-    assert response.status_code == 200 and response.json()["status"] == "canceled"
-    room = post(client)                             # the canceled job left the queue
+        response = client.delete(f"/jobs/{waiting}")
+        assert response.status_code == 200 and response.json()["status"] == "canceled"
+        room = post(client)                             # the canceled job left the queue
     assert until(client, busy, done)["status"] == "succeeded"
     assert until(client, room, done)["status"] == "succeeded"
     gone = view(client, waiting)
@@ -120,12 +148,13 @@ def test_cancel_while_queued_and_a_full_queue(api):
 
 def test_a_job_past_its_deadline_expires_unrun(api, stack):
     client = api(job_deadline_s=0.5)
-    busy = post(client, n=4)
-    until(client, busy, running_at_scale(1))
-    late = post(client)
-    time.sleep(0.6)
-    reported = view(client, late)                   # reported by the API before any worker looks
-    assert reported["status"] == "expired" and reported["error"]["code"] == "expired"
+    with held(stack):
+        busy = post(client, n=4)
+        until(client, busy, running_at_scale(1))
+        late = post(client)
+        time.sleep(0.6)
+        reported = view(client, late)                   # reported by the API before any worker looks
+        assert reported["status"] == "expired" and reported["error"]["code"] == "expired"
     assert until(client, busy, done)["status"] == "succeeded"
     conn = connect(stack.redis_url)
     until(client, late, lambda v: late in FailedJobRegistry("star-tiny", connection=conn).get_job_ids())
@@ -136,13 +165,13 @@ def test_a_job_past_its_deadline_expires_unrun(api, stack):
 
 def test_sigterm_drains_the_current_batch_then_exits_0(api, stack):
     client = api()
-    running = post(client, n=4)
-    until(client, running, running_at_scale(1))
-    behind = post(client)
-    stack.process.send_signal(15)
-    time.sleep(0.5)
-    assert stack.state() == "draining"
-    assert client.get("/readyz").status_code == 503
+    with held(stack):
+        running = post(client, n=4)
+        until(client, running, running_at_scale(1))
+        behind = post(client)
+        stack.process.send_signal(15)
+        until(client, running, lambda v: stack.state() == "draining", timeout=30)
+        assert client.get("/readyz").status_code == 503
     assert stack.process.wait(60) == 0
     assert view(client, running)["status"] == "succeeded"
     assert view(client, behind)["status"] == "queued"   # not taken by a draining worker

@@ -2,7 +2,9 @@
 noop pipeline (STAR_MODEL=noop:SIZE), wrapped by fault injection set from the environment:
 
 - TEST_SCALE_DELAY_MS: sleep after every scale (a test can act mid-batch);
-  TEST_SLOW_PROMPT: if set, only calls with a prompt containing this word are slowed;
+  TEST_SLOW_PROMPT: if set, only calls with a prompt containing this word are slowed (and held);
+- TEST_HOLD_FILE: while that file exists, a call waits after each scale (a test that must act
+  while a batch runs holds it, whatever the machine's speed);
 - TEST_OOM_ABOVE=K: torch.OutOfMemoryError for a call of more than K images, and
   TEST_OOM_PROMPT: for any call holding a prompt with this word (an image that never fits);
 - TEST_DEVICE_ERROR=1: every call raises CUDA's "illegal memory access" RuntimeError;
@@ -23,6 +25,7 @@ pipeline = load_pipeline(settings)
 generate = pipeline.generate
 delay_s = float(os.environ.get("TEST_SCALE_DELAY_MS", "0")) / 1000
 slow_word = os.environ.get("TEST_SLOW_PROMPT")
+hold = os.environ.get("TEST_HOLD_FILE")
 oom_above = int(os.environ.get("TEST_OOM_ABOVE", "0"))
 oom_word = os.environ.get("TEST_OOM_PROMPT")
 device_error = os.environ.get("TEST_DEVICE_ERROR") == "1"
@@ -37,11 +40,14 @@ def faulty_generate(requests, *, on_scale=None):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     if (oom_above and len(requests) > oom_above) or (oom_word and any(oom_word in p for p in prompts)):
         raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(requests)} GiB (injected)")
-    slow = delay_s if slow_word is None or any(slow_word in p for p in prompts) else 0.0
+    slowed_call = slow_word is None or any(slow_word in p for p in prompts)
 
     def slowed(k, scales):
-        time.sleep(slow)
-        return on_scale(k, scales) if on_scale else None
+        time.sleep(delay_s if slowed_call else 0.0)
+        stop = on_scale(k, scales) if on_scale else None
+        while slowed_call and hold and os.path.exists(hold):
+            time.sleep(0.02)
+        return stop
     return generate(requests, on_scale=slowed)
 
 

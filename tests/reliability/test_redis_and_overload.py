@@ -54,19 +54,24 @@ def test_redis_restart_loses_no_queued_job_and_everyone_reconnects(own_redis, tm
         worker.stop(timeout=10)
 
 
-def test_a_burst_of_ten_times_the_queue_limit_gets_exactly_the_excess_refused(env_stack, h):
+def test_a_burst_of_ten_times_the_queue_limit_gets_exactly_the_excess_refused(env_stack, h, tmp_path):
     limit = 5
     api, start_worker = env_stack(queue_limit=limit, retry_after_s=2)
-    start_worker("busy", STAR_MAX_BATCH="1", TEST_SCALE_DELAY_MS="600", TEST_SLOW_PROMPT="slow")
-    first = h.post(api.client, "a slow one")          # keeps the worker busy for 6 s: nothing is dequeued
+    hold = tmp_path / "hold"
+    start_worker("busy", STAR_MAX_BATCH="1", TEST_SLOW_PROMPT="slow", TEST_HOLD_FILE=str(hold))
+    hold.touch()
+    first = h.post(api.client, "a slow one")          # held after its first scale: nothing is dequeued
     h.wait_job(api.client, first, h.running_at(1))
 
     def submit(i: int) -> httpx.Response:
         return httpx.post(f"{api.url}/generate", json={"prompt": f"burst {i}"}, timeout=30)
 
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(submit, range(10 * limit)))
-    assert h.view(api.client, first)["status"] == "running"   # the burst happened behind one batch
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(submit, range(10 * limit)))
+        assert h.view(api.client, first)["status"] == "running"   # the burst happened behind one batch
+    finally:
+        hold.unlink()
     accepted = [a.json()["id"] for a in answers if a.status_code == 202]
     refused = [a for a in answers if a.status_code != 202]
     assert len(accepted) == limit and len(refused) == 9 * limit, sorted({a.status_code for a in answers})

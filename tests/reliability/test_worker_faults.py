@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +21,14 @@ def job_meta(redis_url: str, job_id: str) -> dict:
     return Job.fetch(job_id, connection=connect(redis_url), serializer=SERIALIZER).meta
 
 
+def held(tmp_path) -> Path:
+    """A TEST_HOLD_FILE (faulty_worker.py) that exists: a worker given it stops after each scale of
+    a batch until the file goes, so a test kills, stops or drains it mid-batch on any machine."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    return hold
+
+
 def registries_are_clean(redis_url: str, model: str = "noop-64") -> None:
     queue = Queue(queue_name(model), connection=connect(redis_url))
     assert queue.started_job_registry.get_job_ids(cleanup=False) == []
@@ -28,10 +37,11 @@ def registries_are_clean(redis_url: str, model: str = "noop-64") -> None:
 
 def test_a_worker_killed_mid_batch_loses_no_job(env_stack, h, redis_url, tmp_path):
     api, start_worker = env_stack(job_deadline_s=2.5)   # re-queued past it: the deadline starts afresh
-    doomed = start_worker("doomed", TEST_SCALE_DELAY_MS="300")
+    hold = held(tmp_path)                                # the batch waits after its first scale
+    doomed = start_worker("doomed", TEST_HOLD_FILE=str(hold), STAR_MAX_WAIT_MS="30000")   # a full batch starts at once
     sizes = (1, 2, 1)
     ids = [h.post(api.client, f"a harbour, take {i}", n=n, seed=10 * i) for i, n in enumerate(sizes)]
-    h.wait_job(api.client, ids[0], h.running_at(2))
+    h.wait_job(api.client, ids[0], h.running_at(1))
     assert [h.view(api.client, i)["status"] for i in ids] == ["running"] * 3   # one batch of 4 images
 
     doomed.process.send_signal(signal.SIGKILL)
@@ -48,11 +58,12 @@ def test_a_worker_killed_mid_batch_loses_no_job(env_stack, h, redis_url, tmp_pat
 
 
 @pytest.mark.parametrize("reaper_s", [0.3, 0.0])
-def test_the_api_requeues_the_jobs_of_a_dead_worker_when_no_worker_is_left(env_stack, h, redis_url, reaper_s):
+def test_the_api_requeues_the_jobs_of_a_dead_worker_when_no_worker_is_left(env_stack, h, redis_url, reaper_s,
+                                                                         tmp_path):
     """With no live worker to reap, the API's reaper (STAR_REAPER_S) puts the job back on the queue;
     without it (0) the job would read `running` until a worker starts."""
     api, start_worker = env_stack(reaper_s=reaper_s, worker_deadline_s=1.5)
-    doomed = start_worker("doomed", TEST_SCALE_DELAY_MS="300")
+    doomed = start_worker("doomed", TEST_HOLD_FILE=str(held(tmp_path)))
     job_id = h.post(api.client, "an orphaned request")
     h.wait_job(api.client, job_id, h.running_at(1))
     doomed.process.send_signal(signal.SIGKILL)
@@ -70,15 +81,17 @@ def test_the_api_requeues_the_jobs_of_a_dead_worker_when_no_worker_is_left(env_s
 
 def test_a_worker_presumed_dead_that_comes_back_publishes_nothing(env_stack, h, redis_url, tmp_path):
     api, start_worker = env_stack()
-    stalled = start_worker("stalled", TEST_SCALE_DELAY_MS="300")
+    hold = held(tmp_path)
+    stalled = start_worker("stalled", TEST_HOLD_FILE=str(hold))
     job_id = h.post(api.client, "a quiet pond", n=2)
-    h.wait_job(api.client, job_id, h.running_at(2))
+    h.wait_job(api.client, job_id, h.running_at(1))
     os.kill(stalled.process.pid, signal.SIGSTOP)    # alive, but silent past its deadline
     try:
         start_worker("rescuer")
         done = h.wait_job(api.client, job_id, timeout=30)
         assert done["status"] == "succeeded" and len(done["images"]) == 2
     finally:
+        hold.unlink()
         os.kill(stalled.process.pid, signal.SIGCONT)
     # Back from the dead, its next scale boundary finds the job owned by another attempt.
     h.wait_job(api.client, job_id, lambda v: "re-queued away from this worker" in stalled.tail(), timeout=20)
@@ -87,9 +100,9 @@ def test_a_worker_presumed_dead_that_comes_back_publishes_nothing(env_stack, h, 
     h.wait_job(api.client, job_id, lambda v: stalled.state() in ("ready", "busy"), timeout=10)   # serving on
 
 
-def test_a_job_whose_workers_keep_dying_fails_as_worker_lost(env_stack, h, redis_url):
+def test_a_job_whose_workers_keep_dying_fails_as_worker_lost(env_stack, h, redis_url, tmp_path):
     api, start_worker = env_stack()
-    doomed = start_worker("doomed", TEST_SCALE_DELAY_MS="300")
+    doomed = start_worker("doomed", TEST_HOLD_FILE=str(held(tmp_path)))
     job_id = h.post(api.client, "a cursed request")
     h.wait_job(api.client, job_id, h.running_at(1))
     doomed.process.send_signal(signal.SIGKILL)
@@ -103,16 +116,18 @@ def test_a_job_whose_workers_keep_dying_fails_as_worker_lost(env_stack, h, redis
 def test_sigterm_past_the_grace_period_puts_the_batch_back_and_exits_0(env_stack, h, redis_url):
     api, start_worker = env_stack()
     port = free_port()
+    # 1 s per scale: the batch outlasts the grace on any machine (a held batch would never reach the
+    # scale boundary where the worker stops it)
     draining = start_worker("draining", TEST_SCALE_DELAY_MS="1000", STAR_DRAIN_GRACE_S="1", STAR_MAX_BATCH="2",
                             STAR_METRICS_PORT=str(port))
     running = h.post(api.client, "a long night", n=2)
     h.wait_job(api.client, running, h.running_at(1))
     behind = h.post(api.client, "waiting its turn")
     draining.process.send_signal(signal.SIGTERM)
-    h.wait_job(api.client, running, lambda v: draining.state() == "draining", timeout=5)
+    h.wait_job(api.client, running, lambda v: draining.state() == "draining", timeout=30)
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'star_worker_state{star_worker_state="draining"} 1.0' in metrics
-    assert draining.process.wait(15) == 0
+    assert draining.process.wait(60) == 0
     assert "drain grace over" in draining.tail()
     assert h.view(api.client, running)["status"] == "queued"    # back at the front of the queue
     assert h.view(api.client, behind)["queue_position"] == 1    # never taken by the draining worker
