@@ -36,8 +36,8 @@ DEFAULT_SAMPLING: dict[str, float | int] = {"guidance_scale": 4.0, "top_k": 600,
 MODEL_DEFAULT = " Default: the model's (GET /models), else {}."
 MAX_SCALES = 64   # above any schedule; the model's own number of scales (GET /models `scales`) is checked on submit
 GUIDANCE_STOP = ("Fast guidance (opt-in): the index of the first scale sampled without classifier-free guidance; "
-                 "from it on only the conditional pass runs (about half the work of those scales, some loss "
-                 "of prompt adherence: docs/api.md). 0 to the model's number of scales (GET /models `scales`: "
+                 "from it on only the conditional pass runs (about half the work of those scales; images may "
+                 "follow the prompt less closely: docs/api.md). 0 to the model's number of scales (GET /models `scales`: "
                  "10 at 256 and 512 px, 14 at 1024 px); that number means guidance on every scale. Default: "
                  "the worker's STAR_GUIDANCE_STOP_SCALE (GET /models `guidance_stop_scale`), unset = guidance "
                  "on every scale (the official sampling).")

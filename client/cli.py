@@ -48,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-stop-scale", type=int, metavar="INDEX",
                         help="fast guidance: the first scale sampled without guidance, 0 to the model's number of "
                         "scales (10 at 256/512 px, 14 at 1024 px; that number = guidance on every scale); faster, "
-                        "some loss of prompt adherence (default: the worker's, usually guidance on every scale)")
+                        "may follow the prompt less closely (default: the worker's, usually guidance on every scale)")
     parser.add_argument("--server", help="base URL of the API (default: $STAR_SERVER or http://localhost:8000)")
     parser.add_argument("--api-key", help="API key, sent as a Bearer token (default: $STAR_API_KEY; "
                         "prefer the variable, command lines are visible to other users)")
