@@ -55,6 +55,7 @@ def _parse_all(entries: list[str]) -> list[tuple[str, str]]:
 class ApiKeys:
     hashes: list[tuple[str, bytes]]   # (name, sha256 digest)
     admins: frozenset[str] = frozenset()   # names of the admin keys (also in hashes)
+    named: frozenset[str] = frozenset()   # names given by `NAME:SHA256HEX` entries (not derived from a key)
 
     @classmethod
     def load(cls, inline: str | None, file: Path | None, admin_inline: str | None = None) -> "ApiKeys":
@@ -67,8 +68,16 @@ class ApiKeys:
             if by_name.setdefault(name, digest) != digest:
                 raise ValueError(f"API key name {name!r} is configured with two different keys; "
                                  "give each key its own name (jobs and limits are per name)")
+        named = frozenset(m.group(1) for m in (HASHED_ENTRY.match(e.strip()) for e in
+                                                entries + (admin_inline or "").split(",")) if m)
         return cls([(name, bytes.fromhex(digest)) for name, digest in by_name.items()],
-                   frozenset(name for name, _ in admins))
+                   frozenset(name for name, _ in admins), named)
+
+    def usage_label(self, name: str) -> str:
+        """The `key` label of a key's usage metrics: its name when the operator named it, `unnamed`
+        for plaintext keys (their derived names would spread a hash prefix of the key), `anonymous`
+        without keys. Bounded by the configured names."""
+        return name if name in self.named or name == ANONYMOUS else "unnamed"
 
     @property
     def enabled(self) -> bool:

@@ -245,5 +245,22 @@ def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
     return run(args)
 
 
+def _configure_usage(parser: argparse.ArgumentParser) -> None:
+    from client.usage_cli import configure
+
+    configure(parser)
+
+
+@subcommand("usage", "Show what API keys used on a running server (GET /usage).", configure=_configure_usage)
+def run_usage(args: argparse.Namespace, rest: list[str]) -> int:
+    try:
+        from client.usage_cli import run
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(f"star usage needs `{exc.name}`: install the `client` extra "
+                         "(pip install 'star-service[client]').\n")
+        return 2
+    return run(args)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,6 +46,10 @@ class SizeNotServed(InvalidRequest):
     code = "size_not_served"
 
 
+class SamplerNotAvailable(InvalidRequest):
+    code = "sampler_not_available"
+
+
 class JobNotFound(ApiError):
     code = "not_found"
 
@@ -80,6 +84,10 @@ class Unauthorized(ApiError):
 
 class Forbidden(ApiError):
     code = "forbidden"
+
+
+class PriorityNotAllowed(Forbidden):
+    code = "priority_not_allowed"
 
 
 class PayloadTooLarge(ApiError):

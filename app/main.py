@@ -25,17 +25,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
 from starlette.concurrency import run_in_threadpool
 
-from app import auth, events, openai_compat
+from app import accounting, auth, events, openai_compat
 from app.body import JsonRoute
 from app.context import Context, WorkerCache
 from app.errors import Forbidden, ImageNotFound, JobConflict, NoWorker, install_error_handlers
 from app.guards import BodySizeLimit, check_prompt_length, require_key
 from app.jobs import notify, reaper, read
+from app.jobs.lanes import lane_queue_name
 from app.jobs.rq_adapter import connect, queue_name
 from app.jobs.workers import READY_STATES, WorkerEntry, live_workers, served_sizes
 from app.metrics import ApiMetrics
 from app.ownership import cancel_own_job, read_own_job
-from app.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView, ModelOut, ModelsOut
+from app.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView, LaneOut, ModelOut, ModelsOut
 from app.settings import ApiSettings
 from app.signing import SignedStorage, UrlSigner
 from app.storage import Storage
@@ -75,6 +76,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     _add_image_route(app, ctx)
     _add_service_routes(app, ctx)
     app.include_router(events.create_router(settings), dependencies=AUTH, responses=errors(401, 429, 503))
+    app.include_router(accounting.create_router(), responses=errors(401, 403, 422, 429, 503))
     app.include_router(openai_compat.create_router(settings), dependencies=AUTH,
                        responses={**errors(401, 413, 429, 503), **OPENAI_ERRORS})
     _add_web_page(app)
@@ -151,7 +153,8 @@ def _context(settings: ApiSettings) -> Context:
         signer = UrlSigner(settings.url_signing_key.get_secret_value(), settings.url_ttl_s)
         storage = SignedStorage(storage, signer)
     conn = connect(settings.redis_url, retries=2)
-    return Context(settings, conn, storage, ApiMetrics(), keys, WorkerCache(conn, settings.worker_cache_s), signer)
+    metrics = ApiMetrics(usage_label=keys.usage_label)
+    return Context(settings, conn, storage, metrics, keys, WorkerCache(conn, settings.worker_cache_s), signer)
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -186,7 +189,7 @@ def _add_job_routes(app: FastAPI, ctx: Context) -> None:
     base = ctx.settings.public_base_url.rstrip("/")
 
     @app.post("/generate", status_code=202, response_model=JobAccepted, tags=["jobs"], dependencies=AUTH,
-              responses=errors(401, 409, 413, 422, 429, 503))
+              responses=errors(401, 403, 409, 413, 422, 429, 503))
     def generate(body: GenerateRequest, response: Response,
                  idempotency_key: Annotated[str | None, Header(
                      alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS,
@@ -290,7 +293,9 @@ def _add_service_routes(app: FastAPI, ctx: Context) -> None:
              responses=errors(401, 429, 503))
     def models() -> ModelsOut:
         """Models and sizes served by live workers (the default size is the largest), with each
-        model's sampling defaults: what a request that leaves those fields out runs with."""
+        model's sampling defaults (what a request that leaves those fields out runs with), whether it
+        has a sampler head (what sampler `head` needs and `auto` uses) and its queue depth and wait
+        per lane."""
         return _models(ctx)
 
     @app.get("/metrics", tags=["service"], response_class=Response, responses=errors(503))
@@ -311,11 +316,16 @@ def _models(ctx: Context) -> ModelsOut:
             states[e.state] = states.get(e.state, 0) + 1
         sampling = next((e.sampling for e in entries if e.sampling), None)
         examples = next((e.example_prompts for e in entries if e.example_prompts), [])
+        head = next((e.sampler_head for e in entries if e.sampler_head is not None), None)
         loaded = next((e for e in entries if e.scales), None)
+        lanes = {lane: LaneOut(queue=lane_queue_name(model, lane), queue_depth=stats.depth,
+                               oldest_wait_s=stats.oldest_wait_s)
+                 for lane, stats in read.lane_stats(ctx.redis, model).items()}
         out.append(ModelOut(name=model, size=size, queue=queue_name(model), workers=len(entries),
-                            queue_depth=read.queue_depth(ctx.redis, model), states=states,
-                            max_batch=max(e.max_batch for e in entries), sampling=sampling,
-                            example_prompts=examples, scales=loaded.scales if loaded else None,
+                            queue_depth=sum(lane.queue_depth for lane in lanes.values()), lanes=lanes,
+                            states=states, max_batch=max(e.max_batch for e in entries), sampling=sampling,
+                            example_prompts=examples, sampler_head=head,
+                            scales=loaded.scales if loaded else None,
                             guidance_stop_scale=loaded.guidance_stop_scale if loaded else None))
     sizes = served_sizes(e for es in groups.values() for e in es)
     return ModelsOut(models=out, sizes=sizes, default_size=max(sizes) if sizes else None)

@@ -10,7 +10,7 @@ OpenAI fields: `prompt`, `n` (1-4), `size` ("WxH", square, a size a worker serve
 absent = the largest), `response_format` ("url" or "b64_json"), `user` (accepted, unused), `model`
 (a served STAR model's name picks its size when `size` is absent; any other value is ignored).
 STAR's own parameters (`negative_prompt`, `seed`, `guidance_scale`, `top_k`, `top_p`,
-`temperature`, `guidance_stop_scale`, `webhook_url`, `webhook_events`) may be added (the SDK's
+`temperature`, `guidance_stop_scale`, `sampler`, `priority`, `webhook_url`, `webhook_events`) may be added (the SDK's
 `extra_body`); any other field is ignored.
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; invalid requests are
 400 as at OpenAI, `code` carries STAR's error code.
@@ -43,7 +43,7 @@ from app.settings import ApiSettings
 log = logging.getLogger(__name__)
 SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
 STAR_FIELDS = ("negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "temperature", "guidance_stop_scale",
-               "webhook_url", "webhook_events")
+               "sampler", "priority", "webhook_url", "webhook_events")
 NO_RETRY = {"x-should-retry": "false"}   # the SDK would otherwise resend (and queue again)
 
 
@@ -108,7 +108,7 @@ def answer(state: JobState, response_format: str, storage) -> dict:
             item = {"url": storage.url(image["id"])}
         data.append({**item, "seed": image["seed"]})   # seed: a STAR extension, to reproduce an image
     return {"created": int(time.time()), "data": data, "size": f"{state.params['size']}x{state.params['size']}",
-            "output_format": "png"}
+            "output_format": "png", "sampler": state.params.get("sampler")}   # sampler: STAR's, as it ran
 
 
 def failure(state: JobState) -> OpenAIError:
@@ -175,6 +175,9 @@ def create_router(settings: ApiSettings) -> APIRouter:
                      "size": {"type": "string", "example": "256x256"},
                      "response_format": {"type": "string", "enum": ["url", "b64_json"]},
                      "model": {"type": "string"}, "user": {"type": "string"},
+                     "priority": {"type": "string", "enum": ["high", "normal", "low"], "default": "normal",
+                                  "description": "STAR extension: as in POST /generate (its lane; `high` only for "
+                                                 "the keys in STAR_HIGH_PRIORITY_KEYS, else 403)"},
                      "webhook_url": {"type": "string", "maxLength": 2048, "description": "STAR extension: as in "
                                      "POST /generate (a signed event when the job ends)"},
                      "webhook_events": {"type": "array", "items": {"type": "string", "enum": ["running", "final"]},

@@ -9,15 +9,17 @@ Sampling fields (guidance_scale, top_k, top_p, temperature) left out of a reques
 worker that runs the job fills them once, when it starts the job, from its model's defaults (the
 model directory's config.json "sampling" block over DEFAULT_SAMPLING, worker/sampling.py), and the
 job then reports the values it used. These API names are the service's one sampling vocabulary.
+So does `sampler`: "auto" (its default, declared here once) becomes "head" or "plain" when a
+worker starts the job, as its model has a sampler head or not.
 """
 from __future__ import annotations
 
 from datetime import datetime
-
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.jobs.lanes import Lane
 from app.jobs.states import JobStatus
 
 MAX_SEED = 2**32 - 1
@@ -41,6 +43,13 @@ GUIDANCE_STOP = ("Fast guidance (opt-in): the index of the first scale sampled w
                  "10 at 256 and 512 px, 14 at 1024 px); that number means guidance on every scale. Default: "
                  "the worker's STAR_GUIDANCE_STOP_SCALE (GET /models `guidance_stop_scale`), unset = guidance "
                  "on every scale (the official sampling).")
+# How an image's late scales are sampled: model.request.SAMPLERS under the same names (kept equal by
+# tests/worker/test_units.py). "auto": the sampler head where the model has one, else "plain".
+Sampler = Literal["auto", "head", "plain"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+SAMPLER_HELP = ("Sampler: `auto` (the model's sampler head where it has one, else plain), `head` (causal-driven "
+                "stable sampling; only models with a sampler head, see `sampler_head` in GET /models) or `plain` "
+                "(every scale drawn at once).")
 
 
 class GenerateRequest(BaseModel):
@@ -63,6 +72,10 @@ class GenerateRequest(BaseModel):
     temperature: float | None = Field(None, gt=0.0, le=5.0, description="Sampling temperature."
                                       + MODEL_DEFAULT.format(DEFAULT_SAMPLING["temperature"]))
     guidance_stop_scale: int | None = Field(None, ge=0, le=MAX_SCALES, description=GUIDANCE_STOP)
+    sampler: Sampler = Field("auto", description=SAMPLER_HELP)
+    priority: Lane = Field("normal", description="Lane of the job: workers take `high` jobs first, then `normal`, "
+                           "then `low` (a lower lane's job still ends `expired` at its deadline). Which API keys "
+                           "may use `high` is the setting STAR_HIGH_PRIORITY_KEYS (others get 403).")
     # webhooks (checked further by app.webhook_targets.check_webhook: scheme, credentials, public host)
     webhook_url: str | None = Field(None, max_length=2048, description="http(s) URL POSTed a signed JSON event "
                                     "when the job ends (docs/api.md#webhooks); its host must resolve to public "
@@ -71,6 +84,11 @@ class GenerateRequest(BaseModel):
                                                                      "`webhook_url`: [\"final\"] (the default: the "
                                                                      "job's end) or [\"running\", \"final\"] (also "
                                                                      "each start).")
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _null_sampler_is_auto(cls, value: object) -> object:
+        return "auto" if value is None else value   # null = left out, as for the sampling fields
 
     @field_validator("prompt")
     @classmethod
@@ -95,6 +113,8 @@ def allowed_range(field: str) -> str | None:
         for name in ("ge", "gt", "le", "lt", "min_length", "max_length"):
             if getattr(item, name, None) is not None:
                 bounds[name] = getattr(item, name)
+    if get_origin(info.annotation) is Literal:
+        return "one of " + ", ".join(map(str, get_args(info.annotation)))
     kinds: dict[type | None, str] = {int: "an integer", float: "a number", str: "a string"}
     kind = kinds.get(_base_type(info.annotation), "a value")
     if "min_length" in bounds or "max_length" in bounds:
@@ -138,6 +158,9 @@ class JobParameters(BaseModel):
     temperature: float | None = Field(None, description=RESOLVED)
     guidance_stop_scale: int | None = Field(None, description="First scale without guidance (fast guidance); "
                                             "null: guidance on every scale. " + RESOLVED)
+    sampler: Sampler = Field("auto", description="As requested while the job is queued; once a worker starts "
+                             "it, the sampler it runs: `head` or `plain` (`auto` resolved for its model).")
+    priority: Lane = Field("normal", description="The lane the job was queued in.")
 
 
 class SamplingDefaults(BaseModel):
@@ -175,6 +198,28 @@ class JobError(BaseModel):
     message: str
 
 
+class Usage(BaseModel):
+    """What jobs used (one succeeded job, or a key's jobs over a period)."""
+
+    jobs: int = Field(1, description="Succeeded jobs counted.")
+    images: int = Field(description="Images made.")
+    pixels: int = Field(description="Pixels made: width x height, summed over the images.")
+    model_s: float = Field(description="Model seconds: each job's share of the wall time of the model call it ran "
+                           "in, split by images (the call's time x the job's images / the call's images).")
+
+
+class KeyUsage(BaseModel):
+    key: str = Field(description="The API key's name (`anonymous`: jobs of a server without API keys).")
+    totals: Usage = Field(description="Since the key's first job.")
+    days: dict[str, Usage] = Field(description="Per UTC day (YYYY-MM-DD) of the period asked, days with usage "
+                                   "only, oldest first.")
+
+
+class UsageReport(BaseModel):
+    days: int = Field(description="The period covered by `days` of each key: this many UTC days, today included.")
+    keys: list[KeyUsage] = Field(description="The caller's own key; for an admin key, every key with usage.")
+
+
 class JobView(BaseModel):
     id: str
     status: JobStatus
@@ -186,6 +231,7 @@ class JobView(BaseModel):
     request: JobParameters
     images: list[ImageOut] | None = None
     prompt_truncated: bool | None = Field(None, description="The prompt had more than 77 CLIP tokens.")
+    usage: Usage | None = Field(None, description="Once succeeded: what the job is charged (GET /usage).")
     error: JobError | None = None
 
 
@@ -209,11 +255,19 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class LaneOut(BaseModel):
+    queue: str = Field(description="The lane's RQ queue.")
+    queue_depth: int = Field(description="Jobs waiting in this lane.")
+    oldest_wait_s: float = Field(description="How long the job at the front of this lane has waited (0: none waits).")
+
+
 class ModelOut(BaseModel):
     name: str
     size: int
-    queue: str
-    queue_depth: int
+    queue: str = Field(description="The model's normal-lane RQ queue (`star-<model>`).")
+    queue_depth: int = Field(description="Jobs waiting for this model, all lanes together.")
+    lanes: dict[Lane, LaneOut] = Field(default_factory=dict, description="Depth and wait per lane: high, "
+                                       "normal, low (workers take them in that order).")
     workers: int
     states: dict[str, int]
     max_batch: int
@@ -225,6 +279,9 @@ class ModelOut(BaseModel):
                                             "guidance (STAR_GUIDANCE_STOP_SCALE); null: guidance on every scale.")
     example_prompts: list[str] = Field(default_factory=list, description="Prompts this model draws well, from "
                                        "its config.json (empty when it names none, or until a worker has loaded it).")
+    sampler_head: bool | None = Field(None, description="Whether the model has a sampler head (causal-driven "
+                                      "stable sampling): requests may ask for sampler `head`, and `auto` uses it. "
+                                      "Null until a worker has loaded the model.")
 
 
 class ModelsOut(BaseModel):

@@ -74,6 +74,9 @@ class ApiSettings(CommonSettings):
     rate_limit_per_min: int = Field(0, ge=0, description="Requests per minute per API key (0: no limit); "
                                     "counted in Redis, so it holds across API replicas.")
     max_concurrent_jobs_per_key: int = Field(0, ge=0, description="Queued plus running jobs per API key (0: no limit).")
+    high_priority_keys: str = Field("", description="API key names allowed `priority: high`, comma-separated "
+                                    "(`*`: every caller, also with authentication off); others get 403. Empty: "
+                                    "nobody.")
     max_body_bytes: int = Field(65536, ge=1024, description="Largest request body; a larger one is refused with 413.")
     max_prompt_chars: int = Field(2000, ge=1, le=2000, description="Longest prompt (and negative prompt), in characters.")
     url_signing_key: SecretStr | None = Field(None, description="Secret that signs image URLs (`?expires=&sig=`); "
@@ -149,6 +152,12 @@ class ApiSettings(CommonSettings):
         if self.image_urls == "presigned" and self.url_ttl_s > 604800:
             raise ValueError(f"url_ttl_s ({self.url_ttl_s}) is above 604800: presigned S3 URLs live at most 7 days")
         return self
+
+
+def allowed_high_priority(setting: str, key_name: str) -> bool:
+    """Whether the caller `key_name` may queue `high` jobs under STAR_HIGH_PRIORITY_KEYS."""
+    names = {name.strip() for name in setting.split(",") if name.strip()}
+    return "*" in names or key_name in names
 
 
 def worker_metrics_port(base: int, device: str) -> int:

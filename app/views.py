@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from app.jobs.read import JobState
 from app.jobs.states import ACTIVE
-from app.schemas import ImageOut, JobParameters, JobView, Progress, Timings
+from app.schemas import ImageOut, JobParameters, JobView, Progress, Timings, Usage
 from app.signing import SignedStorage
 from app.storage import Storage
 
@@ -24,5 +24,5 @@ def job_view(state: JobState, storage: Storage | SignedStorage) -> JobView:
                         queue_wait_s=seconds(state.queued_at, state.started_at), model_s=state.model_s,
                         total_s=seconds(state.queued_at, state.finished_at)),
         request=JobParameters(**state.params), images=images, prompt_truncated=state.prompt_truncated,
-        error=state.error,
+        usage=Usage(**state.usage) if state.usage and state.status == "succeeded" else None, error=state.error,
     )

@@ -6,7 +6,7 @@
         star.generate("a red circle on a blue background", seed=7).images[0].save("circle.png")
 
     client.http    StarClient (sync) and AsyncStarClient (asyncio): submit, get, wait, cancel,
-                   models, download, generate
+                   models, usage, download, generate
     client.types   the response records, the errors and the retry policy
     client.cli     `star generate` (registered in the `star` command, app/cli.py)
 
@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from client.http import (DEFAULT_SERVER, TERMINAL_STATUSES, Accepted, AsyncStarClient, GeneratedImage,
-                             Generation, ImageRef, Job, JobError, JobFailed, JobParameters, ModelInfo, Models,
+                             Generation, ImageRef, Job, JobError, JobFailed, JobParameters, KeyUsage, LaneInfo,
+                             ModelInfo, Models, Usage, UsageReport,
                              Progress, ProgressCallback, RetryPolicy, StarBusyError, StarClient,
                              StarConnectionError, StarError, StarHTTPError, StarRequestError, StarServerError,
                              StarTimeout, Timings, error_from_response, retry_after_seconds)
 
 __all__ = ["StarClient", "AsyncStarClient", "ProgressCallback", "DEFAULT_SERVER", "TERMINAL_STATUSES",
-           "Progress", "ImageRef", "Timings", "JobParameters", "JobError", "Job", "Accepted", "ModelInfo",
+           "Progress", "ImageRef", "Timings", "JobParameters", "JobError", "Job", "Accepted", "ModelInfo", "LaneInfo",
+           "Usage", "KeyUsage", "UsageReport",
            "Models", "GeneratedImage", "Generation", "StarError", "StarConnectionError", "StarHTTPError",
            "StarRequestError", "StarBusyError", "StarServerError", "StarTimeout", "JobFailed",
            "error_from_response", "retry_after_seconds", "RetryPolicy"]

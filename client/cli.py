@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 EXIT_OK, EXIT_BAD_REQUEST, EXIT_SERVER, EXIT_TIMEOUT, EXIT_JOB, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
+SAMPLERS = ("auto", "head", "plain")   # POST /generate's `sampler` (checked again by the server)
 HELP = "Generate images on a running STAR server and save them as PNGs (see `star generate --help`)."
 
 
@@ -49,6 +50,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fast guidance: the first scale sampled without guidance, 0 to the model's number of "
                         "scales (10 at 256/512 px, 14 at 1024 px; that number = guidance on every scale); faster, "
                         "may follow the prompt less closely (default: the worker's, usually guidance on every scale)")
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help="auto (default: the model's sampler head where it has one, else plain), head "
+                        "(causal-driven stable sampling; only models with a sampler head) or plain")
+    parser.add_argument("--priority", choices=("high", "normal", "low"), help="the job's lane: workers take high "
+                        "jobs first, then normal (the default), then low; high only for the API keys the "
+                        "server allows (STAR_HIGH_PRIORITY_KEYS)")
     parser.add_argument("--server", help="base URL of the API (default: $STAR_SERVER or http://localhost:8000)")
     parser.add_argument("--api-key", help="API key, sent as a Bearer token (default: $STAR_API_KEY; "
                         "prefer the variable, command lines are visible to other users)")
@@ -142,7 +149,8 @@ def _generate(client, args: argparse.Namespace, paths: list[Path], progress: Pro
     options = {"negative_prompt": args.negative_prompt, "size": args.size, "n": args.n, "seed": args.seed,
                "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
                "temperature": args.temperature, "guidance_stop_scale": args.guidance_stop_scale,
-               "webhook_url": args.webhook_url, "webhook_events": args.webhook_events}
+               "sampler": args.sampler, "priority": args.priority, "webhook_url": args.webhook_url,
+               "webhook_events": args.webhook_events}
     started = time.monotonic()
     try:
         accepted = client.submit(args.prompt, **options)
@@ -179,12 +187,13 @@ def _generate(client, args: argparse.Namespace, paths: list[Path], progress: Pro
     except StarError as exc:
         return _report(exc, client.server)
     t, r = job.timings, job.request
-    ran = (f"; guidance {r.guidance_scale:g}, top-k {r.top_k}, top-p {r.top_p:g}, temperature {r.temperature:g}"
-           if None not in (r.guidance_scale, r.top_k, r.top_p, r.temperature) else "")
-    if r.guidance_stop_scale is not None:
-        ran += f", no guidance from scale {r.guidance_stop_scale}"
+    ran = ([f"guidance {r.guidance_scale:g}, top-k {r.top_k}, top-p {r.top_p:g}, temperature {r.temperature:g}"]
+           if None not in (r.guidance_scale, r.top_k, r.top_p, r.temperature) else [])
+    ran += [f"sampler {r.sampler}"] if r.sampler else []
+    ran += [f"no guidance from scale {r.guidance_stop_scale}"] if r.guidance_stop_scale is not None else []
     _note(args, f"star generate: job {job.id} on {job.model}: queue wait {_s(t.queue_wait_s)}, model "
-                f"{_s(t.model_s)}, total {_s(t.total_s)} (with downloads {time.monotonic() - started:.2f}s){ran}")
+                f"{_s(t.model_s)}, total {_s(t.total_s)} (with downloads {time.monotonic() - started:.2f}s)"
+                + "".join(f"; {part}" for part in ran))
     return EXIT_OK
 
 

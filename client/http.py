@@ -31,7 +31,7 @@ import httpx
 
 from client.types import (
     DEFAULT_SERVER, TERMINAL_STATUSES, _parse, Progress, ImageRef, Timings, JobParameters, JobError,
-    Job, Accepted, ModelInfo, Models, GeneratedImage, Generation, StarError, StarConnectionError,
+    Job, Accepted, ModelInfo, LaneInfo, Models, Usage, KeyUsage, UsageReport, GeneratedImage, Generation, StarError, StarConnectionError,
     StarHTTPError, StarRequestError, StarBusyError, StarServerError, StarTimeout, JobFailed,
     error_from_response, retry_after_seconds, RetryPolicy)
 from client.waiting import LONG_POLL_S, wait_async, wait_sync
@@ -39,7 +39,7 @@ from client.waiting import LONG_POLL_S, wait_async, wait_sync
 
 __all__ = ["StarClient", "AsyncStarClient", "ProgressCallback", "DEFAULT_SERVER",
            "TERMINAL_STATUSES", "Progress", "ImageRef", "Timings", "JobParameters", "JobError",
-           "Job", "Accepted", "ModelInfo", "Models", "GeneratedImage", "Generation", "StarError",
+           "Job", "Accepted", "ModelInfo", "LaneInfo", "Models", "Usage", "KeyUsage", "UsageReport", "GeneratedImage", "Generation", "StarError",
            "StarConnectionError", "StarHTTPError", "StarRequestError", "StarBusyError",
            "StarServerError", "StarTimeout", "JobFailed", "error_from_response",
            "retry_after_seconds", "RetryPolicy"]
@@ -131,15 +131,19 @@ class StarClient(_Base):
     def submit(self, prompt: str, *, negative_prompt: str | None = None, size: int | None = None,
                n: int | None = None, seed: int | None = None, guidance_scale: float | None = None,
                top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
-               guidance_stop_scale: int | None = None, webhook_url: str | None = None,
-               webhook_events: list[str] | None = None) -> Accepted:
+               guidance_stop_scale: int | None = None, sampler: str | None = None, priority: str | None = None,
+               webhook_url: str | None = None, webhook_events: list[str] | None = None) -> Accepted:
         """Queue a request (`POST /generate`); None means the server's default. guidance_stop_scale:
         fast guidance, the first scale sampled without guidance (docs/api.md, "Fast guidance").
+        sampler: "auto", "head" (the model's sampler head; 422 for a model without one) or "plain".
+        `priority`: `high`, `normal` (the server's default) or `low` (the job's lane; `high` only for
+        the API keys the server allows, else StarRequestError 403 `priority_not_allowed`).
         `webhook_url`: the server POSTs a signed event there when the job ends (and when it starts,
         with `webhook_events=["running", "final"]`)."""
         body = self._body(prompt, negative_prompt=negative_prompt, size=size, n=n, seed=seed,
                           guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
-                          guidance_stop_scale=guidance_stop_scale, webhook_url=webhook_url,
+                          guidance_stop_scale=guidance_stop_scale, sampler=sampler, priority=priority,
+                          webhook_url=webhook_url,
                           webhook_events=webhook_events)
         response = self._request("POST", "/generate", json=body, headers={"Idempotency-Key": uuid.uuid4().hex})
         return _parse(Accepted, response.json())
@@ -155,6 +159,11 @@ class StarClient(_Base):
 
     def models(self) -> Models:
         return Models.from_json(self._request("GET", "/models").json())
+
+    def usage(self, *, days: int = 30, key: str | None = None) -> UsageReport:
+        """`GET /usage`: this key's usage (an admin key: every key's, or `key`'s) over `days` UTC days."""
+        params: dict[str, Any] = {"days": days, **({"key": key} if key else {})}
+        return UsageReport.from_json(self._request("GET", "/usage", params=params).json())
 
     def download(self, image: ImageRef | str) -> bytes:
         """The PNG; follows the API's redirect to an S3 store (httpx drops the API key across origins)."""
@@ -234,11 +243,13 @@ class AsyncStarClient(_Base):
     async def submit(self, prompt: str, *, negative_prompt: str | None = None, size: int | None = None,
                      n: int | None = None, seed: int | None = None, guidance_scale: float | None = None,
                      top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
-                     guidance_stop_scale: int | None = None, webhook_url: str | None = None,
+                     guidance_stop_scale: int | None = None, sampler: str | None = None,
+                     priority: str | None = None, webhook_url: str | None = None,
                      webhook_events: list[str] | None = None) -> Accepted:
         body = self._body(prompt, negative_prompt=negative_prompt, size=size, n=n, seed=seed,
                           guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
-                          guidance_stop_scale=guidance_stop_scale, webhook_url=webhook_url,
+                          guidance_stop_scale=guidance_stop_scale, sampler=sampler, priority=priority,
+                          webhook_url=webhook_url,
                           webhook_events=webhook_events)
         response = await self._request("POST", "/generate", json=body,
                                        headers={"Idempotency-Key": uuid.uuid4().hex})
@@ -252,6 +263,10 @@ class AsyncStarClient(_Base):
 
     async def models(self) -> Models:
         return Models.from_json((await self._request("GET", "/models")).json())
+
+    async def usage(self, *, days: int = 30, key: str | None = None) -> UsageReport:
+        params: dict[str, Any] = {"days": days, **({"key": key} if key else {})}
+        return UsageReport.from_json((await self._request("GET", "/usage", params=params)).json())
 
     async def download(self, image: ImageRef | str) -> bytes:
         """The PNG; follows the API's redirect to an S3 store (httpx drops the API key across origins)."""

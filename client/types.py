@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import email.utils
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar, cast, overload
@@ -70,12 +70,47 @@ class JobParameters:
     top_p: float | None = None
     temperature: float | None = None
     guidance_stop_scale: int | None = None    # fast guidance's first scale without guidance; None: every scale guided
+    # auto, head or plain as asked while queued; once started, the one that runs: "head" or "plain"
+    # (None from a server older than the sampler choice)
+    sampler: str | None = None
+    priority: str = "normal"     # the lane it was queued in: high, normal, low
 
 
 @dataclass(frozen=True)
 class JobError:
     code: str
     message: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What jobs used: one succeeded job (`Job.usage`), or a key's jobs over a period (GET /usage)."""
+
+    images: int
+    pixels: int
+    model_s: float               # each job's share of its model call's time, split by images
+    jobs: int = 1
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    key: str
+    totals: Usage                # since the key's first job
+    days: dict[str, Usage]       # UTC day (YYYY-MM-DD) -> its usage, days with usage only
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """`GET /usage`: the caller's key (an admin key: every key) over the last `days` UTC days."""
+
+    days: int
+    keys: tuple[KeyUsage, ...]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "UsageReport":
+        return cls(days=data["days"], keys=tuple(
+            KeyUsage(k["key"], _parse(Usage, k["totals"]), {d: _parse(Usage, u) for d, u in k["days"].items()})
+            for k in data["keys"]))
 
 
 @dataclass(frozen=True)
@@ -93,6 +128,7 @@ class Job:
     images: tuple[ImageRef, ...] = ()
     prompt_truncated: bool | None = None
     error: JobError | None = None
+    usage: Usage | None = None   # once succeeded: what it is charged
 
     @property
     def done(self) -> bool:
@@ -106,7 +142,8 @@ class Job:
                    queue_position=data.get("queue_position"), progress=_parse(Progress, data.get("progress")),
                    cancel_requested=bool(data.get("cancel_requested")),
                    images=tuple(_parse(ImageRef, i) for i in data.get("images") or ()),
-                   prompt_truncated=data.get("prompt_truncated"), error=_parse(JobError, data.get("error")))
+                   prompt_truncated=data.get("prompt_truncated"), error=_parse(JobError, data.get("error")),
+                   usage=_parse(Usage, data.get("usage")))
 
 
 @dataclass(frozen=True)
@@ -120,17 +157,32 @@ class Accepted:
 
 
 @dataclass(frozen=True)
+class LaneInfo:
+    queue: str
+    queue_depth: int             # jobs waiting in this lane
+    oldest_wait_s: float         # how long the job at its front has waited (0: none waits)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     size: int
     queue: str
-    queue_depth: int
+    queue_depth: int             # all lanes together
     workers: int
     states: dict[str, int]
     max_batch: int
     sampling: dict[str, float] | None = None   # the model's defaults: guidance_scale, top_k, top_p, temperature
     scales: int | None = None                  # scales of its schedule: guidance_stop_scale is 0 .. scales
     guidance_stop_scale: int | None = None     # the workers' default (STAR_GUIDANCE_STOP_SCALE); None: off
+    lanes: dict[str, LaneInfo] | None = None   # high, normal, low (None from servers without lanes)
+    sampler_head: bool | None = None   # the model has a sampler head (sampler "head"; "auto" uses it)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ModelInfo":
+        lanes = data.get("lanes")
+        info = _parse(cls, {k: v for k, v in data.items() if k != "lanes"})
+        return info if lanes is None else replace(info, lanes={lane: _parse(LaneInfo, v) for lane, v in lanes.items()})
 
 
 @dataclass(frozen=True)
@@ -141,7 +193,7 @@ class Models:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Models":
-        return cls(models=tuple(_parse(ModelInfo, m) for m in data.get("models", ())),
+        return cls(models=tuple(ModelInfo.from_json(m) for m in data.get("models", ())),
                    sizes=tuple(data.get("sizes", ())), default_size=data.get("default_size"))
 
 

@@ -21,7 +21,7 @@ from .config import PRESETS, StarConfig
 from .kv_cache import KVCache
 from .model_dir import example_prompts, is_model_dir, load_model_dir, parse_dtype, sampling_defaults
 from .random_init import random_sampler_head, random_transformer, random_vae
-from .request import OFFICIAL_SAMPLING, SAMPLERS, ImageRequest, ImageResult
+from .request import OFFICIAL_SAMPLING, SAMPLERS, ImageRequest, ImageResult, resolve_sampler
 from .sampler import RowParams, make_generators
 from .sampler_head import SamplerHead
 from .text import TextEncoder, byte_level_clip_tokenizer, random_clip_text_model
@@ -222,14 +222,7 @@ class StarPipeline:
 
     def resolve_sampler(self, sampler: str | None) -> str:
         """"head" or "plain": what a request's sampler (None = "auto") runs on this model."""
-        if sampler not in (None, *SAMPLERS):
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        if sampler == "head" and not self.has_sampler_head:
-            raise ValueError(f"sampler 'head' needs a model with a sampler head; {self.name!r} has none "
-                             "(use 'auto' or 'plain')")
-        if sampler in (None, "auto"):
-            return "head" if self.has_sampler_head else "plain"
-        return sampler
+        return resolve_sampler(sampler, self.has_sampler_head, self.name)
 
     @torch.inference_mode()
     def decode(self, f_hat_NChw: torch.Tensor, chunk: int | None = None) -> torch.Tensor:

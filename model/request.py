@@ -22,6 +22,19 @@ OFFICIAL_SAMPLING: dict[str, float | int] = {"cfg": 4.0, "top_k": 600, "top_p": 
 SAMPLERS = ("auto", "head", "plain")
 
 
+def resolve_sampler(sampler: str | None, has_sampler_head: bool, model: str) -> str:
+    """"head" or "plain": what a request's sampler (None = "auto") runs on a model with or without a
+    sampler head. ValueError for an unknown sampler, or "head" on a model without a head."""
+    if sampler not in (None, *SAMPLERS):
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if sampler == "head" and not has_sampler_head:
+        raise ValueError(f"sampler 'head' needs a model with a sampler head; {model!r} has none "
+                         "(use 'auto' or 'plain')")
+    if sampler in (None, "auto"):
+        return "head" if has_sampler_head else "plain"
+    return sampler
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """One image; a job with n images becomes n of these, image i with seed (seed + i) mod 2^32

@@ -24,6 +24,8 @@ from torch import nn
 from .config import StarConfig
 from .transformer import FFN, SelfAttention, head_scale, rope_normalize
 
+Rope = torch.Tensor | tuple[torch.Tensor, torch.Tensor]   # complex table, or (cos, sin) (see rope_normalize)
+
 
 class HeadBlock(nn.Module):
     """A base Block without cross-attention or cache: x += SA(LN x) (all rows see all rows, RoPE,
@@ -38,7 +40,7 @@ class HeadBlock(nn.Module):
     def _ln(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
-    def _attend(self, x_BlC: torch.Tensor, rope_lc: torch.Tensor) -> torch.Tensor:
+    def _attend(self, x_BlC: torch.Tensor, rope_lc: Rope) -> torch.Tensor:
         a = self.attn
         B, l, C = x_BlC.shape
         qkv = F.linear(x_BlC, a.mat_qkv.weight, a.qkv_bias()).view(B, l, 3, a.num_heads, a.head_dim)
@@ -48,7 +50,7 @@ class HeadBlock(nn.Module):
         o_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHlc, v_BHlc, scale=1.0)
         return a.proj(o_BHlc.transpose(1, 2).reshape(B, l, C))
 
-    def forward(self, x_BlC: torch.Tensor, rope_lc: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BlC: torch.Tensor, rope_lc: Rope) -> torch.Tensor:
         x_BlC = x_BlC + self._attend(self._ln(x_BlC), rope_lc)
         return x_BlC + self.ffn(self._ln(x_BlC))
 
@@ -83,14 +85,26 @@ class SamplerHead(nn.Module):
         e_NlCv: each image's committed codebook vectors (zero where uncommitted); text_B1C: text_rows;
         h_BlC: the base model's hidden states of this scale; rope_lc: the RoPE table of the 1 + l
         rows (position (0, 0) first)."""
-        dtype = self.pos_start_last.dtype
-        pos_NlC = self.word_embed_head(e_NlCv.to(dtype)) + self.lvl_embed_2.weight[si]
+        pos_NlC = self.position_rows(e_NlCv, si)
         pos_BlC = torch.cat((pos_NlC, pos_NlC if uncond_at is None else pos_NlC[uncond_at]))
+        return self._rows_logits(pos_BlC, text_B1C, h_BlC, rope_lc)
+
+    def logits_per_row(self, e_BlCv: torch.Tensor, si: int, text_B1C: torch.Tensor, h_BlC: torch.Tensor,
+                       rope: Rope) -> torch.Tensor:
+        """The same logits with one set of committed vectors per row (training: every row is its own
+        image, conditional or not); rope may be a (cos, sin) pair (differentiable, see rope_normalize)."""
+        return self._rows_logits(self.position_rows(e_BlCv, si), text_B1C, h_BlC, rope)
+
+    def position_rows(self, e_NlCv: torch.Tensor, si: int) -> torch.Tensor:
+        """word_embed_head(committed vector) + lvl_embed_2[si] of every position, [N, l, C]."""
+        return self.word_embed_head(e_NlCv.to(self.pos_start_last.dtype)) + self.lvl_embed_2.weight[si]
+
+    def _rows_logits(self, pos_BlC: torch.Tensor, text_B1C: torch.Tensor, h_BlC: torch.Tensor, rope: Rope) -> torch.Tensor:
         rows_BlC = torch.cat((text_B1C, pos_BlC), dim=1)
-        ctx_BlC = torch.cat((text_B1C, h_BlC.to(dtype)), dim=1)
+        ctx_BlC = torch.cat((text_B1C, h_BlC.to(pos_BlC.dtype)), dim=1)
         x_BlC = self.head_proj(torch.cat((rows_BlC, ctx_BlC), dim=-1))
         for blk in self.feat_extract_blocks:
-            x_BlC = blk(x_BlC, rope_lc)
+            x_BlC = blk(x_BlC, rope)
         h = x_BlC[:, 1:].to(torch.promote_types(x_BlC.dtype, torch.float32))
         h = F.layer_norm(h, h.shape[-1:], eps=self.cfg.norm_eps)
         w = self.head_logits2

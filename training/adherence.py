@@ -3,6 +3,7 @@
     python -m training.adherence MODEL_DIR --prompts 28 --seeds 0,1,2 [--cfg 3 --top-k 0 --top-p 0]
     python -m training.adherence MODEL_DIR --seeds 100,101 --cfg 1.5,3,5 --top-k 0,20   # a sweep
     python -m training.adherence shapes --seeds 300,301 --guidance-stop-scale none,5,3   # fast guidance
+    python -m training.adherence MODEL_DIR --sampler plain     # without the model's sampler head
 
 The scorer is plain image analysis (no learned parts):
   background  the named colour nearest to most pixels of the 3-pixel border;
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from model.request import SAMPLERS
 from training.shapes import COLOUR_NAMES, COLOURS, HELD_OUT, SHAPES, caption, draw_outline
 
 PALETTE = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
@@ -176,15 +178,17 @@ def held_out_targets(m: int) -> list[tuple[str, str, str]]:
     return [order[i % len(order)] for i in range(m)]
 
 
-def evaluate(pipe, m: int, seeds: list[int], sampling: dict, batch: int = 8) -> tuple[dict, list]:
-    """Generate every (held-out prompt, seed) image with pipe and score it; also return the rows."""
+def evaluate(pipe, m: int, seeds: list[int], sampling: dict, batch: int = 8,
+             sampler: str | None = None) -> tuple[dict, list]:
+    """Generate every (held-out prompt, seed) image with pipe and score it; also return the rows.
+    sampler: ImageRequest.sampler (None = "auto": the sampler head where the model has one)."""
     from model.pipeline import ImageRequest
 
     jobs = [(t, s) for t in held_out_targets(m) for s in seeds]
     rows, t0 = [], time.perf_counter()
     for i in range(0, len(jobs), batch):
         part = jobs[i:i + batch]
-        results = pipe.generate([ImageRequest(caption(*t), seed=s, **sampling) for t, s in part])
+        results = pipe.generate([ImageRequest(caption(*t), seed=s, sampler=sampler, **sampling) for t, s in part])
         for (t, s), r in zip(part, results):
             rows.append((t, s, classify(r.image), r.image))
     report = score([r[2] for r in rows], [r[0] for r in rows])
@@ -231,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=_floats, help="temperature(s)")
     ap.add_argument("--guidance-stop-scale", dest="cfg_stop_scale", type=_stops,
                     help="fast guidance: first scale(s) sampled without guidance, none = every scale guided")
+    ap.add_argument("--sampler", choices=SAMPLERS, default="auto",
+                    help="auto (default: the sampler head where the model has one), head, or plain")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda; default cpu)")
     ap.add_argument("--save", help="write every image as PNG into this folder (names: prompt index, seed)")
@@ -249,11 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         print("--save keeps the images of one setting; give one value per sampling option", file=sys.stderr)
         return 2
     pipe = StarPipeline.load(args.model, device=args.device)
+    try:
+        sampler = pipe.resolve_sampler(args.sampler)
+    except ValueError as e:
+        print(f"--sampler {args.sampler}: {e}", file=sys.stderr)
+        return 2
     reports = []
     for sampling in settings:
-        report, rows = evaluate(pipe, args.prompts, args.seeds, sampling)
+        report, rows = evaluate(pipe, args.prompts, args.seeds, sampling, sampler=sampler)
         report.update(model=args.model, prompts=args.prompts, seeds=args.seeds, sampling=sampling,
-                      device=args.device)
+                      sampler=sampler, device=args.device)
         reports.append(report)
     if len(reports) > 1:
         reports.sort(key=lambda r: -(r["shape_accuracy"] + r["colour_accuracy"]))

@@ -4,6 +4,8 @@
                           [--stages latents,quant,decoder,encoder,ar,export] [--set ar_steps=400 ...]
                           [--device cpu|cuda] [--workers N] [--from-model model/zoo/shapes]
                           [--ar-init weights.pt] [--transformer-dtype float16] [--note TEXT]
+    python -m training.train --from-model model/zoo/shapes --stages latents,quant,head --export DIR \
+                          [--set images=2000 --set head_steps=600]   # a sampler head on a frozen model
     python -m training.train --recipe shapes-gpu --from-model model/zoo/shapes --device cuda \
                           --stages latents,quant,ar,export --export model/zoo/shapes   # the shipped model
 
@@ -16,6 +18,9 @@ checkpoint in --work; training/train_vae.py explains the VQ-VAE stages):
     ar       STAR transformer + small CLIP text encoder, teacher-forced on the tokens with the
              block-causal mask, 10% of captions dropped to "" (for classifier-free guidance) -> ar.pt
     export   model directory (same format as converted official weights) with sampling defaults
+    head     (with --from-model: the base model, frozen) the sampler head of causal-driven stable
+             sampling, masked prediction over the refined scales (training/train_head.py) -> head.pt,
+             then the model directory: the base model's files plus the head and its rules (head_rules)
 Every optimisation step appends a line to <work>/log.jsonl: stage, step, loss, lr, seconds.
 
 --from-model DIR starts from an exported model's VQ-VAE (its quantizer, decoder and encoder count as
@@ -44,7 +49,8 @@ from training import train_vae as tv
 from training.checkpoints import Log, done, load_ckpt, new_vae, run_loop, save_ckpt, vae_from
 from training.train_ar import new_text_encoder, stage_ar
 
-STAGES = ("latents", "quant", "decoder", "encoder", "ar", "export")
+STAGES = ("latents", "quant", "decoder", "encoder", "ar", "export", "head")
+MODEL_STAGES = STAGES[:-1]      # the default: a model from scratch (head: a sampler head on a trained one)
 
 
 @dataclass(frozen=True)
@@ -72,10 +78,16 @@ class Recipe:
     ckpt_every: int = 50
     seed: int = 0                # initialisation and batch order
     sampling: tuple = (("cfg", 3.0), ("top_k", 0), ("top_p", 0.0), ("temperature", 1.0))
+    # the sampler head (stage "head"): its refinement rules (SamplerHeadConfig fields; the 7 scales of
+    # shapes: scales 4-6 refined, the last one with the late rules: 15 steps, sampler head only)
+    head_rules: tuple = (("base_head_until_scale", 6), ("blocks", 1), ("from_scale", 4), ("late_from_scale", 6))
+    head_steps: int = 600
+    head_batch: int = 32
+    head_lr: float = 1e-3
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["arch"], d["sampling"] = self.arch.to_dict(), dict(self.sampling)
+        d["arch"], d["sampling"], d["head_rules"] = self.arch.to_dict(), dict(self.sampling), dict(self.head_rules)
         return d
 
 
@@ -92,13 +104,15 @@ RECIPES = {
     "smoke": Recipe(SHAPES_ARCH.replace(name="shapes-smoke", depth=1, patch_nums=(1, 2, 4, 8), vocab_size=32,
                                         vae_ch_mult=(1, 1, 1, 1, 1), text_dim=32),
                     text_layers=1, images=8, rq_steps=3, rq_batch=8, dec_steps=2, dec_batch=2, enc_steps=2,
-                    enc_batch=2, ar_steps=3, ar_batch=4, ckpt_every=2),
+                    enc_batch=2, ar_steps=3, ar_batch=4, ckpt_every=2, head_steps=4, head_batch=4,
+                    head_rules=(("base_head_until_scale", 3), ("blocks", 1), ("from_scale", 2), ("late_from_scale", 3))),
 }
 
 
 def stage_steps(recipe: Recipe) -> dict[str, int]:
     """The step count that finishes each trained stage."""
-    return {"quant": recipe.rq_steps, "decoder": recipe.dec_steps, "encoder": recipe.enc_steps, "ar": recipe.ar_steps}
+    return {"quant": recipe.rq_steps, "decoder": recipe.dec_steps, "encoder": recipe.enc_steps, "ar": recipe.ar_steps,
+            "head": recipe.head_steps}
 
 
 # ---- VQ-VAE stages ---------------------------------------------------------------------------------
@@ -236,10 +250,12 @@ def apply_overrides(recipe: Recipe, items: list[str]) -> Recipe:
     return dataclasses.replace(recipe, **changes)
 
 
-def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_to: Path | None = None,
+def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = MODEL_STAGES, export_to: Path | None = None,
           progress: bool = True, device: str = "cpu", workers: int = 1, from_model: str | None = None,
           note: str | None = None, ar_init: str | None = None,
           transformer_dtype: torch.dtype = torch.float32) -> Path | None:
+    if "head" in stages and from_model is None:
+        raise SystemExit("stage head trains a sampler head on a trained model: give it with --from-model DIR")
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1) + "\n")
     log = Log(work / "log.jsonl")
@@ -249,6 +265,10 @@ def train(recipe: Recipe, work: Path, stages: tuple[str, ...] = STAGES, export_t
     runners = {"latents": partial(stage_latents, workers=workers), "quant": partial(stage_quant, device=device),
                "decoder": stage_decoder, "encoder": stage_encoder, "ar": partial(stage_ar, device=device, init=ar_init)}
     for stage in stages:
+        if stage == "head":
+            from training.train_head import stage_head
+
+            return stage_head(work, recipe, str(from_model), export_to or work / "model-head", log, progress)
         if stage == "export":
             return stage_export(work, recipe, export_to or work / "model", log, transformer_dtype, note=note)
         finished = (work / "latents.pt").is_file() if stage == "latents" else done(work, stage, steps[stage])
@@ -267,14 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--recipe", default="shapes", choices=sorted(RECIPES))
     ap.add_argument("--work", default="artifacts/shapes-train", help="checkpoints, tokens and log.jsonl")
     ap.add_argument("--export", default=None, help="model directory to write (default: <work>/model)")
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--stages", default=",".join(MODEL_STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--device", default="cpu", help="where the quantizer's tokens and the transformer stage run "
                     "(cpu, cuda, cuda:1; default cpu); the VQ-VAE stages run on the CPU")
     ap.add_argument("--workers", type=int, default=1, help="processes drawing the dataset's latents (default 1)")
     ap.add_argument("--from-model", default=None, metavar="DIR",
-                    help="take the VQ-VAE of this exported model (skip training one); e.g. model/zoo/shapes")
+                    help="take the VQ-VAE of this exported model (skip training one); e.g. model/zoo/shapes; "
+                    "stage head trains a sampler head on this model (frozen)")
     ap.add_argument("--ar-init", default=None, metavar="FILE",
                     help="start the transformer stage from these weights (fine-tuning): a file with 'transformer' "
                     "and 'text' state dicts, e.g. another run's ar.pt or bench/gpu_shapes.sh's weights-<name>.pt")

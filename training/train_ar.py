@@ -66,6 +66,13 @@ def block_forward(blk: Block, x_NLC: torch.Tensor, cos_Lc, sin_Lc, ctx_NTD: torc
 def teacher_forced_logits(model: StarTransformer, pooled_ND: torch.Tensor, ctx_NTD: torch.Tensor,
                           mask_NT: torch.Tensor, f_inputs_NLCv: torch.Tensor) -> torch.Tensor:
     """Logits [N, L, V] of every token of every scale in one block-causal pass (differentiable)."""
+    return model.logits(teacher_forced_hidden(model, pooled_ND, ctx_NTD, mask_NT, f_inputs_NLCv))
+
+
+def teacher_forced_hidden(model: StarTransformer, pooled_ND: torch.Tensor, ctx_NTD: torch.Tensor,
+                          mask_NT: torch.Tensor, f_inputs_NLCv: torch.Tensor) -> torch.Tensor:
+    """The final hidden states [N, L, C] (before the logit LayerNorm) of that pass: what the sampler
+    head reads of the scale it refines (training/train_head.py)."""
     cfg = model.cfg
     x = torch.cat((model.start_tokens(pooled_ND), model.word_embed(f_inputs_NLCv)), 1)
     lvl_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(cfg.patch_nums)]).to(x.device)
@@ -75,7 +82,7 @@ def teacher_forced_logits(model: StarTransformer, pooled_ND: torch.Tensor, ctx_N
     keep_N11T = mask_NT.to(torch.bool)[:, None, None, :]
     for blk in model.blocks:
         x = block_forward(blk, x, cos, sin, ctx_NTD, keep_N11T, mask_LL)
-    return model.logits(x)
+    return x
 
 
 def new_text_encoder(recipe) -> TextEncoder:

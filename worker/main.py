@@ -1,8 +1,9 @@
 """`worker.main:main` (`star worker`, `python -m worker`): load the model once, warm up, then take
-jobs from the model's queue in batches until SIGTERM/SIGINT: take no more jobs, finish the batch
-within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0. The stop is bounded
-whatever Redis does (worker.stopping): a second signal, or Redis still unreachable 10 s after the
-grace, and the jobs not recorded are left for the reaper; a process still hung 5 s later exits 4.
+jobs from the model's lane queues (highest lane first) in batches until SIGTERM/SIGINT: take no
+more jobs, finish the batch within STAR_DRAIN_GRACE_S (else put its jobs back on the queue), exit 0.
+The stop is bounded whatever Redis does (worker.stopping): a second signal, or Redis still
+unreachable 10 s after the grace, and the jobs not recorded are left for the reaper; a process
+still hung 5 s later exits 4.
 
 States: starting (loading, warming up) -> ready <-> busy -> draining -> gone; `failed` if the
 model cannot be loaded (exit 1) or a device error left the device unusable (its jobs go back to
@@ -17,6 +18,7 @@ import os
 import signal
 import socket
 
+from app.jobs.lanes import lane_names
 from app.jobs.rq_adapter import connect, queue_name
 from app.jobs.workers import WorkerEntry
 from app.storage import Storage
@@ -28,7 +30,7 @@ from worker.noop import NoopPipeline
 from worker.publish import Publisher
 from worker.rq_worker import BatchWorker
 from worker.runner import BatchRunner
-from worker.sampling import GUIDANCE_STOP, guidance_stop_default, model_defaults
+from worker.sampling import GUIDANCE_STOP, guidance_stop_default, has_sampler_head, job_defaults, model_defaults
 from worker.settings import WorkerSettings
 from worker.speed import prepare_model
 
@@ -137,6 +139,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     entry.device = str(getattr(pipeline, "device", ""))
     entry.sampling = model_defaults(pipeline)   # what requests without sampling fields get
     entry.example_prompts = list(getattr(pipeline, "example_prompts", None) or [])   # shown by GET /models
+    entry.sampler_head = has_sampler_head(pipeline)   # whether requests may ask for sampler "head"
     entry.scales = len(pipeline.patch_nums) if getattr(pipeline, "patch_nums", None) else None
     entry.guidance_stop_scale = guidance_stop_default(settings.guidance_stop_scale, entry.scales)
     metrics.info.info({"model": pipeline.name, "size": str(pipeline.image_size), "device": entry.device,
@@ -147,10 +150,11 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     if settings.warmup:
         runner.warm_up(entry.sampling)
     log.info("worker %s: model %s (%dpx) on %s; queue %s; batches of up to %d images, %d ms wait; "
-             "sampling defaults %s", entry.name, pipeline.name, pipeline.image_size, entry.device, entry.queue,
-             settings.max_batch, settings.max_wait_ms, entry.sampling)
-    return BatchWorker(entry.queue, connection=conn, name=entry.name, runner=runner, publisher=publisher,
-                       health=health, sampling={**entry.sampling, GUIDANCE_STOP: entry.guidance_stop_scale}, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+             "sampling defaults %s; sampler head: %s", entry.name, pipeline.name, pipeline.image_size, entry.device,
+             entry.queue, settings.max_batch, settings.max_wait_ms, entry.sampling,
+             "yes (sampler auto = head)" if entry.sampler_head else "no (sampler auto = plain)")
+    return BatchWorker(lane_names(entry.queue), connection=conn, name=entry.name, runner=runner, publisher=publisher,
+                       health=health, sampling={**job_defaults(pipeline), GUIDANCE_STOP: entry.guidance_stop_scale}, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                        result_ttl=settings.result_ttl_s, deadline_s=settings.worker_deadline_s,
                        max_requeues=settings.max_requeues)
 

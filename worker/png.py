@@ -1,5 +1,6 @@
 """PNG encoding with the generation parameters in text chunks, so an image can be reproduced
-from itself: `Image.open(path).text` gives prompt, seed, size, ... and a JSON `parameters` chunk.
+from itself: `Image.open(path).text` gives prompt, seed, size, ..., the sampler that ran (head or
+plain) and a JSON `parameters` chunk.
 
 The file is written here rather than by Pillow, for speed (docs/benchmarks.md, "PNG encoding",
 measured with `python -m bench.png`): every row gets the same PNG filter, computed for the whole
@@ -19,7 +20,7 @@ import numpy as np
 from isal import isal_zlib
 
 TEXT_KEYS = ("prompt", "negative_prompt", "seed", "size", "guidance_scale", "top_k", "top_p",
-             "temperature", "guidance_stop_scale", "model")
+             "temperature", "sampler", "guidance_stop_scale", "model")
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FILTERS = {"none": 0, "sub": 1, "up": 2, "average": 3, "paeth": 4}   # PNG filter type per row
 

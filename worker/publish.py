@@ -1,7 +1,7 @@
 """Publish: encode a finished job's images as PNGs (parameters in text chunks) and store them, on a
 thread pool off the model's critical path, so the next batch's model call overlaps them. The last
 job of a batch to be published writes the batch's log line (job ids, size, queue wait, model and
-encode time).
+encode time). `job_usage` is what a succeeded job is charged (app.jobs.usage).
 """
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ class BatchReport:
         wait = max(self.queue_wait_s, default=0.0)
         log.info("batch jobs=%s size=%d images=%d queue_wait_max=%.3fs model=%.3fs encode=%.3fs",
                  ",".join(self.job_ids), len(self.job_ids), self.images, wait, self.model_s, self.encode_s)
+
+
+def job_usage(model_s: float, call_images: int, records: list[dict]) -> dict:
+    """A succeeded job's usage: its share of its model call's time, split by images (the call's
+    `model_s` x its images / the `call_images` the call started with), its images and pixels."""
+    images = len(records)
+    share = model_s * images / call_images if call_images else model_s
+    return {"model_s": round(share, 6), "images": images, "pixels": sum(r["width"] * r["height"] for r in records)}
 
 
 class Publisher:

@@ -3,7 +3,8 @@
 RQ's own loop (`work()`: registration, suspension, maintenance, signals) dequeues one job and
 calls `execute_job`; from there one batch follows the data path:
 
-    claim    collect more jobs of the queue (worker.batcher) and start each (app.jobs.claim)
+    claim    collect more jobs of the model's lanes, highest lane first (worker.batcher,
+             app.jobs.lanes), and start each (app.jobs.claim)
     run      one model call (worker.runner), progress and cancels at each scale (app.jobs.progress)
     publish  each succeeded job's PNGs encoded and stored on the encode pool (worker.publish)
     finish   each outcome recorded once, by this attempt if it still owns the job (app.jobs.finish),
@@ -30,10 +31,11 @@ from rq.worker import WorkerStatus
 
 from app.jobs import claim, finish, progress, reaper, release
 from app.jobs.claim import Expired, Running
+from app.jobs.lanes import LaneQueue
 from app.jobs.rq_adapter import SERIALIZER
 from worker.batcher import Collector
 from worker.health import Health
-from worker.publish import BatchReport, Publisher
+from worker.publish import BatchReport, Publisher, job_usage
 from worker.resilience import REDIS_DOWN, RedisTolerant, retry_redis
 from worker.runner import (BatchReleased, BatchRunner, Canceled, DeviceFailure, Failed, Outcome, Released,
                            Succeeded, Work)
@@ -55,14 +57,17 @@ class InFlight:
 
 
 class BatchWorker(RedisTolerant):
-    def __init__(self, queue_name: str, *, connection, name: str, runner: BatchRunner, publisher: Publisher,
+    def __init__(self, queue_names: list[str], *, connection, name: str, runner: BatchRunner, publisher: Publisher,
                  health: Health, sampling: dict, max_batch: int, max_wait_ms: int, result_ttl: int,
                  deadline_s: float = 30.0, max_requeues: int = 2):
-        super().__init__([queue_name], name=name, connection=connection, serializer=SERIALIZER,
-                         default_result_ttl=result_ttl)
+        """queue_names: the model's lane queues, highest lane first (app.jobs.lanes.lane_names):
+        RQ's loop and the batch collector both take them in that order."""
+        super().__init__(queue_names, name=name, connection=connection, serializer=SERIALIZER,
+                         default_result_ttl=result_ttl, queue_class=LaneQueue)
+        self.by_name = {queue.name: queue for queue in self.queues}
         self.runner, self.publisher, self.health = runner, publisher, health
         self.metrics = runner.metrics
-        self.sampling = sampling                    # the model's defaults for fields a request left out
+        self.sampling = sampling                    # the model's defaults for fields a request left out (+ sampler)
         self.deadline_s = deadline_s
         self.max_requeues = max_requeues
         self.fatal: BaseException | None = None   # a device error: the process must be replaced
@@ -179,17 +184,21 @@ class BatchWorker(RedisTolerant):
         if self.health.drain_requested:
             return None   # a draining worker takes nothing more
         try:
-            return claim.pull(self, self.queues[0], timeout_s)
+            return claim.pull(self, self.queues, timeout_s)
         except REDIS_DOWN:
             return None
 
+    def _queue_of(self, job: Job) -> Queue:
+        return self.by_name[job.origin]   # pulled from one of this worker's lanes
+
     def _give_back(self, job: Job) -> None:
-        retry_redis(lambda: claim.put_back(self, self.queues[0], job), f"job {job.id}: give back", stop=self.gave_up)
+        retry_redis(lambda: claim.put_back(self, self._queue_of(job), job), f"job {job.id}: give back",
+                    stop=self.gave_up)
 
     def _start(self, job: Job) -> InFlight | None:
         try:
-            started = retry_redis(lambda: claim.start(self, job, self.queues[0], self.sampling), f"job {job.id}: start",
-                                  stop=self.gave_up)
+            started = retry_redis(lambda: claim.start(self, job, self._queue_of(job), self.sampling),
+                                  f"job {job.id}: start", stop=self.gave_up)
         except REDIS_DOWN:
             return None   # left in RQ's intermediate list: the reaper puts it back
         if isinstance(started, Expired):
@@ -255,7 +264,8 @@ class BatchWorker(RedisTolerant):
             encode_s = time.perf_counter() - t0
             self.metrics.encode_seconds.observe(encode_s)
             result = {"images": images, "prompt_truncated": any(r.prompt_truncated for r in outcome.results),
-                      "model_s": round(outcome.model_s, 4), "encode_s": round(encode_s, 4)}
+                      "model_s": round(outcome.model_s, 4), "encode_s": round(encode_s, 4),
+                      "usage": job_usage(outcome.model_s, outcome.call_images, images)}
             if not self._end(inflight, "succeeded", lambda r: finish.succeeded(self, r, result)):
                 self.publisher.unpublish(images)
         report.done(time.perf_counter() - t0)

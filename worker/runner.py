@@ -7,6 +7,11 @@ given back when the drain grace ran out). It never talks to Redis: progress and 
 through `on_scale(k, scales, live_job_ids)`, called after each scale, which answers the jobs to
 stop now ({job id: "canceled" | "lost"}) or raises BatchReleased.
 
+A job whose sampler the model cannot run ("head" on a model without a sampler head: the API
+refuses it up front when the registry tells it the model, but a job queued before then reaches
+the worker) fails alone with `invalid_request` before the call; jobs with different samplers
+otherwise share the call (the model runs head and plain rows side by side).
+
 A failing request never fails its batch-mates: if the batched call raises, each job is run again
 alone, so only the request that fails alone fails. Out of device memory, the call is split in
 halves and retried (worker.devices); a device error that leaves the device unusable (illegal
@@ -45,13 +50,14 @@ class Work:
 class Succeeded:
     job_id: str
     results: list[ImageResult]   # one per image, seed order
-    model_s: float
+    model_s: float               # wall time of the model call it ran in
+    call_images: int = 0         # images that call started with (its share of model_s: usage)
 
 
 @dataclass(frozen=True)
 class Failed:
     job_id: str
-    code: str                    # model_error, out_of_memory
+    code: str                    # model_error, out_of_memory, invalid_request
     message: str
     error: BaseException | None = None
 
@@ -84,6 +90,21 @@ class BatchRunner:
 
     def run(self, batch: Sequence[Work], on_scale: ScaleCallback) -> list[Outcome]:
         """One model call for `batch`; one outcome per job, in order."""
+        refused = {work.job_id: failed for work in batch if (failed := self._refuse(work)) is not None}
+        runnable = [work for work in batch if work.job_id not in refused]
+        ran = iter(self._run(runnable, on_scale) if runnable else [])
+        return [refused[work.job_id] if work.job_id in refused else next(ran) for work in batch]
+
+    def _refuse(self, work: Work) -> Failed | None:
+        """A Failed outcome for a job the model cannot run as asked (its sampler), else None."""
+        try:
+            self.pipeline.resolve_sampler(work.params.get("sampler"))
+        except ValueError as exc:
+            log.warning("job %s refused: %s", work.job_id, exc)
+            return Failed(work.job_id, "invalid_request", str(exc))
+        return None
+
+    def _run(self, batch: Sequence[Work], on_scale: ScaleCallback) -> list[Outcome]:
         requests: list[ImageRequest] = []
         rows: dict[str, range] = {}
         for work in batch:
@@ -109,11 +130,11 @@ class BatchRunner:
             raise RuntimeError(f"the pipeline returned {len(results)} results for {len(requests)} requests")
         self.metrics.observe_batch(len(batch), len(results), model_s)
         self.metrics.observe_gpu_memory(getattr(self.pipeline, "device", "cpu"))
-        return [self._outcome(work.job_id, [results[i] for i in rows[work.job_id]], stopped, model_s)
+        return [self._outcome(work.job_id, [results[i] for i in rows[work.job_id]], stopped, model_s, len(requests))
                 for work in batch]
 
     @staticmethod
-    def _outcome(job_id: str, results: list, stopped: dict[str, str], model_s: float) -> Outcome:
+    def _outcome(job_id: str, results: list, stopped: dict[str, str], model_s: float, call_images: int) -> Outcome:
         too_large = next((r for r in results if isinstance(r, DoesNotFit)), None)
         if stopped.get(job_id) == "lost":
             return Released(job_id, "lost")
@@ -121,7 +142,7 @@ class BatchRunner:
             return Canceled(job_id)
         if too_large is not None:
             return Failed(job_id, "out_of_memory", too_large.message)
-        return Succeeded(job_id, results, model_s)
+        return Succeeded(job_id, results, model_s, call_images)
 
     def _generate(self, requests: list, on_scale, start: int = 0) -> list:
         """The model call; out of device memory, the requests are split in halves and each half
@@ -161,7 +182,7 @@ class BatchRunner:
             log.error("job %s failed in the model: %s", batch[0].job_id, exc)
             return [Failed(batch[0].job_id, "model_error", f"{type(exc).__name__}: {exc}", exc)]
         log.warning("batch of %d failed (%s); running each job alone to isolate the failure", len(batch), exc)
-        return [outcome for work in batch for outcome in self.run([work], on_scale)]
+        return [outcome for work in batch for outcome in self._run([work], on_scale)]
 
 
 def _window(on_scale, start: int, length: int):

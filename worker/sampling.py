@@ -6,13 +6,16 @@ the model names guidance `cfg` (model.request.ImageRequest, a model directory's 
 "sampling" block). MODEL_NAMES maps one to the other, in both directions here and nowhere else.
 Fast guidance's guidance_stop_scale (a request field with a worker default, not a model
 recommendation) is the model's cfg_stop_scale: OPTION_NAMES.
+The sampler choice (`sampler`: auto, head or plain) has the same name and values on both sides;
+a job's "auto" becomes what it runs ("head" where the model has a sampler head, else "plain") when
+a worker starts it (`job_defaults`), as the sampling fields it left out become the model's values.
 """
 from __future__ import annotations
 
 from pydantic import ValidationError
 
 from app.schemas import DEFAULT_SAMPLING, SAMPLING_FIELDS, GenerateRequest, allowed_range, image_seed
-from model.request import ImageRequest
+from model.request import ImageRequest, resolve_sampler
 
 MODEL_NAMES = {"guidance_scale": "cfg", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature"}
 API_NAMES = {model: api for api, model in MODEL_NAMES.items()}
@@ -26,7 +29,8 @@ def image_requests(params: dict) -> list[ImageRequest]:
     sampling = {MODEL_NAMES[name]: params[name] for name in SAMPLING_FIELDS}
     options = {model: params.get(api) for api, model in OPTION_NAMES.items()}
     return [ImageRequest(prompt=params["prompt"], seed=image_seed(params["seed"], i),
-                         negative_prompt=params["negative_prompt"], **sampling, **options) for i in range(params["n"])]
+                         negative_prompt=params["negative_prompt"], sampler=params.get("sampler"), **sampling,
+                         **options) for i in range(params["n"])]
 
 
 def guidance_stop_default(stop: int | None, scales: int | None) -> int | None:
@@ -36,6 +40,17 @@ def guidance_stop_default(stop: int | None, scales: int | None) -> int | None:
         raise ValueError(f"STAR_GUIDANCE_STOP_SCALE={stop} is not a scale index of this model: it has {scales} "
                          f"scales, so use 0 to {scales} (or unset it for guidance on every scale)")
     return stop
+
+
+def has_sampler_head(pipeline: object) -> bool:
+    """Whether the pipeline's model has a sampler head (requests may ask for sampler "head")."""
+    return bool(getattr(pipeline, "has_sampler_head", False))
+
+
+def job_defaults(pipeline: object) -> dict:
+    """What a started job's fields left out become (API names): the sampling defaults
+    (`model_defaults`) and `sampler`, the one "auto" runs on this model ("head" or "plain")."""
+    return {**model_defaults(pipeline), "sampler": resolve_sampler("auto", has_sampler_head(pipeline), "")}
 
 
 def model_defaults(pipeline: object) -> dict:

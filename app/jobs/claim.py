@@ -1,13 +1,15 @@
-"""Claim (worker side): take jobs off a model's queue and start them.
+"""Claim (worker side): take jobs off a model's lane queues, highest lane first, and start them.
 
-A worker pulls a job with RQ's dequeue (the id moves to RQ's intermediate list), then starts it in
+A worker pulls a job (app.jobs.lanes.pull_any: the id moves to its lane's RQ intermediate list,
+as RQ's dequeue does), then starts it in
 one transaction that WATCHes the job's record, so that a start excludes a concurrent cancel from
 the API and a rescue by the reaper: if the job is no longer queued (canceled, or its record
 gone) it is dropped; if it waited past its deadline it ends as expired without running. Starting
 writes what RQ's own worker writes (execution record, StartedJobRegistry, heartbeats, status
 `started`) plus a fresh owner token (OWNER_FIELD): from now on this attempt alone may record the
-job's progress and outcome (the fence: app.jobs.release). Request fields left out (None) get the
-model's defaults here, once; meta `sampling` records the values that run (GET /jobs/{id}).
+job's progress and outcome (the fence: app.jobs.release). Request fields left out (None, or
+"auto": the sampler) get the model's defaults here, once; meta `sampling` records the values that
+run (GET /jobs/{id}).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from rq.worker import BaseWorker
 
 from app.jobs import finish, webhooks
 from app.jobs.keys import OWNER_FIELD
-from app.jobs.rq_adapter import SERIALIZER, give_back, leave_intermediate, persist_record
+from app.jobs.lanes import pull_any, wake
+from app.jobs.rq_adapter import give_back, leave_intermediate, persist_record
 from app.jobs.states import is_expired
 
 
@@ -52,25 +55,30 @@ def job_images(job: Job) -> int:
     return int((job.meta or {}).get("images") or job.kwargs.get("n", 1))
 
 
+UNSET = (None, "auto")   # a request field left to the model: absent, null, or "auto" (the sampler)
+
+
 def with_defaults(params: dict, defaults: dict) -> dict:
-    """params with every field of `defaults` that is absent or None taken from it (explicit values win)."""
-    return {**params, **{name: value for name, value in defaults.items() if params.get(name) is None}}
+    """params with every field of `defaults` that is absent, None or "auto" taken from it (explicit
+    values win)."""
+    return {**params, **{name: value for name, value in defaults.items() if params.get(name) in UNSET}}
 
 
-def pull(worker: BaseWorker, queue: Queue, timeout_s: float) -> Job | None:
-    """The next job of the queue, waiting up to timeout_s (below 10 ms: not at all)."""
-    wait = timeout_s if timeout_s >= 0.01 else None   # seconds (BLMOVE takes fractions; RQ's hint says int)
+def pull(worker: BaseWorker, queues: list[Queue], timeout_s: float) -> Job | None:
+    """The next job of the first non-empty queue (the lanes, highest first), waiting up to
+    timeout_s (below 10 ms: not at all)."""
+    wait = timeout_s if timeout_s >= 0.01 else None
     try:
-        result = Queue.dequeue_any([queue], wait, connection=worker.connection,  # type: ignore[arg-type]
-                                   job_class=worker.job_class, serializer=SERIALIZER)
+        result = pull_any(worker.connection, queues, wait, job_class=worker.job_class)
     except DequeueTimeout:
         return None
     return result[0] if result else None
 
 
 def put_back(worker: BaseWorker, queue: Queue, job: Job) -> None:
-    """A pulled job that does not fit the batch: back at the front of its queue."""
-    give_back(worker.connection, queue, job.id)
+    """A pulled job that does not fit the batch: back at the front of its queue (another idle
+    worker of the model may take it)."""
+    give_back(worker.connection, queue, job.id, wake)
 
 
 def start(worker: BaseWorker, job: Job, queue: Queue, defaults: dict) -> Running | Expired | None:

@@ -9,7 +9,9 @@ ending: the cancel flag removed, the API key's job slot left, the timings left f
 histograms (`star:metrics:job_timings`, drained by GET /metrics), the job's webhook event put in
 the outbox (app.jobs.webhooks) and its end announced to long-polls (app.jobs.notify).
 
-succeeded: result {"images": [{id, seed, width, height}], "prompt_truncated", "model_s", "encode_s"}
+succeeded: result {"images": [{id, seed, width, height}], "prompt_truncated", "model_s", "encode_s",
+           "usage": {model_s, images, pixels}}; the usage also goes to meta `usage` and to its API
+           key's totals (app.jobs.usage), in the same transaction
 failed:    meta error {code, message}; RQ's failure result carries the traceback, else `code: message`
 canceled:  RQ's cancel (CanceledJobRegistry)
 expired:   a job past its deadline, never started: failed with code `expired`, by the worker that
@@ -29,8 +31,9 @@ from rq.results import Result
 from rq.utils import now
 from rq.worker import BaseWorker
 
-from app.jobs import keys, notify, webhooks
+from app.jobs import keys, notify, usage, webhooks
 from app.jobs.admission import release_slot
+from app.jobs.lanes import DEFAULT_LANE
 from app.jobs.rq_adapter import SERIALIZER, leave_intermediate
 from app.jobs.states import is_expired
 
@@ -48,6 +51,7 @@ def succeeded(worker: BaseWorker, running, result: dict) -> bool:
     # progress stays: the job view shows it only while running, and clearing it before the
     # status turns succeeded let a poll in between see a running job without progress
     job.meta["model_s"] = result.get("model_s")
+    job.meta["usage"] = result.get("usage")
     job.ended_at = now()
     ttl = job.get_result_ttl(worker.default_result_ttl)
     with worker.connection.pipeline() as pipe:
@@ -60,6 +64,8 @@ def succeeded(worker: BaseWorker, running, result: dict) -> bool:
             job.finished_job_registry.add(job, ttl, pipeline=pipe)
         job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
         _end_execution(worker, pipe, running, success=True)
+        if result.get("usage"):
+            usage.record(pipe, job, result["usage"])
         _ended(pipe, job, "succeeded")
         pipe.execute()
     return True
@@ -169,12 +175,16 @@ def _ended(pipe, job: Job, status: str) -> None:
     ended, enqueued, started = job.ended_at, job.enqueued_at, job.started_at
     latency = (ended - enqueued).total_seconds() if ended and enqueued else None
     wait = (started - enqueued).total_seconds() if started and enqueued and status != "expired" else None
-    record_timings(pipe, (job.meta or {}).get("model", ""), status, latency, wait)
+    meta = job.meta or {}
+    record_timings(pipe, meta.get("model", ""), status, latency, wait, meta.get("priority") or DEFAULT_LANE,
+                   {**meta["usage"], "key": usage.key_of(job)} if status == "succeeded" and meta.get("usage") else None)
 
 
-def record_timings(conn, model: str, status: str, latency_s: float | None, queue_wait_s: float | None) -> None:
-    """Leave one finished job's timings for the API's histograms (app.jobs.read.drain_finished);
-    conn is normally the ending's pipeline."""
-    item = json.dumps({"model": model, "status": status, "latency_s": latency_s, "queue_wait_s": queue_wait_s})
+def record_timings(conn, model: str, status: str, latency_s: float | None, queue_wait_s: float | None,
+                   lane: str = DEFAULT_LANE, job_usage: dict | None = None) -> None:
+    """Leave one finished job's timings (and a succeeded job's usage with its key) for the API's
+    metrics (app.jobs.read.drain_finished); conn is normally the ending's pipeline."""
+    item = json.dumps({"model": model, "status": status, "latency_s": latency_s, "queue_wait_s": queue_wait_s,
+                       "lane": lane, "usage": job_usage})
     conn.rpush(keys.TIMINGS_KEY, item)
     conn.ltrim(keys.TIMINGS_KEY, -keys.TIMINGS_CAP, -1)

@@ -2,18 +2,19 @@
 its queues, job hashes, registries, executions and results, reached through RQ's calls).
 
 Job hash fields this service adds to RQ's job record (`rq:job:<id>`), which RQ leaves alone and
-which expire and vanish with the record: OWNER_FIELD, REQUEUES_FIELD, RESCUED_FIELD.
+which expire and vanish with the record: OWNER_FIELD, REQUEUES_FIELD, RESCUED_FIELD, USAGE_FIELD.
 """
 from __future__ import annotations
 
 import re
 
 # ---------------------------------------------------------------- names
-QUEUE_PREFIX = "star-"                  # one RQ queue per model: star-<model>
+QUEUE_PREFIX = "star-"                  # one RQ queue per model and lane: star-<model>[@high|@low] (lanes.py)
+LANE_SEP = "@"                          # never in a model's queue name (rq_adapter.queue_name)
 JOB_FUNC = "worker.tasks.run_job"       # the function name every job records (never imported: workers batch)
 JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
-ADMIT_KEY = "star:admit:{}"             # zset per queue: POSTs between the limit check and the push
+ADMIT_KEY = "star:admit:{}"             # zset per model (its normal lane's queue name): POSTs between the limit check and the push
 ADMIT_HOLD_S = 30                       # a reservation left by a crashed API process lapses after this
 SLOTS_KEY = "star:slots:{}"             # zset per API key name: its queued or running job ids -> reserved at
 SLOT_HOLD_S = 30                        # a reservation whose job is still not enqueued after this is left over
@@ -33,19 +34,58 @@ ENDED_CHANNEL = "star:jobs:ended"        # pub/sub: a job id, published in the t
 WEBHOOK_DUE_KEY = "star:webhooks:due"   # zset: event id -> when its next delivery attempt is due
 WEBHOOK_EVENT_KEY = "star:webhook:{}"   # hash per event id: job, event, url, created, attempts, claim, body
 WEBHOOK_CHANNEL = "star:webhooks:new"   # pub/sub: an event was recorded (wakes the deliverers)
+USAGE_KEY = "star:usage:total:{}"       # hash per API key name: jobs, images, pixels, model_s (usage.py)
+USAGE_DAY_KEY = "star:usage:day:{}:{}"  # the same per key name and UTC day (YYYY-MM-DD)
+USAGE_DAY_TTL_S = 400 * 86400           # a day's usage is kept this long (GET /usage?days= goes back 366)
+USAGE_KEYS = "star:usage:keys"          # set: key names that have usage
+WAKE_KEY = "star:wake:{}"               # list per model (its normal lane's queue name): one token per push to a lane
+WAKE_CAP = 64                           # tokens kept (a blocked worker needs one; more are stale)
+WAKE_TTL_S = 86400
+WAKE_BLOCK_S = 2.0                      # an idle worker looks at its lanes at least this often
 WEBHOOK_EVENT_TTL_S = 8 * 86400         # an event record outlives any delivery bound (STAR_WEBHOOK_MAX_AGE_S <= 7 days)
 
 OWNER_FIELD = "star_owner"              # the running attempt's token; "done:<token>" once it records
 REQUEUES_FIELD = "star_requeues"        # times the job was taken from a lost worker
 RESCUED_FIELD = "star_rescued_at"       # written when the reaper rescues a stranded job
+USAGE_FIELD = "star_usage_counted"      # set once the job's usage is in its key's totals (never twice)
 
 # ---------------------------------------------------------------- Lua
-# KEYS: queue list, admit zset. ARGV: limit, now, now - hold, job id, hold.
+# KEYS: admit zset, then every lane's queue list of the model. ARGV: limit, now, now - hold, job id, hold.
 ADMIT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
-if redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local held = redis.call('ZCARD', KEYS[1])
+for i = 2, #KEYS do held = held + redis.call('LLEN', KEYS[i]) end
+if held >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+# KEYS: lane queue, its RQ intermediate list (per lane, highest first), then the wake lists.
+# ARGV: the number of lanes. The first id of the highest non-empty lane moves to that lane's
+# intermediate list (as RQ's own dequeue does): returns {lane index (1-based), id}. All lanes
+# empty: the wake tokens are stale (every push they announce was taken), so they go.
+PULL = """
+local lanes = tonumber(ARGV[1])
+for i = 1, lanes do
+  local id = redis.call('LMOVE', KEYS[2 * i - 1], KEYS[2 * i], 'LEFT', 'RIGHT')
+  if id then return {i, id} end
+end
+for i = 2 * lanes + 1, #KEYS do redis.call('DEL', KEYS[i]) end
+return false
+"""
+# KEYS: job hash, the key's totals, the key's day, the set of keys with usage. ARGV: images,
+# pixels, model_s, day TTL, key name. Adds a succeeded job's usage once (a retried recording of
+# the same outcome finds USAGE_FIELD set): 1 if added.
+USAGE_RECORD = """
+if redis.call('HSETNX', KEYS[1], 'star_usage_counted', '1') == 0 then return 0 end
+for i = 2, 3 do
+  redis.call('HINCRBY', KEYS[i], 'jobs', 1)
+  redis.call('HINCRBY', KEYS[i], 'images', ARGV[1])
+  redis.call('HINCRBY', KEYS[i], 'pixels', ARGV[2])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'model_s', ARGV[3])
+end
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[5])
 return 1
 """
 # KEYS: the key's slots. ARGV: limit, job id, ttl, hold, then members to give back first:

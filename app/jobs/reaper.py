@@ -1,7 +1,7 @@
 """The reaper: jobs whose worker is gone go back to their queue (app.jobs.release).
 
 One pass (`reap`), by at most one process per period (a Redis lock; live workers run it every
-heartbeat, the API every STAR_REAPER_S), looks at each star queue:
+heartbeat, the API every STAR_REAPER_S), looks at each star queue (every lane of every model):
 - jobs in the StartedJobRegistry whose worker's registry entry (TTL STAR_WORKER_DEADLINE_S) has
   expired are released: re-queued at the front, counting a requeue; past STAR_MAX_REQUEUES failed
   as `worker_lost`; canceled if their cancel was requested;
@@ -34,6 +34,7 @@ from rq.registry import StartedJobRegistry
 from rq.utils import as_text, now, utcformat
 
 from app.jobs import finish, keys
+from app.jobs.lanes import wake
 from app.jobs.release import release
 from app.jobs.rq_adapter import SERIALIZER, intermediate_has, leave_intermediate, star_queues, stored_status
 from app.jobs.workers import worker_alive
@@ -151,6 +152,7 @@ def _rescue(conn: Redis, queue: Queue, job_id: str) -> bool:
             pipe.multi()
             leave_intermediate(pipe, queue, job_id)
             queue.push_job_id(job_id, pipeline=pipe, at_front=True)
+            wake(pipe, queue.name)
             pipe.hset(job_key, keys.RESCUED_FIELD, utcformat(now()))
             pipe.execute()
             return True

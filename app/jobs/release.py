@@ -7,7 +7,7 @@ nor claim an outcome: a job's images are published by exactly one attempt, altho
 run more than once (at-least-once). Then, in this order:
 - its cancel was requested meanwhile: it ends canceled, it is not re-run;
 - counted (a lost worker) past STAR_MAX_REQUEUES: it fails with code `worker_lost`;
-- else it goes back to the front of its queue with a fresh deadline (`requeues` counts lost workers).
+- else it goes back to the front of its queue (its lane) with a fresh deadline (`requeues` counts lost workers).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from rq.utils import now
 
 from app.jobs import keys, notify, webhooks
 from app.jobs.admission import release_slot
+from app.jobs.lanes import wake
 from app.jobs.rq_adapter import SERIALIZER
 
 
@@ -53,6 +54,7 @@ def _requeue_front(conn: Redis, job: Job, executions: list[Execution], requeues:
     job.started_at = job.ended_at = None
     with conn.pipeline() as pipe:
         queue.enqueue_job(job, pipeline=pipe, at_front=True)   # first: it starts the transaction
+        wake(pipe, queue.name)
         for execution in executions:
             execution.delete(job=job, pipeline=pipe)
         job.enqueued_at = enqueued_at or job.enqueued_at   # the original time: queue wait and latency count from the POST

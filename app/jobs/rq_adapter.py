@@ -8,8 +8,11 @@ Execution, Result, and the worker's public methods. The facts below are about RQ
 
 - a queue is a Redis list at `queue.key` (LLEN is its length, used inside our transactions and
   the admission script, where `queue.count` cannot run);
-- `dequeue_any` moves a job id to the list `queue.intermediate_queue_key` until a worker starts
-  it (RQ's SimpleWorker removes it there when it starts a job; so do we);
+- `dequeue_any` of one queue moves a job id (LMOVE LEFT RIGHT) from `queue.key` to the list
+  `queue.intermediate_queue_key` until a worker starts it (RQ's SimpleWorker removes it there when
+  it starts a job; so do we). Our lane-ordered dequeue (app.jobs.lanes) makes that same move
+  itself, for the first non-empty lane (RQ's dequeue of several queues pops without the list);
+- a worker's `queue_class.dequeue_any(queues, timeout, ...)` is how RQ's work loop dequeues;
 - a job's status is the field `status` of its hash `job.key` (read inside a WATCH transaction);
 - a started job's hash has no TTL: RQ's worker PERSISTs it when it starts a job, and so do we, in
   our start transaction;
@@ -70,11 +73,14 @@ def persist_record(pipe: Pipeline, job: Job) -> None:
     pipe.persist(job.key)
 
 
-def give_back(conn: Redis, queue: Queue, job_id: str) -> None:
-    """A dequeued job back at the front of its queue, as if it had never been taken."""
+def give_back(conn: Redis, queue: Queue, job_id: str, also=None) -> None:
+    """A dequeued job back at the front of its queue, as if it had never been taken;
+    `also(pipe, queue name)` adds its writes to the same transaction."""
     with conn.pipeline() as pipe:
         leave_intermediate(pipe, queue, job_id)
         queue.push_job_id(job_id, pipeline=pipe, at_front=True)
+        if also is not None:
+            also(pipe, queue.name)
         pipe.execute()
 
 

@@ -1,8 +1,8 @@
 """The worker registry: `star:worker:<name>` (a JSON entry whose TTL is the worker's heartbeat
 deadline) indexed by the set `star:workers`. Workers publish their entry (state, model, size,
-sampling defaults, example prompts) on every heartbeat and state change; the API reads it to choose
-a model for a request, for /readyz, /models and /metrics; the reaper reads it to tell live workers
-from lost ones.
+sampling defaults, example prompts, whether the model has a sampler head) on every heartbeat and
+state change; the API reads it to choose a model for a request, for /readyz, /models and /metrics;
+the reaper reads it to tell live workers from lost ones.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class WorkerEntry:
     scales: int | None = None       # scales of the model's schedule, known once loaded
     guidance_stop_scale: int | None = None   # the worker's default first scale without guidance (None: none)
     example_prompts: list[str] = field(default_factory=list)   # from the model's config.json, once loaded
+    sampler_head: bool | None = None    # the model has a sampler head (sampler "head"), known once loaded
 
 
 _ENTRY_FIELDS = {f.name for f in fields(WorkerEntry)}
@@ -80,14 +81,17 @@ def live_workers(conn: Redis) -> list[WorkerEntry]:
     return entries
 
 
-def served_sizes(entries: Iterable[WorkerEntry]) -> list[int]:
-    return sorted({e.size for e in entries if e.size and e.state in ACCEPTING_STATES})
+def served_sizes(entries: Iterable[WorkerEntry], sampler_head: bool = False) -> list[int]:
+    """Sizes that accepting workers serve (with sampler_head: only by models with a sampler head)."""
+    return sorted({e.size for e in entries if e.size and e.state in ACCEPTING_STATES
+                   and (e.sampler_head or not sampler_head)})
 
 
-def model_for_size(entries: Iterable[WorkerEntry], size: int) -> str | None:
-    """The model serving `size` with the most ready workers (ties: by name), or None."""
+def model_for_size(entries: Iterable[WorkerEntry], size: int, sampler_head: bool = False) -> str | None:
+    """The model serving `size` with the most ready workers (ties: by name), or None; with
+    sampler_head, only models whose workers report a sampler head count."""
     score: dict[str, int] = {}
     for e in entries:
-        if e.size == size and e.state in ACCEPTING_STATES:
+        if e.size == size and e.state in ACCEPTING_STATES and (e.sampler_head or not sampler_head):
             score[e.model] = score.get(e.model, 0) + (e.state in READY_STATES)
     return min(score, key=lambda m: (-score[m], m)) if score else None

@@ -1,6 +1,7 @@
 // STAR web page: submit to POST /generate, follow GET /jobs/{id}/events (Server-Sent Events;
 // polling GET /jobs/{id} if the stream fails), show each job's images with their parameters
-// (as run: sampling fields left empty get the model's defaults, which the job then reports).
+// (as run: sampling fields left empty get the model's defaults, and sampler "auto" the model's
+// sampler head or plain sampling, which the job then reports).
 // Plain browser JavaScript, no build step.
 "use strict";
 
@@ -76,8 +77,11 @@ async function loadModels() {
       service.textContent = "No worker is running yet: requests will be refused until one starts.";
     } else {
       const names = models.models.map((m) => `${m.name} (${m.size}px, ${m.workers} worker${m.workers === 1 ? "" : "s"}` +
-        (m.sampling ? `, guidance ${m.sampling.guidance_scale} by default)` : ")"));
+        (m.sampling ? `, guidance ${m.sampling.guidance_scale} by default` : "") +
+        (m.sampler_head ? ", sampler head)" : ")"));
       service.textContent = `Serving ${names.join(", ")}`;
+      // "head" only where some served model has a sampler head (the server refuses it elsewhere)
+      $("#sampler option[value=head]").disabled = !models.models.some((m) => m.sampler_head);
     }
   } catch (error) {
     service.textContent = `Cannot read the served models: ${error.message}`;
@@ -116,6 +120,7 @@ function fillForm(request) {
   form.seed.value = request.seed;
   form.guidance_scale.value = request.guidance_scale == null ? "" : request.guidance_scale;
   form.guidance_stop_scale.value = request.guidance_stop_scale == null ? "" : request.guidance_stop_scale;
+  if (request.sampler) form.sampler.value = request.sampler;
   form.n.value = String(request.n);
 }
 
@@ -127,6 +132,7 @@ function formRequest() {
   if (form.seed.value !== "") body.seed = Number(form.seed.value);
   if (form.guidance_scale.value !== "") body.guidance_scale = Number(form.guidance_scale.value);
   if (form.guidance_stop_scale.value !== "") body.guidance_stop_scale = Number(form.guidance_stop_scale.value);
+  if (form.sampler.value !== "auto") body.sampler = form.sampler.value;   // auto: the server's default
   body.n = Number(form.n.value);
   return body;
 }
@@ -227,7 +233,7 @@ function resultFigure(job, image) {
   const params = [
     ["Prompt", request.prompt], ["Negative", request.negative_prompt || "—"],
     ["Seed", image.seed], ["Size", `${image.width} × ${image.height}`],
-    ["Guidance", request.guidance_scale], ["Model", job.model],
+    ["Guidance", request.guidance_scale], ["Sampler", request.sampler], ["Model", job.model],
   ];
   if (request.guidance_stop_scale != null) params.push(["Unguided from scale", request.guidance_stop_scale]);
   const list = $(".params", figure);

@@ -17,10 +17,9 @@ from app.jobs.workers import WorkerEntry, live_workers, publish_worker
 PROMPT = {"prompt": "a red fox in the snow"}
 
 
-def publish(conn, name="w1", model="tiny", size=256, state="ready", max_batch=8, sampling=None):
-    publish_worker(conn, WorkerEntry(name=name, model=model, state=state, size=size,
-                                         queue=queue_name(model), max_batch=max_batch, sampling=sampling),
-                     ttl_s=60)
+def publish(conn, name="w1", model="tiny", size=256, state="ready", max_batch=8, sampling=None, sampler_head=None):
+    publish_worker(conn, WorkerEntry(name=name, model=model, state=state, size=size, queue=queue_name(model),
+                                     max_batch=max_batch, sampling=sampling, sampler_head=sampler_head), ttl_s=60)
 
 
 @pytest.fixture
@@ -72,6 +71,7 @@ def test_importing_the_api_does_not_import_torch():
     ({**PROMPT, "seed": -1}, "seed", "from 0 to 4294967295"),
     ({**PROMPT, "guidance_scale": "lots"}, "guidance_scale", "a number from 0.0 to 30.0"),
     ({**PROMPT, "steps": 50}, "steps", "unknown field `steps`"),
+    ({**PROMPT, "sampler": "fast"}, "sampler", "allowed: one of auto, head, plain"),
 ])
 def test_invalid_requests_are_422_naming_the_field_and_range(client, conn, body, field, expect):
     publish(conn)
@@ -146,7 +146,8 @@ def test_generate_queues_a_job_and_reports_it(client, conn):
     # sampling fields left out are the model's defaults, known once a worker starts the job
     assert request | {"seed": 0} == {"prompt": PROMPT["prompt"], "negative_prompt": "", "size": 512, "n": 2,
                                      "seed": 0, "guidance_scale": None, "top_k": None, "top_p": None,
-                                     "temperature": None, "guidance_stop_scale": None}
+                                     "temperature": None, "guidance_stop_scale": None, "sampler": "auto",
+                                     "priority": "normal"}
     assert view["timings"]["queued_at"] and view["timings"]["started_at"] is None
     assert view["images"] is None and view["error"] is None
 
@@ -206,18 +207,54 @@ def test_a_job_queued_past_its_deadline_reads_as_expired(make_client, conn):
 def test_health_readiness_and_models(client, conn):
     assert client.get("/healthz").json() == {"status": "ok"}
     defaults = {"guidance_scale": 3.0, "top_k": 0, "top_p": 0.0, "temperature": 1.0}
-    publish(conn, "a", "tiny", 256, state="busy", max_batch=4, sampling=defaults)
-    publish(conn, "b", "tiny", 256, state="ready", max_batch=8, sampling=defaults)
+    publish(conn, "a", "tiny", 256, state="busy", max_batch=4, sampling=defaults, sampler_head=False)
+    publish(conn, "b", "tiny", 256, state="ready", max_batch=8, sampling=defaults, sampler_head=False)
     publish(conn, "c", "star-512", 512, state="starting")
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["models"] == ["tiny"]
     models = client.get("/models").json()
     assert models["sizes"] == [256, 512] and models["default_size"] == 512
     tiny = next(m for m in models["models"] if m["name"] == "tiny")
-    assert tiny == {"name": "tiny", "size": 256, "queue": "star-tiny", "queue_depth": 0, "workers": 2,
+    lanes = {lane: {"queue": queue, "queue_depth": 0, "oldest_wait_s": 0.0} for lane, queue in
+             [("high", "star-tiny@high"), ("normal", "star-tiny"), ("low", "star-tiny@low")]}
+    assert tiny == {"name": "tiny", "size": 256, "queue": "star-tiny", "queue_depth": 0, "lanes": lanes, "workers": 2,
                     "states": {"busy": 1, "ready": 1}, "max_batch": 8, "sampling": defaults, "example_prompts": [],
-                    "scales": None, "guidance_stop_scale": None}    # these workers report no schedule
-    assert next(m for m in models["models"] if m["name"] == "star-512")["sampling"] is None   # not loaded yet
+                    "sampler_head": False, "scales": None, "guidance_stop_scale": None}   # no schedule reported
+    star_512 = next(m for m in models["models"] if m["name"] == "star-512")
+    assert star_512["sampling"] is None and star_512["sampler_head"] is None   # not loaded yet
+
+
+def test_sampler_head_on_a_model_without_one_is_422_naming_sampler(client, conn):
+    publish(conn, "w256", "tiny", 256, sampler_head=False)
+    error = assert_error(client.post("/generate", json={**PROMPT, "sampler": "head"}), 422,
+                         "sampler_not_available", "sampler")
+    assert "tiny (size 256) has none" in error["message"] and "no served model has one" in error["message"]
+    assert "'auto' or 'plain'" in error["message"] and queue_depth(conn, "tiny") == 0
+    for sampler in ("auto", "plain", None):   # null: the default, auto
+        response = client.post("/generate", json={**PROMPT, "sampler": sampler})
+        assert response.status_code == 202, response.text
+        assert client.get(f"/jobs/{response.json()['id']}").json()["request"]["sampler"] == (sampler or "auto")
+
+
+def test_sampler_head_goes_to_a_model_with_a_head(make_client, conn):
+    publish(conn, "plain256", "tiny", 256, sampler_head=False)
+    publish(conn, "head256", "tiny-sampler", 256, sampler_head=True)
+    publish(conn, "plain512", "star-512", 512, sampler_head=False)
+    client = make_client(worker_cache_s=60.0)
+
+    def model(**body) -> str:
+        response = client.post("/generate", json={**PROMPT, **body})
+        assert response.status_code == 202, response.text
+        return client.get(f"/jobs/{response.json()['id']}").json()["model"]
+
+    assert model() == "star-512"                                      # the largest size, any sampler
+    assert model(sampler="head") == "tiny-sampler"                    # the largest size with a head
+    assert model(sampler="head", size=256) == "tiny-sampler"          # among the models of a size
+    error = assert_error(client.post("/generate", json={**PROMPT, "sampler": "head", "size": 512}), 422,
+                         "sampler_not_available", "sampler")
+    assert "star-512 (size 512) has none (sizes served by a model with one: 256" in error["message"]
+    models = {m["name"]: m["sampler_head"] for m in client.get("/models").json()["models"]}
+    assert models == {"tiny": False, "tiny-sampler": True, "star-512": False}
 
 
 def test_worker_entries_of_newer_workers_are_read(client, conn):

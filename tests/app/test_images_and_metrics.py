@@ -94,13 +94,16 @@ def test_metrics_report_queue_depth_and_finished_job_timings(client, conn):
     enqueue(conn, {"prompt": "x", "n": 1, "size": 256}, "tiny", job_id=str(uuid.uuid4()), deadline_s=60, result_ttl=60,
             failure_ttl=60)
     record_timings(conn, "tiny", "succeeded", latency_s=3.0, queue_wait_s=1.0)
+    record_timings(conn, "tiny", "succeeded", latency_s=2.0, queue_wait_s=0.5, lane="high")
     record_timings(conn, "tiny", "failed", latency_s=0.7, queue_wait_s=None)
     metrics = samples(client.get("/metrics").text)
-    assert metrics[("star_queue_depth", (("model", "tiny"),))] == 1
-    assert metrics[("star_job_latency_seconds_count", (("model", "tiny"), ("status", "succeeded")))] == 1
+    assert metrics[("star_queue_depth", (("lane", "normal"), ("model", "tiny")))] == 1
+    assert metrics[("star_queue_depth", (("lane", "high"), ("model", "tiny")))] == 0   # every lane, also empty
+    assert metrics[("star_job_latency_seconds_count", (("model", "tiny"), ("status", "succeeded")))] == 2
     assert metrics[("star_job_latency_seconds_sum", (("model", "tiny"), ("status", "failed")))] == 0.7
-    assert metrics[("star_job_queue_wait_seconds_count", (("model", "tiny"),))] == 1
+    assert metrics[("star_job_queue_wait_seconds_count", (("lane", "normal"), ("model", "tiny")))] == 1
+    assert metrics[("star_job_queue_wait_seconds_sum", (("lane", "high"), ("model", "tiny")))] == 0.5
     # each finished job is observed once: the timings were drained from Redis
     assert conn.llen(TIMINGS_KEY) == 0
     again = samples(client.get("/metrics").text)
-    assert again[("star_job_latency_seconds_count", (("model", "tiny"), ("status", "succeeded")))] == 1
+    assert again[("star_job_latency_seconds_count", (("model", "tiny"), ("status", "succeeded")))] == 2

@@ -75,6 +75,18 @@ def test_every_rq_call_we_make_takes_the_parameters_we_pass(name):
     assert not missing, f"RQ's {name} no longer takes {sorted(missing)}: update app/jobs (and this list)"
 
 
+def test_rqs_work_loop_dequeues_through_the_workers_queue_class():
+    """BatchWorker takes its lanes in order by giving RQ queue_class=app.jobs.lanes.LaneQueue, whose
+    dequeue_any moves the id to the lane's intermediate list (RQ's own multi-queue dequeue pops
+    without it): RQ's loop must still dequeue through queue_class.dequeue_any, called as below."""
+    from app.jobs.lanes import LaneQueue
+
+    source = inspect.getsource(BaseWorker.dequeue_job_and_maintain_ttl)
+    assert "self.queue_class.dequeue_any(" in source, "RQ's work loop no longer uses queue_class.dequeue_any"
+    assert set(inspect.signature(LaneQueue.dequeue_any).parameters) == set(
+        inspect.signature(Queue.dequeue_any).parameters), "RQ's dequeue_any changed its parameters"
+
+
 def test_rq_ends_its_work_loop_on_stop_requested():
     """worker.rq_worker raises StopRequested from execute_job after a device error."""
     source = inspect.getsource(BaseWorker.work)

@@ -68,7 +68,8 @@ def test_generate_saves_numbered_pngs_and_prints_path_seed_size(stack, tmp_path)
     assert "scale 10/10" in result.stderr and f"queued on {stack.url}" in result.stderr
     assert re.search(r"queue wait [\d.]+s, model [\d.]+s, total [\d.]+s", result.stderr)
     # what ran: the explicit guidance, tiny's (the global) defaults for the rest
-    assert "; guidance 3, top-k 600, top-p 0.8, temperature 1" in result.stderr
+    assert "; guidance 3, top-k 600, top-p 0.8, temperature 1; sampler plain" in result.stderr   # tiny: no head
+    assert image.text["sampler"] == "plain"
 
 
 def test_default_name_comes_from_the_prompt_and_quiet_keeps_stderr_clean(stack, tmp_path):
@@ -87,12 +88,20 @@ def test_default_name_comes_from_the_prompt_and_quiet_keeps_stderr_clean(stack, 
 @pytest.mark.parametrize("args, expect", [
     (["--n", "9"], "`n`: Input should be less than or equal to 4; allowed: an integer from 1 to 4"),
     (["--size", "1024"], "size 1024 is not served; served sizes: 256"),
+    (["--sampler", "head"], "rejected the request `sampler` (422 sampler_not_available): sampler 'head' needs a "
+                            "model with a sampler head; tiny (size 256) has none"),
 ])
 def test_a_bad_request_exits_2_with_the_servers_message(stack, tmp_path, args, expect):
     result = star("a fox", "--server", stack.url, *args, cwd=tmp_path)
     assert result.returncode == 2
     assert expect in result.stderr and stack.url in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_an_unknown_sampler_is_a_usage_error_before_any_request(tmp_path):
+    result = star("a fox", "--sampler", "fast", "--server", f"http://127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "argument --sampler: invalid choice: 'fast' (choose from 'auto', 'head', 'plain')" in result.stderr
 
 
 def test_an_unreachable_server_exits_3_naming_it(tmp_path):
@@ -167,9 +176,9 @@ def test_sampling_options_are_sent_only_when_given(tmp_path, capsys):
         return httpx.Response(200, json={"id": JOB_ID, "status": "failed", "model": "shapes", "request": PARAMS,
                                          "timings": {}, "error": {"code": "model_error", "message": "x"}})
     run_mocked(handler, tmp_path)
-    run_mocked(handler, tmp_path, "--top-k", "0", "--temperature", "0.5")
+    run_mocked(handler, tmp_path, "--top-k", "0", "--temperature", "0.5", "--sampler", "plain")
     assert bodies[0] == {"prompt": "a fox", "n": 1}
-    assert bodies[1] == {"prompt": "a fox", "n": 1, "top_k": 0, "temperature": 0.5}
+    assert bodies[1] == {"prompt": "a fox", "n": 1, "top_k": 0, "temperature": 0.5, "sampler": "plain"}
 
 
 def test_webhook_options_are_sent_and_checked(tmp_path, capsys):
@@ -213,3 +222,21 @@ def test_on_a_terminal_the_progress_is_one_line_redrawn_in_place():
     line.end()
     assert stream.getvalue().split("\r")[1:] == [
         "queued: 2 jobs ahead", "[############............] scale 5/10", "[########################] scale 10/10\n"]
+
+
+def test_priority_is_sent_when_given_and_a_refusal_exits_2(tmp_path, capsys):
+    bodies = []
+
+    def handler(request):
+        bodies.append(json.loads(request.content))
+        if bodies[-1].get("priority") == "high":
+            return httpx.Response(403, json={"error": {"code": "priority_not_allowed", "field": "priority",
+                                                       "message": "this API key may not use priority `high`"}})
+        return httpx.Response(500, json={"error": {"code": "stop", "message": "x", "field": None}})
+    run_mocked(handler, tmp_path, "--priority", "low")
+    assert run_mocked(handler, tmp_path, "--priority", "high") == 2
+    assert bodies[0]["priority"] == "low" and bodies[-1]["priority"] == "high"
+    assert "may not use priority `high`" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args(["generate", "a fox", "--priority", "urgent"])
+    assert caught.value.code == 2

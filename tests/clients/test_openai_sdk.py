@@ -31,7 +31,7 @@ def test_b64_json_with_the_fields_the_sdk_sends(sdk):
     images = [png(base64.b64decode(item.b64_json)) for item in result.data]
     assert [image.size for image in images] == [(256, 256), (256, 256)]
     assert [image.text["seed"] for image in images] == ["11", "12"]
-    assert images[0].text["negative_prompt"] == "fog"
+    assert images[0].text["negative_prompt"] == "fog" and images[0].text["sampler"] == "plain"   # auto on tiny
 
 
 def test_url_is_the_default_and_the_url_serves_the_png(sdk):
@@ -49,6 +49,8 @@ def test_url_is_the_default_and_the_url_serves_the_png(sdk):
     ({"n": 5}, "n", "from 1 to 4"),
     ({"response_format": "webp"}, "response_format", "'url' or 'b64_json'"),
     ({"prompt": "   "}, "prompt", "non-whitespace"),
+    ({"extra_body": {"sampler": "head"}}, "sampler", "sampler 'head' needs a model with a sampler head"),
+    ({"extra_body": {"sampler": "fast"}}, "sampler", "one of auto, head, plain"),
 ])
 def test_invalid_requests_are_400_in_openais_error_shape(sdk, kwargs, param, text):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -24,8 +24,10 @@ def test_generate_saves_pngs_with_their_seeds_and_reports_progress(stack, tmp_pa
     with StarClient(stack.url) as star:
         result = star.generate("a red fox in snow", n=2, seed=7, negative_prompt="fog", poll_s=0.05,
                                on_progress=seen.append)
-        assert star.models().sizes == (256,)
+        models = star.models()
+        assert models.sizes == (256,) and [m.sampler_head for m in models.models] == [False]
     assert result.job.status == "succeeded" and result.job.request.negative_prompt == "fog"
+    assert result.job.request.sampler == "plain"   # auto, on a model without a sampler head
     assert [(i.seed, i.width, i.height) for i in result.images] == [(7, 256, 256), (8, 256, 256)]
     for image in result.images:
         size, text = png_info(image.save(tmp_path / f"{image.seed}.png").read_bytes())
@@ -83,6 +85,9 @@ def test_http_errors_are_typed_and_carry_the_servers_message(stack):
         with pytest.raises(StarRequestError) as caught:
             star.submit("x", size=1024)
         assert caught.value.code == "size_not_served" and "256" in caught.value.message
+        with pytest.raises(StarRequestError) as caught:
+            star.submit("x", sampler="head")           # tiny has no sampler head
+        assert (caught.value.status, caught.value.code, caught.value.field) == (422, "sampler_not_available", "sampler")
         with pytest.raises(StarRequestError) as caught:
             star.get("00000000-0000-4000-8000-000000000000")
         assert caught.value.status == 404
@@ -192,3 +197,18 @@ def test_the_api_key_comes_from_the_environment_and_stays_on_our_server(monkeypa
     star.download("https://cdn.example/images/abc.png")
     assert seen[0].headers["authorization"] == "Bearer from-env"
     assert "authorization" not in seen[1].headers
+
+
+def test_priority_is_sent_reported_and_refused_as_the_server_says(idle_api):
+    with StarClient(idle_api.url) as star:
+        low = star.submit("a lighthouse", priority="low")
+        normal = star.submit("a lighthouse")
+        assert star.get(low.id).request.priority == "low" and star.get(normal.id).request.priority == "normal"
+        assert star.get(low.id).queue_position == 1   # behind the normal job
+        (model,) = star.models().models
+        assert model.queue_depth == 2 and list(model.lanes) == ["high", "normal", "low"]
+        assert model.lanes["low"].queue_depth == 1 and model.lanes["low"].queue == "star-tiny@low"
+        with pytest.raises(StarRequestError) as caught:
+            star.submit("a lighthouse", priority="high")   # the server allows `high` to no key by default
+        assert caught.value.status == 403 and caught.value.code == "priority_not_allowed"
+        assert caught.value.field == "priority"

@@ -196,21 +196,23 @@ def test_kubectl_builds_both_variants_as_tested_here(root, folder, manifests, ya
         assert ("/data/images" in mounts) is volume, (folder, name)
 
 
-def test_keda_scales_workers_on_the_rq_queue_of_the_model(manifests):
+def test_keda_scales_workers_on_the_rq_queues_of_the_models_lanes(manifests):
+    from app.jobs.lanes import lane_names
     from app.jobs.rq_adapter import queue_name
 
     scaled = manifests[("ScaledObject", "star-worker")]
     assert scaled["apiVersion"].startswith("keda.sh/")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "star-worker"
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis"
+    triggers = scaled["spec"]["triggers"]
     model = manifests[("ConfigMap", "star-config")]["data"]["STAR_MODEL"]
-    # RQ keeps a queue's waiting job ids in the list rq:queue:<name>; the queue is named after
-    # the model (a model directory is named by its last path component).
-    assert trigger["metadata"]["listName"] == "rq:queue:" + queue_name(Path(model).name)
+    # RQ keeps a queue's waiting job ids in the list rq:queue:<name>; the queues are named after
+    # the model (a model directory is named by its last path component), one per lane.
+    assert [t["metadata"]["listName"] for t in triggers] == [
+        "rq:queue:" + name for name in lane_names(queue_name(Path(model).name))]
     redis_url = manifests[("ConfigMap", "star-config")]["data"]["STAR_REDIS_URL"]
-    assert trigger["metadata"]["address"] in redis_url
-    assert int(trigger["metadata"]["listLength"]) >= 1
+    for trigger in triggers:
+        assert trigger["type"] == "redis" and trigger["metadata"]["address"] in redis_url
+        assert int(trigger["metadata"]["listLength"]) >= 1
     assert scaled["spec"]["minReplicaCount"] >= 1  # keep one model loaded
 
 

@@ -198,7 +198,7 @@ def test_rq_sees_the_worker_and_its_counts(conn, settings):
     enqueue(conn, params("boom"))
     run(settings, pipeline=pipe, burst=True)
     assert [w.name for w in seen] == ["w-test"] and seen[0].get_state() == "busy"
-    assert seen[0].queue_names() == ["star-noop-64"]
+    assert seen[0].queue_names() == ["star-noop-64@high", "star-noop-64", "star-noop-64@low"]   # lanes, in order
     info = conn.hgetall("rq:worker:w-test")
     assert int(info[b"successful_job_count"]) == 3 and int(info[b"failed_job_count"]) == 1
 
@@ -288,16 +288,42 @@ def test_a_model_without_sampling_defaults_gets_the_global_ones(conn, settings):
     assert {k: state(conn, job_id).params[k] for k in DEFAULT_SAMPLING} == DEFAULT_SAMPLING
 
 
-def test_the_worker_advertises_its_models_sampling_defaults(conn, settings):
+def test_the_worker_advertises_its_models_sampling_defaults_and_sampler_head(conn, settings):
     seen = []
     pipe = SamplingPipeline({"cfg": 3})
-    pipe.hook = lambda k, requests: seen.extend(e.sampling for e in live_workers(conn))
+    pipe.hook = lambda k, requests: seen.extend((e.sampling, e.sampler_head) for e in live_workers(conn))
     enqueue(conn, params("x"))
     run(settings, pipeline=pipe, burst=True)
-    assert seen and seen[0] == {"guidance_scale": 3.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
+    assert seen and seen[0] == ({"guidance_scale": 3.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}, False)
 
 
 def test_a_model_whose_sampling_defaults_are_out_of_range_does_not_start(conn, settings, caplog):
     assert run(settings, pipeline=SamplingPipeline({"top_p": 2.0}), burst=True) == 1
     assert "top_p=2.0 is invalid" in caplog.text and "a number from 0.0 to 1.0" in caplog.text
     assert live_workers(conn) == []
+
+
+def test_jobs_with_different_samplers_share_a_batch_and_report_the_one_that_ran(conn, settings):
+    pipe = SamplingPipeline()
+    pipe.has_sampler_head = True   # a model with a sampler head: "auto" runs it
+    ids = {s: enqueue(conn, params(s, sampler=s)) for s in ("head", "plain", "auto")}
+    ids["left out"] = enqueue(conn, params("left out"))   # a job queued by an API older than `sampler`
+    run(settings, pipeline=pipe, burst=True)
+    assert pipe.batches == [["head", "plain", "auto", "left out"]]   # one model call, mixed rows
+    assert [r.sampler for r in pipe.requests] == ["head", "plain", "head", "head"]
+    storage = LocalStorage(settings.storage_dir, settings.public_base_url)
+    for name, runs in (("head", "head"), ("plain", "plain"), ("auto", "head"), ("left out", "head")):
+        view = state(conn, ids[name])
+        assert view.status == "succeeded" and view.params["sampler"] == runs   # what GET /jobs/{id} shows
+        assert Image.open(io.BytesIO(storage.get(view.images[0]["id"]))).text["sampler"] == runs   # and the PNG
+
+
+def test_a_head_job_on_a_model_without_a_head_fails_alone_before_the_model_call(conn, settings):
+    pipe = SamplingPipeline()
+    head, auto = enqueue(conn, params("head", sampler="head")), enqueue(conn, params("auto", sampler="auto"))
+    run(settings, pipeline=pipe, burst=True)
+    assert pipe.batches == [["auto"]]
+    failed = state(conn, head)
+    assert failed.status == "failed" and failed.error["code"] == "invalid_request"
+    assert "sampler 'head' needs a model with a sampler head; 'noop-64' has none" in failed.error["message"]
+    assert state(conn, auto).status == "succeeded" and state(conn, auto).params["sampler"] == "plain"

@@ -78,16 +78,17 @@ def test_a_request_larger_than_max_batch_runs_alone_and_refused_jobs_do_not_coun
 
 def test_png_carries_prompt_seed_and_parameters():
     params = {"prompt": "a fox, ünïcødé 🦊", "negative_prompt": "blur", "size": 256, "n": 2, "seed": 10,
-              "guidance_scale": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
+              "guidance_scale": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0, "sampler": "head"}
     pixels = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     image = Image.open(io.BytesIO(encode_png(pixels, png_text(params, 11, "tiny"))))
     assert image.format == "PNG" and image.size == (48, 32)
     assert np.array_equal(np.asarray(image), pixels)
     text = image.text
     assert text["prompt"] == params["prompt"] and text["seed"] == "11" and text["model"] == "tiny"
-    assert {k: text[k] for k in ("negative_prompt", "size", "guidance_scale", "top_k", "top_p", "temperature")} == \
+    assert {k: text[k] for k in ("negative_prompt", "size", "guidance_scale", "top_k", "top_p", "temperature",
+                                 "sampler")} == \
         {"negative_prompt": "blur", "size": "256", "guidance_scale": "4.0", "top_k": "600", "top_p": "0.8",
-         "temperature": "1.0"}
+         "temperature": "1.0", "sampler": "head"}
     assert json.loads(text["parameters"]) == {**{k: v for k, v in params.items() if k != "n"},
                                               "seed": 11, "model": "tiny"}
     assert "guidance_stop_scale" not in text     # fast guidance off: no chunk, as before it existed
@@ -107,6 +108,18 @@ def test_noop_pipeline_spec_size_and_cancel():
     assert out[1].image is None and out[1].canceled
     with pytest.raises(ValueError):
         NoopPipeline.from_spec("tiny")
+
+
+def test_the_noop_pipeline_takes_the_sampler_choice_as_a_model_would():
+    plain, head = NoopPipeline(64), NoopPipeline(64, sampler_head=True)
+    assert (plain.has_sampler_head, head.has_sampler_head) == (False, True)
+    assert [plain.resolve_sampler(s) for s in (None, "auto", "plain")] == ["plain"] * 3
+    assert [head.resolve_sampler(s) for s in (None, "auto", "head", "plain")] == ["head", "head", "head", "plain"]
+    assert len(head.generate([ImageRequest("a", 1, sampler="head"), ImageRequest("b", 2, sampler="plain")])) == 2
+    with pytest.raises(ValueError, match="sampler 'head' needs a model with a sampler head; 'noop-64' has none"):
+        plain.generate([ImageRequest("a", 1, sampler="head")])
+    with pytest.raises(ValueError, match="sampler must be one of auto, head, plain, got 'fast'"):
+        head.resolve_sampler("fast")
 
 
 def test_model_sampling_defaults_and_filling_requests():
@@ -133,15 +146,31 @@ def test_model_sampling_defaults_and_filling_requests():
     assert request == {"prompt": "x", "guidance_scale": None, "top_k": 5}   # not modified
 
 
+def test_auto_becomes_the_models_sampler_when_a_job_starts_and_explicit_choices_stay():
+    from app.jobs.claim import with_defaults
+    from app.schemas import DEFAULT_SAMPLING
+    from worker.sampling import job_defaults
+
+    for pipe, auto in ((NoopPipeline(64), "plain"), (NoopPipeline(64, sampler_head=True), "head")):
+        defaults = job_defaults(pipe)
+        assert defaults == {**DEFAULT_SAMPLING, "sampler": auto}
+        for asked, runs in (("auto", auto), (None, auto), ("plain", "plain"), ("head", "head")):
+            assert with_defaults({"prompt": "x", "sampler": asked}, defaults)["sampler"] == runs
+        assert with_defaults({"prompt": "x"}, defaults)["sampler"] == auto
+
+
 def test_api_names_become_the_models_in_one_place():
     from worker.sampling import image_requests
 
     params = {"prompt": "a fox", "negative_prompt": "blur", "n": 2, "seed": 7, "guidance_scale": 2.5, "top_k": 3,
-              "top_p": 0.5, "temperature": 0.9}
-    assert image_requests(params) == [ImageRequest("a fox", 7, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9),
-                                      ImageRequest("a fox", 8, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9)]
+              "top_p": 0.5, "temperature": 0.9, "sampler": "head"}
+    assert image_requests(params) == [
+        ImageRequest("a fox", 7, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9, sampler="head"),
+        ImageRequest("a fox", 8, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9, sampler="head")]
+    assert image_requests({**params, "n": 1, "sampler": None})[0].sampler is None   # the model's "auto"
     fast = image_requests({**params, "n": 1, "guidance_stop_scale": 9})
-    assert fast == [ImageRequest("a fox", 7, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9, cfg_stop_scale=9)]
+    assert fast == [ImageRequest("a fox", 7, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9, sampler="head",
+                                 cfg_stop_scale=9)]
 
 
 def test_worker_guidance_stop_default_is_checked_against_the_model():
@@ -162,11 +191,12 @@ def test_the_global_sampling_defaults_are_the_pipelines_own_and_one_request_type
     import subprocess
     import sys
 
-    from app.schemas import DEFAULT_SAMPLING
-    from model.request import OFFICIAL_SAMPLING
+    from app.schemas import DEFAULT_SAMPLING, SAMPLERS
+    from model import request
     from worker.sampling import API_NAMES
 
-    assert {API_NAMES[k]: v for k, v in OFFICIAL_SAMPLING.items()} == DEFAULT_SAMPLING
+    assert {API_NAMES[k]: v for k, v in request.OFFICIAL_SAMPLING.items()} == DEFAULT_SAMPLING
+    assert SAMPLERS == request.SAMPLERS == ("auto", "head", "plain")   # the API's sampler names are the model's
     code = ("import sys; import worker.noop, model.request; assert 'torch' not in sys.modules; "
             "from model.pipeline import ImageRequest; assert worker.noop.ImageRequest is ImageRequest")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
