@@ -317,12 +317,15 @@ def _models(ctx: Context) -> ModelsOut:
         sampling = next((e.sampling for e in entries if e.sampling), None)
         examples = next((e.example_prompts for e in entries if e.example_prompts), [])
         head = next((e.sampler_head for e in entries if e.sampler_head is not None), None)
+        loaded = next((e for e in entries if e.scales), None)
         lanes = {lane: LaneOut(queue=lane_queue_name(model, lane), queue_depth=stats.depth,
                                oldest_wait_s=stats.oldest_wait_s)
                  for lane, stats in read.lane_stats(ctx.redis, model).items()}
         out.append(ModelOut(name=model, size=size, queue=queue_name(model), workers=len(entries),
                             queue_depth=sum(lane.queue_depth for lane in lanes.values()), lanes=lanes,
                             states=states, max_batch=max(e.max_batch for e in entries), sampling=sampling,
-                            example_prompts=examples, sampler_head=head))
+                            example_prompts=examples, sampler_head=head,
+                            scales=loaded.scales if loaded else None,
+                            guidance_stop_scale=loaded.guidance_stop_scale if loaded else None))
     sizes = served_sizes(e for es in groups.values() for e in es)
     return ModelsOut(models=out, sizes=sizes, default_size=max(sizes) if sizes else None)

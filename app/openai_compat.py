@@ -10,7 +10,7 @@ OpenAI fields: `prompt`, `n` (1-4), `size` ("WxH", square, a size a worker serve
 absent = the largest), `response_format` ("url" or "b64_json"), `user` (accepted, unused), `model`
 (a served STAR model's name picks its size when `size` is absent; any other value is ignored).
 STAR's own parameters (`negative_prompt`, `seed`, `guidance_scale`, `top_k`, `top_p`,
-`temperature`, `sampler`, `priority`, `webhook_url`, `webhook_events`) may be added (the SDK's
+`temperature`, `guidance_stop_scale`, `sampler`, `priority`, `webhook_url`, `webhook_events`) may be added (the SDK's
 `extra_body`); any other field is ignored.
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; invalid requests are
 400 as at OpenAI, `code` carries STAR's error code.
@@ -42,8 +42,8 @@ from app.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
-STAR_FIELDS = ("negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "temperature", "sampler", "priority",
-               "webhook_url", "webhook_events")
+STAR_FIELDS = ("negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "temperature", "guidance_stop_scale",
+               "sampler", "priority", "webhook_url", "webhook_events")
 NO_RETRY = {"x-should-retry": "false"}   # the SDK would otherwise resend (and queue again)
 
 

@@ -36,6 +36,13 @@ SAMPLING_FIELDS = ("guidance_scale", "top_k", "top_p", "temperature")
 # model.request.OFFICIAL_SAMPLING is the same numbers under the model's names (tests/worker/test_units.py).
 DEFAULT_SAMPLING: dict[str, float | int] = {"guidance_scale": 4.0, "top_k": 600, "top_p": 0.8, "temperature": 1.0}
 MODEL_DEFAULT = " Default: the model's (GET /models), else {}."
+MAX_SCALES = 64   # above any schedule; the model's own number of scales (GET /models `scales`) is checked on submit
+GUIDANCE_STOP = ("Fast guidance (opt-in): the index of the first scale sampled without classifier-free guidance; "
+                 "from it on only the conditional pass runs (about half the work of those scales; images may "
+                 "follow the prompt less closely: docs/api.md). 0 to the model's number of scales (GET /models `scales`: "
+                 "10 at 256 and 512 px, 14 at 1024 px); that number means guidance on every scale. Default: "
+                 "the worker's STAR_GUIDANCE_STOP_SCALE (GET /models `guidance_stop_scale`), unset = guidance "
+                 "on every scale (the official sampling).")
 # How an image's late scales are sampled: model.request.SAMPLERS under the same names (kept equal by
 # tests/worker/test_units.py). "auto": the sampler head where the model has one, else "plain".
 Sampler = Literal["auto", "head", "plain"]
@@ -64,6 +71,7 @@ class GenerateRequest(BaseModel):
                                 + MODEL_DEFAULT.format(DEFAULT_SAMPLING["top_p"]))
     temperature: float | None = Field(None, gt=0.0, le=5.0, description="Sampling temperature."
                                       + MODEL_DEFAULT.format(DEFAULT_SAMPLING["temperature"]))
+    guidance_stop_scale: int | None = Field(None, ge=0, le=MAX_SCALES, description=GUIDANCE_STOP)
     sampler: Sampler = Field("auto", description=SAMPLER_HELP)
     priority: Lane = Field("normal", description="Lane of the job: workers take `high` jobs first, then `normal`, "
                            "then `low` (a lower lane's job still ends `expired` at its deadline). Which API keys "
@@ -148,6 +156,8 @@ class JobParameters(BaseModel):
     top_k: int | None = Field(None, description=RESOLVED)
     top_p: float | None = Field(None, description=RESOLVED)
     temperature: float | None = Field(None, description=RESOLVED)
+    guidance_stop_scale: int | None = Field(None, description="First scale without guidance (fast guidance); "
+                                            "null: guidance on every scale. " + RESOLVED)
     sampler: Sampler = Field("auto", description="As requested while the job is queued; once a worker starts "
                              "it, the sampler it runs: `head` or `plain` (`auto` resolved for its model).")
     priority: Lane = Field("normal", description="The lane the job was queued in.")
@@ -263,6 +273,10 @@ class ModelOut(BaseModel):
     max_batch: int
     sampling: SamplingDefaults | None = Field(None, description="The model's sampling defaults (null until a "
                                               "worker has loaded it).")
+    scales: int | None = Field(None, description="Scales of the model's schedule: guidance_stop_scale goes from 0 "
+                               "to this (null until a worker has loaded it).")
+    guidance_stop_scale: int | None = Field(None, description="The workers' default first scale without "
+                                            "guidance (STAR_GUIDANCE_STOP_SCALE); null: guidance on every scale.")
     example_prompts: list[str] = Field(default_factory=list, description="Prompts this model draws well, from "
                                        "its config.json (empty when it names none, or until a worker has loaded it).")
     sampler_head: bool | None = Field(None, description="Whether the model has a sampler head (causal-driven "

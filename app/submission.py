@@ -9,7 +9,7 @@ import uuid
 
 from app import auth
 from app.context import Context
-from app.errors import (IdempotencyConflict, JobConflict, NoWorker, PriorityNotAllowed, QueueFull,
+from app.errors import (IdempotencyConflict, InvalidRequest, JobConflict, NoWorker, PriorityNotAllowed, QueueFull,
                         SamplerNotAvailable, SizeNotServed,
                         TooManyJobs)
 from app.jobs import admission, submit as protocol
@@ -60,7 +60,8 @@ def _claim_idempotency(ctx: Context, name: str, key: str, body: GenerateRequest,
 def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) -> int:
     """Admit and enqueue a new job (per-key slot, then the queue limit); its queue position."""
     settings = ctx.settings
-    model, size = choose_model(ctx, body.size, body.sampler)
+    model, size, scales = choose_model(ctx, body.size, body.sampler)
+    check_guidance_stop(model, scales, body.guidance_stop_scale)
     params = body.model_dump(exclude={"webhook_url", "webhook_events", "priority"})   # what the model runs with
     webhook = {"url": body.webhook_url, "events": body.webhook_events or ["final"]} if body.webhook_url else None
     params["size"] = size
@@ -89,9 +90,19 @@ def _enqueue_new(ctx: Context, body: GenerateRequest, job_id: str, name: str) ->
     return accepted[1]
 
 
-def choose_model(ctx: Context, size: int | None, sampler: str = "auto") -> tuple[str, int]:
-    """(model, size) for a request: the size asked, else the largest served (with sampler "head",
-    the largest served by a model with a sampler head); 422 when no model serves it as asked."""
+def check_guidance_stop(model: str, scales: int | None, stop: int | None) -> None:
+    """guidance_stop_scale must be a scale index of the model (0 .. its number of scales; not
+    checked here while no worker has reported the number: the worker checks it then)."""
+    if stop is not None and scales is not None and stop > scales:
+        raise InvalidRequest(f"guidance_stop_scale must be from 0 to {scales}: model {model} has {scales} scales "
+                             f"(0 = no guidance at all, {scales} = guidance on every scale), got {stop}",
+                             field="guidance_stop_scale")
+
+
+def choose_model(ctx: Context, size: int | None, sampler: str = "auto") -> tuple[str, int, int | None]:
+    """(model, size, the model's number of scales: None while no worker of it has loaded it) for a
+    request: the size asked, else the largest served (with sampler "head", the largest served by a
+    model with a sampler head); 422 when no model serves it as asked."""
     entries = ctx.workers.get(size)
     sizes = served_sizes(entries)
     if not sizes:
@@ -100,7 +111,7 @@ def choose_model(ctx: Context, size: int | None, sampler: str = "auto") -> tuple
     size = size or max(served_sizes(entries, sampler_head=head) or sizes)
     model = model_for_size(entries, size, sampler_head=head)
     if model is not None:
-        return model, size
+        return model, size, min((e.scales for e in entries if e.model == model and e.scales), default=None)
     if head and size in sizes:
         raise SamplerNotAvailable(_no_head_message(entries, size), field="sampler")
     served = ", ".join(map(str, sizes))

@@ -16,7 +16,8 @@ What is counted, per image, guidance (CFG) included:
     word_embed_head 2*N*l*Cvae*C, head_proj 2*B*r*2C*C, per block QKV + projection 2*B*r*C*4C,
     scores + AV 4*B*r*r*C, FFN 2 * 2*B*r*C*hidden; head_logits2 2*B*l*C*V;
     once per request: its text rows 2*B*D*C
-with B = 2N rows (conditional + unconditional) and N images. Elementwise work (norms, RoPE,
+with B = 2N rows (conditional + unconditional) and N images; with fast guidance
+(guidance_stop), B = N on the scales from the stop scale on (the sampler head's too). Elementwise work (norms, RoPE,
 softmax, sampling, VQ feature maps) is not counted. The same 2*m*n*k rule gives the FLOP/s of
 the reference matmul, so the two are comparable.
 """
@@ -75,14 +76,14 @@ def request_flops(cfg, images: int = 1, guidance: bool = True) -> dict[str, int]
             "start_tokens": matmul_flops(B, cfg.embed_dim, cfg.text_dim)}
 
 
-def sampler_head_flops(cfg, si: int, images: int = 1) -> dict[str, int]:
+def sampler_head_flops(cfg, si: int, images: int = 1, guidance: bool = True) -> dict[str, int]:
     """FLOPs of the sampler head at scale si for `images` images that use it (every head step of the
-    scale; {} on scales it does not refine or without a head). Guidance rows always run."""
+    scale; {} on scales it does not refine or without a head); guidance: with unconditional rows."""
     rules = cfg.sampler_head
     if rules is None or si < rules.from_scale:
         return {}
     calls = sum(not rules.uses_base_head(si, step) for step in range(rules.steps_at(si)))
-    N, B = images, 2 * images
+    N, B = images, (2 if guidance else 1) * images
     C, V, blocks = cfg.embed_dim, cfg.vocab_size, rules.blocks
     hidden = round(C * cfg.mlp_ratio)
     l = cfg.patch_nums[si] ** 2
@@ -99,23 +100,28 @@ def sampler_head_flops(cfg, si: int, images: int = 1) -> dict[str, int]:
 
 
 def generation_flops(cfg, images: int = 1, text: TextEncoderShape | None = None, texts: int | None = None,
-                     guidance: bool = True, head_images: int = 0) -> dict:
+                     guidance: bool = True, head_images: int = 0, guidance_stop: int | None = None) -> dict:
     """All token-stage FLOPs of one batch: {'total', 'per_image', 'per_scale': [...], 'parts': {...}}.
 
     texts: distinct texts the text encoder runs on (default images + 1: every prompt and one shared
     empty negative prompt); the text encoder is left out when `text` is None. head_images: how many
-    of the images use the sampler head (cfg.sampler_head must be set when > 0).
+    of the images use the sampler head (cfg.sampler_head must be set when > 0). guidance_stop: fast
+    guidance of every image, the first scale without the unconditional rows (None: every scale).
     """
     if head_images and cfg.sampler_head is None:
         raise ValueError(f"{cfg.name} has no sampler head")
-    parts: dict[str, int] = dict(request_flops(cfg, images, guidance))
+
+    def guided(si: int) -> bool:
+        return guidance and (guidance_stop is None or si < guidance_stop)
+
+    parts: dict[str, int] = dict(request_flops(cfg, images, guided(0)))
     if head_images:
         parts["head_text_rows"] = matmul_flops(2 * head_images, cfg.embed_dim, cfg.text_dim)
     per_scale = []
     for si in range(cfg.num_scales):
-        f = scale_flops(cfg, si, images, guidance)
+        f = scale_flops(cfg, si, images, guided(si))
         if head_images:
-            f.update(sampler_head_flops(cfg, si, head_images))
+            f.update(sampler_head_flops(cfg, si, head_images, guided(si)))
         per_scale.append(sum(f.values()))
         for k, v in f.items():
             parts[k] = parts.get(k, 0) + v
@@ -154,3 +160,40 @@ def decoder_flops(cfg) -> int:
     for h in hooks:
         h.remove()
     return total[0]
+
+
+def guidance_stop_table(cfg, images: int = 1) -> list[dict]:
+    """Token-stage FLOPs per image (text encoder left out) for every fast-guidance stop scale of cfg,
+    from 0 to S (S: guidance on every scale, the official sampling), and the fraction they keep."""
+    full = generation_flops(cfg, images)["per_image"]
+    rows = []
+    for stop in range(cfg.num_scales + 1):
+        per_image = generation_flops(cfg, images, guidance_stop=stop)["per_image"]
+        rows.append({"kind": "guidance_stop_flops", "preset": cfg.name, "guidance_stop_scale": stop,
+                     "side_at_stop": cfg.patch_nums[stop] if stop < cfg.num_scales else None,
+                     "flops_per_image": per_image, "fraction_of_full_guidance": per_image / full,
+                     "speedup_bound": full / per_image})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.flops --preset star-1024`: the fast-guidance FLOP table, one JSON line per stop scale."""
+    import argparse
+    import json
+
+    from model.config import PRESETS
+
+    ap = argparse.ArgumentParser(prog="python -m bench.flops", description=main.__doc__)
+    ap.add_argument("--preset", default="star-1024", choices=sorted(PRESETS))
+    ap.add_argument("--out", default=None, help="also write the JSON lines to this file")
+    args = ap.parse_args(argv)
+    lines = [json.dumps(row) for row in guidance_stop_table(PRESETS[args.preset])]
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,7 +15,11 @@
 #                          call of DECODE_BATCH images, and whether the batched call is bit-identical
 #                          on this device (what decides model.pipeline.BATCH_INVARIANT_DECODE_CHUNK)
 #   5. png                 bench.png: PNG encoding at 1024 px on this machine's CPU, per option
-#   6. report.md           one table of everything and the GPU targets, met or not
+#   6. fast-guidance-<dtype>  bench.sampler eager, first dtype, at FAST_GUIDANCE_BATCHES (1,8), once
+#                          with guidance on every scale and once per stop scale in FAST_GUIDANCE_STOPS
+#                          (11,13: star-1024's last three / last one scales unguided): token-stage
+#                          seconds and FLOPs with and without fast guidance (kind guidance_stop_cost)
+#   7. report.md           one table of everything and the GPU targets, met or not
 # The KV cache is the lean one (no last-scale K/V across layers) in every run: the sampler runs'
 # peak memory and BATCHES=auto (the largest batch model/memory.py says fits) measure it.
 #
@@ -26,7 +30,8 @@
 # faster; the static default compiles one graph per scale and bucket, which takes a while at d30),
 # AGREE_PRESET (small), AGREE_IMAGES (2), GROW_UNTIL_OOM (0), DECODE_BATCH (8), DECODE_REPS (3),
 # PNG_ARGS (more bench.png flags, e.g. "--images noise --reps 1"; PNG=0 skips it),
-# SAMPLER_ARGS (more bench.sampler flags, e.g. --no-breakdown),
+# SAMPLER_ARGS (more bench.sampler flags, e.g. --no-breakdown), FAST_GUIDANCE (1; 0 skips step 6),
+# FAST_GUIDANCE_STOPS (11,13; scale indices of PRESET's schedule), FAST_GUIDANCE_BATCHES (1,8),
 # DEVICE (cuda; ALLOW_CPU=1 permits cpu, for the tests' dry run with small presets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -101,6 +106,13 @@ fi
 if [ "${PNG:-1}" = "1" ]; then
   read -r -a png_args <<< "${PNG_ARGS:-}"
   "$PY" -m bench.png ${png_args[@]+"${png_args[@]}"} --json --out "$OUT/png.jsonl" > /dev/null
+fi
+
+if [ "${FAST_GUIDANCE:-1}" = "1" ]; then
+  dt=${DTYPES%% *}
+  "$PY" -m bench.sampler --preset "$PRESET" --device "$DEVICE" --dtype "$dt" \
+    --batch-sizes "${FAST_GUIDANCE_BATCHES:-1,8}" --guidance-stop-scale "none,${FAST_GUIDANCE_STOPS:-11,13}" \
+    --reps "$REPS" --warmup "$WARMUP" --no-breakdown --no-decode --json --out "$OUT/fast-guidance-$dt.jsonl" > /dev/null
 fi
 
 targets=gpu; [ "$DEVICE" = "cpu" ] && targets=cpu

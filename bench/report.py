@@ -56,6 +56,13 @@ def table(records: list[dict]) -> str:
                          f"{r['teacher_forced_ref_top1_in_top5']:.1%}, logits rel. RMS error "
                          f"{r['logits_rel_rms_err']:.2e}, greedy tokens equal {r['greedy_token_agreement']:.1%}")
     lines += [_decode_line(r) for r in records if r.get("kind") == "decode"]
+    fast = [r for r in records if r.get("kind") == "guidance_stop_cost"]
+    if fast:
+        lines += ["", "| fast guidance | sampler | batch | unguided from scale | token stage s/image, full -> fast | "
+                  "time fast / full | FLOPs fast / full |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['_file']} | {r['sampler']} | {r['batch_size']} | {r['guidance_stop_scale']} | "
+                  f"{r['full_token_stage_s_per_image']:.3f} -> {r['fast_token_stage_s_per_image']:.3f} | "
+                  f"{r['token_stage_fast_over_full']:.2f} | {r['flops_fast_over_full']:.2f} |" for r in fast]
     pngs = [r for r in records if r.get("kind") == "png"]
     if pngs:
         lines += ["", "| PNG, 1024 px | CPU ms (one core) | MB | pixels equal |", "|---|---|---|---|"]
@@ -73,7 +80,7 @@ def _decode_line(r: dict) -> str:
 def check(records: list[dict], which: str) -> list[str]:
     runs: dict[str, list[dict]] = {}
     for r in records:
-        if r.get("kind") == "batch":
+        if r.get("kind") == "batch" and r.get("guidance_stop_scale") is None:   # targets: official sampling
             runs.setdefault(r["_file"], []).append(r)
     out = []
     for name, rows in runs.items():

@@ -4,6 +4,7 @@ of the model pipeline at several batch sizes, with a stage breakdown.
     python -m bench.sampler --preset small --batch-sizes 1,8 --device cpu --dtype float32 --json
     python -m bench.sampler --preset star-1024 --batch-sizes auto --device cuda --dtype bf16 --json
     python -m bench.sampler --preset small-sampler --sampler plain,head --batch-sizes 1 --device cpu --json
+    python -m bench.sampler --preset small --guidance-stop-scale none,7 --batch-sizes 1,8 --clock cpu --json
 
 Per batch size, every rep runs the stages the worker runs, timed one by one: text encoding
 (`encode_prompts`), token generation (`sample_tokens`: the scale loop), VQ decoding (`decode` and
@@ -24,6 +25,10 @@ the timed reps.
 --sampler plain,head runs the sweep once per sampler (every image of a batch with that sampler;
 the model must have a sampler head for "head") and then reports, per batch size, what the head
 costs over plain sampling (`kind: "sampler_cost"`: seconds and FLOPs, head / plain).
+
+--guidance-stop-scale none,7 likewise runs one sweep per fast-guidance setting (every image of a
+batch with that stop scale; none = guidance on every scale) and reports, per sampler and batch
+size, what it saves against `none` (`kind: "guidance_stop_cost"`: seconds and FLOPs, fast / full).
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--preset", default="small", help="model preset (random weights) or model directory")
     ap.add_argument("--sampler", default="auto",
                     help="comma list of auto, head, plain: the requests' sampler (one sweep each; default auto)")
+    ap.add_argument("--guidance-stop-scale", default="none",
+                    help="comma list of fast-guidance stop scales, none = guidance on every scale (one sweep each)")
     ap.add_argument("--size", type=int, default=None, help="image size in pixels (must match the preset)")
     ap.add_argument("--batch-sizes", default="1,2,4,8",
                     help="comma list, or 'auto': powers of two up to what fits in free CUDA memory (model/memory.py)")
@@ -70,10 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _requests(n: int, sampler: str = "auto"):
+def _requests(n: int, sampler: str = "auto", stop: int | None = None):
     from model.pipeline import ImageRequest
 
-    return [ImageRequest(prompt=PROMPT.format(i=i), seed=1000 + i, sampler=sampler) for i in range(n)]
+    return [ImageRequest(prompt=PROMPT.format(i=i), seed=1000 + i, sampler=sampler, cfg_stop_scale=stop)
+            for i in range(n)]
 
 
 def run_once(pipe, requests, decode: bool) -> dict:
@@ -151,10 +159,10 @@ def scale_breakdown(pipe, requests) -> tuple[list[dict], float]:
     return rows, total
 
 
-def bench_batch(pipe, n: int, args, peak: dict, flops: dict, sampler: str = "auto") -> dict:
+def bench_batch(pipe, n: int, args, peak: dict, flops: dict, sampler: str = "auto", stop: int | None = None) -> dict:
     import torch
 
-    requests = _requests(n, sampler)
+    requests = _requests(n, sampler, stop)
     mem = PeakMemory(pipe.device)
     decode = not args.no_decode
     for _ in range(args.warmup):
@@ -170,7 +178,7 @@ def bench_batch(pipe, n: int, args, peak: dict, flops: dict, sampler: str = "aut
     peak["matmul_flops_per_s"] = ref
     tok_flops = flops["total"]
     rec = {
-        "kind": "batch", "preset": args.preset, "sampler": pipe.resolve_sampler(sampler),
+        "kind": "batch", "preset": args.preset, "sampler": pipe.resolve_sampler(sampler), "guidance_stop_scale": stop,
         "size": pipe.image_size, "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""), "compile": bool(args.compile), "batch_size": n,
         "images_per_s": n / best["generate_s"], "s_per_image": best["generate_s"] / n,
@@ -208,13 +216,13 @@ def batch_sizes(args, pipe) -> list[int]:
     return list(default_buckets(max(1, most)))
 
 
-def flop_counts(pipe, n: int, sampler: str = "auto") -> dict:
+def flop_counts(pipe, n: int, sampler: str = "auto", stop: int | None = None) -> dict:
     from bench.flops import TextEncoderShape, decoder_flops, generation_flops
 
     text = TextEncoderShape.of(pipe.text_encoder.model.config, pipe.cfg.text_len)
     texts = len({PROMPT.format(i=i) for i in range(n)} | {""})
     head_images = n if pipe.resolve_sampler(sampler) == "head" else 0
-    g = generation_flops(pipe.cfg, n, text, texts, head_images=head_images)
+    g = generation_flops(pipe.cfg, n, text, texts, head_images=head_images, guidance_stop=stop)
     g["decoder_per_image"] = decoder_flops(pipe.cfg)
     return g
 
@@ -225,7 +233,7 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def sweep(pipe, sizes: list[int], args, peak: dict, report, sampler: str = "auto") -> list[dict]:
+def sweep(pipe, sizes: list[int], args, peak: dict, report, sampler: str = "auto", stop: int | None = None) -> list[dict]:
     """bench_batch at every size (then doubling with --until-oom); an out-of-memory error ends it."""
     import torch
 
@@ -240,7 +248,7 @@ def sweep(pipe, sizes: list[int], args, peak: dict, report, sampler: str = "auto
         i += 1
         try:
             pipe.reserve(n)
-            rec = bench_batch(pipe, n, args, peak, flop_counts(pipe, n, sampler), sampler)
+            rec = bench_batch(pipe, n, args, peak, flop_counts(pipe, n, sampler, stop), sampler, stop)
         except Exception as exc:  # noqa: BLE001 - an OOM ends the sweep, anything else is re-raised
             if not is_oom(exc):
                 raise
@@ -277,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"--sampler: {e}", file=sys.stderr)
         return 2
+    try:
+        stops = [None if x == "none" else int(x) for x in args.guidance_stop_scale.replace(" ", "").split(",") if x]
+        for stop in stops:
+            pipe.cfg_stops(_requests(1, "plain", stop))
+    except ValueError as e:
+        print(f"--guidance-stop-scale: {e}", file=sys.stderr)
+        return 2
     out_file = open(args.out, "a", encoding="utf-8") if args.out else None
 
     def report(rec: dict) -> None:
@@ -297,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         report({"kind": "compile", "buckets": sizes, "warmup_s": warm_up(pipe, sizes)})
     records = []
     for sampler in samplers:
-        done = sweep(pipe, sizes, args, peak, report, sampler)
-        if done:
-            report(summary(done, args, pipe, peak))
-        records += done
-    for rec in sampler_costs(records):
+        for stop in stops:
+            done = sweep(pipe, sizes, args, peak, report, sampler, stop)
+            if done:
+                report(summary(done, args, pipe, peak))
+            records += done
+    for rec in sampler_costs([r for r in records if r.get("guidance_stop_scale") is None]) + guidance_stop_costs(records):
         report(rec)
     if args.plot and records:
         plot(args.plot, records)
@@ -313,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 def summary(records: list[dict], args, pipe, peak: dict) -> dict:
     best = max(records, key=lambda r: r["images_per_s"])
     return {"kind": "summary", "preset": args.preset, "sampler": records[0].get("sampler"),
+            "guidance_stop_scale": records[0].get("guidance_stop_scale"),
             "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""), "compile": bool(args.compile),
             "s_per_image_batch1": next((r["s_per_image"] for r in records if r["batch_size"] == 1), None),
             "best_images_per_s": best["images_per_s"], "best_batch_size": best["batch_size"],
@@ -337,16 +354,38 @@ def sampler_costs(records: list[dict]) -> list[dict]:
     return out
 
 
+def guidance_stop_costs(records: list[dict]) -> list[dict]:
+    """Per sampler and batch size measured with and without fast guidance: what each stop saves."""
+    full = {(r.get("sampler"), r["batch_size"]): r for r in records if r.get("guidance_stop_scale") is None}
+    out = []
+    for fast in records:
+        base = full.get((fast.get("sampler"), fast["batch_size"]))
+        if fast.get("guidance_stop_scale") is None or base is None:
+            continue
+        out.append({"kind": "guidance_stop_cost", "sampler": fast.get("sampler"), "batch_size": fast["batch_size"],
+                    "guidance_stop_scale": fast["guidance_stop_scale"],
+                    "full_token_stage_s_per_image": base["token_stage_s"] / base["batch_size"],
+                    "fast_token_stage_s_per_image": fast["token_stage_s"] / fast["batch_size"],
+                    "token_stage_fast_over_full": fast["token_stage_s"] / base["token_stage_s"],
+                    "s_per_image_fast_over_full": fast["s_per_image"] / base["s_per_image"],
+                    "flops_fast_over_full": fast["flops_per_image"] / base["flops_per_image"]})
+    return out
+
+
 def plot(path: str, records: list[dict]) -> str:
     from bench.plot import line_panels
 
     r0 = records[0]
     title = f"bench.sampler {r0['preset']} {r0['size']}px {r0['device']} {r0['dtype']}"
-    samplers = list(dict.fromkeys(r.get("sampler") for r in records))
+    def variant(r: dict) -> str:
+        stop = r.get("guidance_stop_scale")
+        return r.get("sampler") or "" if stop is None else f"{r.get('sampler')}, unguided from scale {stop}"
+
+    samplers = list(dict.fromkeys(variant(r) for r in records))
 
     def series(key: str, label: str) -> dict:
         named = (lambda s: label) if len(samplers) == 1 else (lambda s: f"{label} ({s})")  # noqa: E731
-        return {named(s): [(r["batch_size"], r[key]) for r in records if r.get("sampler") == s] for s in samplers}
+        return {named(s): [(r["batch_size"], r[key]) for r in records if variant(r) == s] for s in samplers}
 
     return line_panels(path, title, [
         {"title": "images per second", "x_label": "batch size", "series": series("images_per_s", "images/s")},

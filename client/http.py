@@ -131,17 +131,19 @@ class StarClient(_Base):
     def submit(self, prompt: str, *, negative_prompt: str | None = None, size: int | None = None,
                n: int | None = None, seed: int | None = None, guidance_scale: float | None = None,
                top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
-               sampler: str | None = None, priority: str | None = None, webhook_url: str | None = None,
-               webhook_events: list[str] | None = None) -> Accepted:
-        """Queue a request (`POST /generate`); None means the server's default. sampler: "auto",
-        "head" (the model's sampler head; 422 for a model without one) or "plain". `priority`: `high`,
-        `normal` (the server's default) or `low` (the job's lane; `high` only for the API keys the
-        server allows, else StarRequestError 403 `priority_not_allowed`). `webhook_url`: the
-        server POSTs a signed event there when the job ends (and when it starts, with
-        `webhook_events=["running", "final"]`)."""
+               guidance_stop_scale: int | None = None, sampler: str | None = None, priority: str | None = None,
+               webhook_url: str | None = None, webhook_events: list[str] | None = None) -> Accepted:
+        """Queue a request (`POST /generate`); None means the server's default. guidance_stop_scale:
+        fast guidance, the first scale sampled without guidance (docs/api.md, "Fast guidance").
+        sampler: "auto", "head" (the model's sampler head; 422 for a model without one) or "plain".
+        `priority`: `high`, `normal` (the server's default) or `low` (the job's lane; `high` only for
+        the API keys the server allows, else StarRequestError 403 `priority_not_allowed`).
+        `webhook_url`: the server POSTs a signed event there when the job ends (and when it starts,
+        with `webhook_events=["running", "final"]`)."""
         body = self._body(prompt, negative_prompt=negative_prompt, size=size, n=n, seed=seed,
                           guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
-                          sampler=sampler, priority=priority, webhook_url=webhook_url,
+                          guidance_stop_scale=guidance_stop_scale, sampler=sampler, priority=priority,
+                          webhook_url=webhook_url,
                           webhook_events=webhook_events)
         response = self._request("POST", "/generate", json=body, headers={"Idempotency-Key": uuid.uuid4().hex})
         return _parse(Accepted, response.json())
@@ -241,11 +243,13 @@ class AsyncStarClient(_Base):
     async def submit(self, prompt: str, *, negative_prompt: str | None = None, size: int | None = None,
                      n: int | None = None, seed: int | None = None, guidance_scale: float | None = None,
                      top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
-                     sampler: str | None = None, priority: str | None = None, webhook_url: str | None = None,
+                     guidance_stop_scale: int | None = None, sampler: str | None = None,
+                     priority: str | None = None, webhook_url: str | None = None,
                      webhook_events: list[str] | None = None) -> Accepted:
         body = self._body(prompt, negative_prompt=negative_prompt, size=size, n=n, seed=seed,
                           guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
-                          sampler=sampler, priority=priority, webhook_url=webhook_url,
+                          guidance_stop_scale=guidance_stop_scale, sampler=sampler, priority=priority,
+                          webhook_url=webhook_url,
                           webhook_events=webhook_events)
         response = await self._request("POST", "/generate", json=body,
                                        headers={"Idempotency-Key": uuid.uuid4().hex})

@@ -69,6 +69,7 @@ class JobParameters:
     top_k: int | None = None
     top_p: float | None = None
     temperature: float | None = None
+    guidance_stop_scale: int | None = None    # fast guidance's first scale without guidance; None: every scale guided
     # auto, head or plain as asked while queued; once started, the one that runs: "head" or "plain"
     # (None from a server older than the sampler choice)
     sampler: str | None = None
@@ -172,6 +173,8 @@ class ModelInfo:
     states: dict[str, int]
     max_batch: int
     sampling: dict[str, float] | None = None   # the model's defaults: guidance_scale, top_k, top_p, temperature
+    scales: int | None = None                  # scales of its schedule: guidance_stop_scale is 0 .. scales
+    guidance_stop_scale: int | None = None     # the workers' default (STAR_GUIDANCE_STOP_SCALE); None: off
     lanes: dict[str, LaneInfo] | None = None   # high, normal, low (None from servers without lanes)
     sampler_head: bool | None = None   # the model has a sampler head (sampler "head"; "auto" uses it)
 

@@ -62,11 +62,16 @@ class CompiledStep:
     def __init__(self, eager_step, buckets: Sequence[int], *, mode: str | None = None,
                  backend: str = "inductor", fullgraph: bool = False, dynamic: bool = False):
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.eager = eager_step
         self.compiled = torch.compile(eager_step, dynamic=dynamic, mode=mode, backend=backend, fullgraph=fullgraph)
         self._text_src: TextKV | None = None
         self._text_pad: TextKV | None = None
 
     def __call__(self, x_BlC: torch.Tensor, si: int, cache, text: TextKV) -> torch.Tensor:
+        if text.uncond_at is not None:
+            # fast guidance dropped some unconditional rows: a row layout the graphs were not
+            # compiled for (one graph per row count would multiply them); this scale runs eagerly
+            return self.eager(x_BlC, si, cache, text)
         N = text.kv[0][0].shape[0]
         Nb = bucket_for(N, self.buckets)
         if Nb != N and 2 * Nb > cache.max_rows:

@@ -190,12 +190,25 @@ class StarPipeline:
         probes: on_head_logits= / on_commits= of autoregress.sample_scales (checks, debugging)."""
         requests = [self.with_defaults(r) for r in requests]
         params = RowParams.build([r.cfg for r in requests], [r.top_k for r in requests],
-                                 [r.top_p for r in requests], [r.temperature for r in requests], self.device)
+                                 [r.top_p for r in requests], [r.temperature for r in requests], self.device,
+                                 self.cfg_stops(requests))
         gens = make_generators([r.seed for r in requests], self.device)
         cache = self.reserve(len(requests))
         head_images = [i for i, r in enumerate(requests) if r.sampler == "head"]
         return sample_scales(self.transformer, self.vae, cond, params, gens, cache, on_scale=on_scale,
                              on_logits=on_logits, head=self.sampler_head, head_images=head_images, **probes)
+
+    def cfg_stops(self, requests: Sequence[ImageRequest]) -> list[int] | None:
+        """Each request's first scale without guidance (S when it has none), or None when no
+        request stops guidance; ValueError for an index outside 0 .. S."""
+        S = self.cfg.num_scales
+        for r in requests:
+            if r.cfg_stop_scale is not None and not 0 <= r.cfg_stop_scale <= S:
+                raise ValueError(f"cfg_stop_scale must be a scale index from 0 to {S} (model {self.name!r} has "
+                                 f"{S} scales; {S} = guidance on every scale), got {r.cfg_stop_scale}")
+        if all(r.cfg_stop_scale is None for r in requests):
+            return None
+        return [S if r.cfg_stop_scale is None else r.cfg_stop_scale for r in requests]
 
     def with_defaults(self, request: ImageRequest) -> ImageRequest:
         """request with every sampling field it leaves unset (None) filled: the model directory's

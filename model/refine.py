@@ -38,16 +38,19 @@ def _top_Nl(score_Nl: torch.Tensor, k: int) -> torch.Tensor:
 
 def refine_scale(head: SamplerHead, si: int, base_NlV: torch.Tensor, h_BlC: torch.Tensor, text_B1C: torch.Tensor,
                  params: RowParams, rand: ImageRandom, codebook_VCv: torch.Tensor, rope_lc: torch.Tensor,
-                 on_head_logits: OnHeadLogits | None = None
+                 on_head_logits: OnHeadLogits | None = None, guided: Sequence[int] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens [N, l] of refined scale si for N images, with the step that committed each position
     and how (0 = by confidence, 1 = by random priority), both [N, l] int64.
 
     base_NlV: the base head's guided logits (ramped t); h_BlC: the base model's hidden states of the
-    scale (2N rows); text_B1C: head.text_rows of the 2N rows; rope_lc: RoPE of [(0, 0); the scale]."""
+    scale (2N rows); text_B1C: head.text_rows of the 2N rows; rope_lc: RoPE of [(0, 0); the scale].
+    guided: with fast guidance, the images whose unconditional rows h_BlC and text_B1C hold after
+    the N conditional ones (in that order); the head guides those only (RowParams.uncond_images)."""
     rules = head.rules
     N, l, _ = base_NlV.shape
     dev = base_NlV.device
+    uncond_at = None if guided is None else torch.as_tensor(list(guided), dtype=torch.int64, device=dev)
     base = filter_rows(base_NlV, params, inplace=False)      # filtered once, drawn from at every base step
     idx_Nl = torch.zeros(N, l, dtype=torch.int64, device=dev)
     step_Nl = torch.full((N, l), -1, dtype=torch.int64, device=dev)
@@ -59,11 +62,11 @@ def refine_scale(head: SamplerHead, si: int, base_NlV: torch.Tensor, h_BlC: torc
             draw_Nl, conf_Nl = base.draw(rand, confidence=True)
             new_Nl = _top_Nl(conf_Nl, k) & ~done_Nl           # most confident of the whole scale
         else:
-            logits_BlV = head.logits(e_NlCv, si, text_B1C, h_BlC, rope_lc)
+            logits_BlV = head.logits(e_NlCv, si, text_B1C, h_BlC, rope_lc, uncond_at)
             if on_head_logits is not None:
                 on_head_logits(si, step, logits_BlV)
-            guided = guide(logits_BlV, params.guidance_full())
-            draw_Nl, conf_Nl = filter_rows(guided, params).draw(rand, confidence=True)
+            guided_NlV = guide(logits_BlV, params.guidance_full(), guided)
+            draw_Nl, conf_Nl = filter_rows(guided_NlV, params).draw(rand, confidence=True)
             new_Nl = torch.zeros_like(done_Nl)
         taken_Nl = done_Nl | new_Nl
         random = rules.commits_random(step)
@@ -101,12 +104,24 @@ class Refinement:
         self.text_B1C = head.text_rows(pooled_BD)
 
     def sample(self, si: int, logits_NlV: torch.Tensor, h_BlC: torch.Tensor, rope_lc: torch.Tensor,
-               on_head_logits: OnHeadLogits | None = None, on_commits: OnCommits | None = None) -> torch.Tensor:
-        """Tokens [N, l] of refined scale si: the head's images refined, the others drawn once."""
+               on_head_logits: OnHeadLogits | None = None, on_commits: OnCommits | None = None,
+               uncond_images: Sequence[int] | None = None) -> torch.Tensor:
+        """Tokens [N, l] of refined scale si: the head's images refined, the others drawn once.
+        uncond_images: the images whose unconditional rows h_BlC holds (RowParams.uncond_images)."""
         base_NlV = logits_NlV if self.all else logits_NlV[self.at]
-        h_BlC = h_BlC if self.all else h_BlC[self.rows]
-        idx_Nl, step_Nl, kind_Nl = refine_scale(self.head, si, base_NlV, h_BlC, self.text_B1C, self.params,
-                                                 self.rand, self.codebook_VCv, rope_lc, on_head_logits)
+        text_B1C, guided = self.text_B1C, None
+        if uncond_images is None:
+            h_BlC = h_BlC if self.all else h_BlC[self.rows]
+        else:   # fast guidance: only the head images still guided keep an unconditional row
+            N, local = logits_NlV.shape[0], {n: j for j, n in enumerate(self.images)}
+            kept = [(N + r, local[n]) for r, n in enumerate(uncond_images) if n in local]
+            guided = [j for _, j in kept]
+            rows = self.images + [r for r, _ in kept]
+            h_BlC = h_BlC[torch.as_tensor(rows, dtype=torch.int64, device=h_BlC.device)]
+            text_at = list(range(len(self.images))) + [len(self.images) + j for j in guided]
+            text_B1C = text_B1C[torch.as_tensor(text_at, dtype=torch.int64, device=text_B1C.device)]
+        idx_Nl, step_Nl, kind_Nl = refine_scale(self.head, si, base_NlV, h_BlC, text_B1C, self.params,
+                                                 self.rand, self.codebook_VCv, rope_lc, on_head_logits, guided)
         if on_commits is not None:
             on_commits(si, self.images, step_Nl, kind_Nl)
         if self.all:

@@ -49,6 +49,10 @@ class ImageRequest:
     top_p: float | None = None         # 0 = off
     temperature: float | None = None
     sampler: str | None = None         # None = "auto"; see SAMPLERS
+    # fast guidance (opt-in): the index of the first scale sampled without guidance, from which on
+    # the image runs its conditional row only (0 .. S; S or None: guided on every scale, the official
+    # sampling). The ramp makes t = 0 at scale 0, so 0 and 1 give the same image.
+    cfg_stop_scale: int | None = None
 
 
 @dataclass

@@ -27,13 +27,17 @@ class RowParams:
     temperature_N: torch.Tensor  # float64, > 0
     top_k_max: int | None = None  # largest top_k on the host (0 if any row has top-k off); None: unknown
     top_k_host: tuple[int, ...] | None = None   # every row's top_k on the host, when known
+    # per image, the first scale sampled without guidance (conditional row only; fast guidance);
+    # None: every image guided on every scale (the official sampling)
+    cfg_stop_host: tuple[int, ...] | None = None
 
     @classmethod
-    def build(cls, cfg, top_k, top_p, temperature, device) -> "RowParams":
+    def build(cls, cfg, top_k, top_p, temperature, device, cfg_stop: Sequence[int] | None = None) -> "RowParams":
         f64 = dict(dtype=torch.float64, device=device)
         host_k = tuple(torch.as_tensor(top_k, dtype=torch.int64).flatten().tolist())
         params = cls(torch.as_tensor(cfg, **f64), torch.as_tensor(top_k, dtype=torch.int64, device=device),
-                     torch.as_tensor(top_p, **f64), torch.as_tensor(temperature, **f64), _k_cap(host_k), host_k)
+                     torch.as_tensor(top_p, **f64), torch.as_tensor(temperature, **f64), _k_cap(host_k), host_k,
+                     None if cfg_stop is None else tuple(int(s) for s in cfg_stop))
         params.validate()
         return params
 
@@ -41,8 +45,9 @@ class RowParams:
         """The parameters of the images `rows` (a list on the host)."""
         at = torch.as_tensor(list(rows), dtype=torch.int64, device=self.cfg_N.device)
         host_k = None if self.top_k_host is None else tuple(self.top_k_host[i] for i in rows)
+        stops = None if self.cfg_stop_host is None else tuple(self.cfg_stop_host[i] for i in rows)
         return RowParams(self.cfg_N[at], self.top_k_N[at], self.top_p_N[at], self.temperature_N[at],
-                         self.top_k_max if host_k is None else _k_cap(host_k), host_k)
+                         self.top_k_max if host_k is None else _k_cap(host_k), host_k, stops)
 
     def validate(self) -> None:
         """Raise ValueError on parameters no sampler could use (checked once, before the loop)."""
@@ -54,6 +59,24 @@ class RowParams:
             raise ValueError("temperature must be > 0")
         if not bool(torch.isfinite(self.cfg_N).all()):
             raise ValueError("cfg must be finite")
+        if self.cfg_stop_host is not None and (len(self.cfg_stop_host) != self.cfg_N.shape[0]
+                                               or min(self.cfg_stop_host, default=0) < 0):
+            raise ValueError("cfg_stop needs one scale index >= 0 per image")
+
+    def uncond_images(self, si: int) -> list[int] | None:
+        """The images whose unconditional row runs at scale si, in row order: the rows of the scale
+        are [conditional rows of all N images; unconditional rows of these]. None: all N, in image
+        order (the official layout: every image is guided at scale si).
+
+        Longest-guided first, so every scale's list is a prefix of the previous scale's: an image's
+        unconditional row keeps the same KV-cache row on every scale it runs, and the rows of the
+        images that stopped are simply no longer computed (their cache entries are never read)."""
+        stops = self.cfg_stop_host
+        if stops is None:
+            return None
+        order = sorted(range(len(stops)), key=lambda n: -stops[n])    # stable: ties in image order
+        guided = [n for n in order if stops[n] > si]
+        return None if guided == list(range(len(stops))) else guided
 
     def guidance_t(self, si: int, num_scales: int) -> torch.Tensor:
         """t per image at scale si: cfg * si / (S - 1), [N, 1, 1] float64."""
@@ -78,11 +101,24 @@ def make_generators(seeds: list[int], device: torch.device | str) -> list[torch.
     return gens
 
 
-def guide(logits_BlV: torch.Tensor, t_N11: torch.Tensor) -> torch.Tensor:
-    """(1 + t) * cond - t * uncond, rows laid out [cond N; uncond N]."""
-    N = logits_BlV.shape[0] // 2
-    one_plus_t = (1 + t_N11).to(logits_BlV.dtype)
-    return one_plus_t * logits_BlV[:N] - t_N11.to(logits_BlV.dtype) * logits_BlV[N:]
+def guide(logits_BlV: torch.Tensor, t_N11: torch.Tensor, uncond_images: Sequence[int] | None = None) -> torch.Tensor:
+    """(1 + t) * cond - t * uncond, rows laid out [cond N; uncond N].
+
+    With uncond_images (RowParams.uncond_images) the rows are [cond N; uncond of those images]:
+    those images are guided as above (the same arithmetic), the others take their conditional
+    logits as they are (what t = 0 gives)."""
+    if uncond_images is None:
+        N = logits_BlV.shape[0] // 2
+        one_plus_t = (1 + t_N11).to(logits_BlV.dtype)
+        return one_plus_t * logits_BlV[:N] - t_N11.to(logits_BlV.dtype) * logits_BlV[N:]
+    N = logits_BlV.shape[0] - len(uncond_images)
+    cond_NlV = logits_BlV[:N]
+    if not uncond_images:
+        return cond_NlV
+    at = torch.as_tensor(list(uncond_images), dtype=torch.int64, device=logits_BlV.device)
+    t_M11 = t_N11[at]
+    guided_MlV = (1 + t_M11).to(logits_BlV.dtype) * cond_NlV[at] - t_M11.to(logits_BlV.dtype) * logits_BlV[N:]
+    return cond_NlV.index_copy(0, at, guided_MlV)
 
 
 def filter_top_k_top_p_(logits_NlV: torch.Tensor, top_k_N: torch.Tensor, top_p_N: torch.Tensor) -> torch.Tensor:

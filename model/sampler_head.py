@@ -78,14 +78,16 @@ class SamplerHead(nn.Module):
         return self.encoder_proj2(pooled_BD.to(dtype))[:, None, :] + self.pos_start_last
 
     def logits(self, e_NlCv: torch.Tensor, si: int, text_B1C: torch.Tensor, h_BlC: torch.Tensor,
-               rope_lc: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [B, l, V] of scale si's positions, rows [conditional N; unconditional N].
+               rope_lc: torch.Tensor, uncond_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits [B, l, V] of scale si's positions, rows [conditional N; unconditional N]
+        (uncond_at: [conditional N; unconditional rows of these images], as fast guidance runs them).
 
         e_NlCv: each image's committed codebook vectors (zero where uncommitted); text_B1C: text_rows;
         h_BlC: the base model's hidden states of this scale; rope_lc: the RoPE table of the 1 + l
         rows (position (0, 0) first)."""
         pos_NlC = self.position_rows(e_NlCv, si)
-        return self._rows_logits(torch.cat((pos_NlC, pos_NlC)), text_B1C, h_BlC, rope_lc)
+        pos_BlC = torch.cat((pos_NlC, pos_NlC if uncond_at is None else pos_NlC[uncond_at]))
+        return self._rows_logits(pos_BlC, text_B1C, h_BlC, rope_lc)
 
     def logits_per_row(self, e_BlCv: torch.Tensor, si: int, text_B1C: torch.Tensor, h_BlC: torch.Tensor,
                        rope: Rope) -> torch.Tensor:

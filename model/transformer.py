@@ -167,7 +167,10 @@ class Block(nn.Module):
         N = k_NHTc.shape[0]
         ca_NlC = self.cross_attn(self._ln(x_BlC[:N]), k_NHTc, v_NHTc, text.mask_N11T,
                                  consts.ca_scale if consts is not None else None)
-        x_BlC = (x_BlC.unflatten(0, (-1, N)) + ca_NlC).flatten(0, 1)  # image n's output to rows n and N + n
+        if text.uncond_at is None:   # image n's output to rows n and N + n
+            x_BlC = (x_BlC.unflatten(0, (-1, N)) + ca_NlC).flatten(0, 1)
+        else:                        # rows [cond N; uncond of the images uncond_at]
+            x_BlC = x_BlC + torch.cat((ca_NlC, ca_NlC[text.uncond_at]))
         return x_BlC + self.ffn(self._ln(x_BlC))
 
 
@@ -183,11 +186,18 @@ class LayerConsts:
 
 class TextKV:
     """Per-request conditioning of every layer: K/V of the conditional prompt, its mask (additive,
-    in the model's dtype, or boolean) and the per-layer constants (None: computed per call)."""
+    in the model's dtype, or boolean) and the per-layer constants (None: computed per call).
+
+    uncond_at: None for rows [cond N; uncond N]; else the images (int64 [M]) whose unconditional
+    rows follow the N conditional ones on this scale (fast guidance: the others stopped)."""
 
     def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask_N11T: torch.Tensor,
-                 consts: list[LayerConsts] | None = None):
-        self.kv, self.mask_N11T, self.consts = kv, mask_N11T, consts
+                 consts: list[LayerConsts] | None = None, uncond_at: torch.Tensor | None = None):
+        self.kv, self.mask_N11T, self.consts, self.uncond_at = kv, mask_N11T, consts, uncond_at
+
+    def with_rows(self, uncond_at: torch.Tensor | None) -> "TextKV":
+        """The same conditioning for a scale whose unconditional rows are those of uncond_at."""
+        return self if uncond_at is None else TextKV(self.kv, self.mask_N11T, self.consts, uncond_at)
 
 
 class StarTransformer(nn.Module):

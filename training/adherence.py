@@ -2,6 +2,7 @@
 
     python -m training.adherence MODEL_DIR --prompts 28 --seeds 0,1,2 [--cfg 3 --top-k 0 --top-p 0]
     python -m training.adherence MODEL_DIR --seeds 100,101 --cfg 1.5,3,5 --top-k 0,20   # a sweep
+    python -m training.adherence shapes --seeds 300,301 --guidance-stop-scale none,5,3   # fast guidance
     python -m training.adherence MODEL_DIR --sampler plain     # without the model's sampler head
 
 The scorer is plain image analysis (no learned parts):
@@ -195,7 +196,7 @@ def evaluate(pipe, m: int, seeds: list[int], sampling: dict, batch: int = 8,
     return report, rows
 
 
-SAMPLING_OPTIONS = ("cfg", "top_k", "top_p", "temperature")
+SAMPLING_OPTIONS = ("cfg", "top_k", "top_p", "temperature", "cfg_stop_scale")
 
 
 def samplings_from(model_dir: str, args: argparse.Namespace) -> list[dict]:
@@ -219,6 +220,10 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.replace(" ", "").split(",") if x]
 
 
+def _stops(text: str) -> list[int | None]:
+    return [None if x == "none" else int(x) for x in text.replace(" ", "").split(",") if x]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training.adherence", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="model directory or preset name (e.g. shapes)")
@@ -228,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", dest="top_k", type=_ints, help="top-k value(s) (0 = off)")
     ap.add_argument("--top-p", dest="top_p", type=_floats, help="top-p value(s) (0 = off)")
     ap.add_argument("--temperature", type=_floats, help="temperature(s)")
+    ap.add_argument("--guidance-stop-scale", dest="cfg_stop_scale", type=_stops,
+                    help="fast guidance: first scale(s) sampled without guidance, none = every scale guided")
     ap.add_argument("--sampler", choices=SAMPLERS, default="auto",
                     help="auto (default: the sampler head where the model has one), head, or plain")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")

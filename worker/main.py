@@ -30,7 +30,7 @@ from worker.noop import NoopPipeline
 from worker.publish import Publisher
 from worker.rq_worker import BatchWorker
 from worker.runner import BatchRunner
-from worker.sampling import has_sampler_head, job_defaults, model_defaults
+from worker.sampling import GUIDANCE_STOP, guidance_stop_default, has_sampler_head, job_defaults, model_defaults
 from worker.settings import WorkerSettings
 from worker.speed import prepare_model
 
@@ -140,6 +140,8 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
     entry.sampling = model_defaults(pipeline)   # what requests without sampling fields get
     entry.example_prompts = list(getattr(pipeline, "example_prompts", None) or [])   # shown by GET /models
     entry.sampler_head = has_sampler_head(pipeline)   # whether requests may ask for sampler "head"
+    entry.scales = len(pipeline.patch_nums) if getattr(pipeline, "patch_nums", None) else None
+    entry.guidance_stop_scale = guidance_stop_default(settings.guidance_stop_scale, entry.scales)
     metrics.info.info({"model": pipeline.name, "size": str(pipeline.image_size), "device": entry.device,
                        "max_batch": str(settings.max_batch), "max_wait_ms": str(settings.max_wait_ms)})
     health.publish()
@@ -152,7 +154,7 @@ def _prepare(settings: WorkerSettings, conn, health: Health, metrics: WorkerMetr
              entry.queue, settings.max_batch, settings.max_wait_ms, entry.sampling,
              "yes (sampler auto = head)" if entry.sampler_head else "no (sampler auto = plain)")
     return BatchWorker(lane_names(entry.queue), connection=conn, name=entry.name, runner=runner, publisher=publisher,
-                       health=health, sampling=job_defaults(pipeline), max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                       health=health, sampling={**job_defaults(pipeline), GUIDANCE_STOP: entry.guidance_stop_scale}, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                        result_ttl=settings.result_ttl_s, deadline_s=settings.worker_deadline_s,
                        max_requeues=settings.max_requeues)
 

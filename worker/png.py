@@ -20,7 +20,7 @@ import numpy as np
 from isal import isal_zlib
 
 TEXT_KEYS = ("prompt", "negative_prompt", "seed", "size", "guidance_scale", "top_k", "top_p",
-             "temperature", "sampler", "model")
+             "temperature", "sampler", "guidance_stop_scale", "model")
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FILTERS = {"none": 0, "sub": 1, "up": 2, "average": 3, "paeth": 4}   # PNG filter type per row
 
@@ -28,6 +28,8 @@ FILTERS = {"none": 0, "sub": 1, "up": 2, "average": 3, "paeth": 4}   # PNG filte
 def png_text(params: dict, seed: int, model: str) -> dict[str, str]:
     """The text chunks of one image: its own seed (app.schemas.image_seed), and the whole request as JSON."""
     values = {**params, "seed": seed, "model": model}
+    if values.get("guidance_stop_scale") is None:   # written only where fast guidance ran
+        values.pop("guidance_stop_scale", None)
     text = {key: str(values[key]) for key in TEXT_KEYS if key in values}
     parameters = {key: values[key] for key in TEXT_KEYS if key in values}
     text["parameters"] = json.dumps(parameters, ensure_ascii=False, sort_keys=True)

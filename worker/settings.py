@@ -34,6 +34,11 @@ class WorkerSettings(CommonSettings):
                                  "loading (model/memory.py) instead of STAR_MAX_BATCH, and reserve its KV cache.")
     memory_margin: float = Field(0.1, ge=0, lt=1, description="Fraction of the free GPU memory that "
                                  "STAR_MAX_BATCH_AUTO leaves unused.")
+    guidance_stop_scale: int | None = Field(None, ge=0, description="Fast guidance for the requests that leave "
+                                            "`guidance_stop_scale` out: the first scale sampled without "
+                                            "classifier-free guidance (0 to the model's number of scales, checked "
+                                            "at start). Unset: guidance on every scale, the official sampling. "
+                                            "Trade-off: docs/api.md, \"Fast guidance\".")
     compile: bool = Field(False, description="torch.compile the per-scale step for batch-size buckets (powers of two "
                           "up to the max batch) and compile them all at start (minutes; CUDA).")
 

@@ -35,6 +35,8 @@ class WorkerEntry:
     started_at: float = field(default_factory=time.time)
     heartbeat_at: float = 0.0
     sampling: dict | None = None    # the model's sampling defaults (API names), known once loaded
+    scales: int | None = None       # scales of the model's schedule, known once loaded
+    guidance_stop_scale: int | None = None   # the worker's default first scale without guidance (None: none)
     example_prompts: list[str] = field(default_factory=list)   # from the model's config.json, once loaded
     sampler_head: bool | None = None    # the model has a sampler head (sampler "head"), known once loaded
 

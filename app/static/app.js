@@ -119,6 +119,7 @@ function fillForm(request) {
   }
   form.seed.value = request.seed;
   form.guidance_scale.value = request.guidance_scale == null ? "" : request.guidance_scale;
+  form.guidance_stop_scale.value = request.guidance_stop_scale == null ? "" : request.guidance_stop_scale;
   if (request.sampler) form.sampler.value = request.sampler;
   form.n.value = String(request.n);
 }
@@ -130,6 +131,7 @@ function formRequest() {
   if (form.size.value) body.size = Number(form.size.value);
   if (form.seed.value !== "") body.seed = Number(form.seed.value);
   if (form.guidance_scale.value !== "") body.guidance_scale = Number(form.guidance_scale.value);
+  if (form.guidance_stop_scale.value !== "") body.guidance_stop_scale = Number(form.guidance_stop_scale.value);
   if (form.sampler.value !== "auto") body.sampler = form.sampler.value;   // auto: the server's default
   body.n = Number(form.n.value);
   return body;
@@ -233,13 +235,14 @@ function resultFigure(job, image) {
     ["Seed", image.seed], ["Size", `${image.width} × ${image.height}`],
     ["Guidance", request.guidance_scale], ["Sampler", request.sampler], ["Model", job.model],
   ];
+  if (request.guidance_stop_scale != null) params.push(["Unguided from scale", request.guidance_stop_scale]);
   const list = $(".params", figure);
   for (const [name, value] of params) {
     const dt = document.createElement("dt");
     const dd = document.createElement("dd");
     dt.textContent = name;
     dd.textContent = String(value);
-    dd.className = `param-${name.toLowerCase()}`;
+    dd.className = `param-${name.toLowerCase().replaceAll(" ", "-")}`;
     list.append(dt, dd);
   }
   $(".again", figure).addEventListener("click", () => {

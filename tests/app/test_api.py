@@ -146,7 +146,8 @@ def test_generate_queues_a_job_and_reports_it(client, conn):
     # sampling fields left out are the model's defaults, known once a worker starts the job
     assert request | {"seed": 0} == {"prompt": PROMPT["prompt"], "negative_prompt": "", "size": 512, "n": 2,
                                      "seed": 0, "guidance_scale": None, "top_k": None, "top_p": None,
-                                     "temperature": None, "sampler": "auto", "priority": "normal"}
+                                     "temperature": None, "guidance_stop_scale": None, "sampler": "auto",
+                                     "priority": "normal"}
     assert view["timings"]["queued_at"] and view["timings"]["started_at"] is None
     assert view["images"] is None and view["error"] is None
 
@@ -218,7 +219,7 @@ def test_health_readiness_and_models(client, conn):
              [("high", "star-tiny@high"), ("normal", "star-tiny"), ("low", "star-tiny@low")]}
     assert tiny == {"name": "tiny", "size": 256, "queue": "star-tiny", "queue_depth": 0, "lanes": lanes, "workers": 2,
                     "states": {"busy": 1, "ready": 1}, "max_batch": 8, "sampling": defaults, "example_prompts": [],
-                    "sampler_head": False}
+                    "sampler_head": False, "scales": None, "guidance_stop_scale": None}   # no schedule reported
     star_512 = next(m for m in models["models"] if m["name"] == "star-512")
     assert star_512["sampling"] is None and star_512["sampler_head"] is None   # not loaded yet
 

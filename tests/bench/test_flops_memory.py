@@ -126,3 +126,32 @@ def test_memory_plan_counts_the_sampler_head(head_pipe):
     release = plan_for_config(get_preset("star-1024-sampler"), torch.bfloat16)
     base = plan_for_config(get_preset("star-1024"), torch.bfloat16)
     assert 140e6 * 2 < release.weights_bytes - base.weights_bytes < 160e6 * 2 + 4 * 1920 * 4096 * 2   # ~150 M
+
+
+@pytest.mark.parametrize("stop", [0, 4, 9])
+def test_fast_guidance_flops_equal_what_torch_counts(tiny_pipe, stop):
+    """With every image unguided from `stop` on, the counted linear FLOPs are what the model runs."""
+    from model.pipeline import ImageRequest
+
+    reqs = [ImageRequest("a", seed=1, cfg_stop_scale=stop), ImageRequest("b", seed=2, cfg_stop_scale=stop)]
+    cond, _ = tiny_pipe.encode_prompts(["a", "b"], ["", ""])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        tiny_pipe.sample_tokens(cond, reqs)
+    ours = generation_flops(tiny_pipe.cfg, images=2, guidance_stop=stop)["parts"]
+    linear = sum(v for k, v in ours.items() if "scores" not in k and k != "word_embed")
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.addmm] == linear
+
+
+def test_fast_guidance_flop_table_of_star_1024():
+    from bench.flops import guidance_stop_table
+    from model.config import PRESETS
+
+    rows = guidance_stop_table(PRESETS["star-1024"])
+    assert [r["guidance_stop_scale"] for r in rows] == list(range(15))
+    fractions = [r["fraction_of_full_guidance"] for r in rows]
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert 0.5 < fractions[0] < 0.55          # cross-attention never ran twice: not quite half
+    assert 0.7 < fractions[13] < 0.8          # the 64x64 scale alone is a quarter of the work
+    no_guidance = generation_flops(PRESETS["star-1024"], guidance=False)["per_image"]
+    assert rows[0]["flops_per_image"] == no_guidance

@@ -36,12 +36,13 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
            "PRESET": "tiny", "AGREE_PRESET": "tiny", "AGREE_IMAGES": "1", "DTYPES": "float32",
            "BATCHES": "1", "REPS": "1", "WARMUP": "0", "COMPILE": "1", "COMPILE_DTYPES": "float32",
            "COMPILE_BACKEND": "eager", "SAMPLER_ARGS": "--no-breakdown --no-decode", "DECODE_BATCH": "2",
-           "DECODE_REPS": "1", "PNG_ARGS": "--images noise --options pillow-6,up+isal-1 --reps 1"}
+           "DECODE_REPS": "1", "PNG_ARGS": "--images noise --options pillow-6,up+isal-1 --reps 1",
+           "FAST_GUIDANCE_STOPS": "7", "FAST_GUIDANCE_BATCHES": "1"}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
                           timeout=840)
     assert done.returncode == 0, done.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["agreement-float32.jsonl", "decode.jsonl", "png.jsonl", "report.md",
+    assert names == ["agreement-float32.jsonl", "decode.jsonl", "fast-guidance-float32.jsonl", "png.jsonl", "report.md",
                      "sampler-float32-compiled.jsonl", "sampler-float32-compiled.png", "sampler-float32.jsonl",
                      "sampler-float32.png"]
     decode = json.loads((out / "decode.jsonl").read_text())
@@ -55,6 +56,11 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     report = (out / "report.md").read_text()
     assert "| tiny | cpu | float32 | True |" in report and "agreement float32 vs float32" in report
     assert "decode (tiny, cpu, batch 2)" in report and "png noise up+isal-1" in report
+    fast = [json.loads(line) for line in (out / "fast-guidance-float32.jsonl").read_text().splitlines()]
+    assert [(r["guidance_stop_scale"], r["batch_size"]) for r in fast if r["kind"] == "batch"] == [(None, 1), (7, 1)]
+    (cost,) = [r for r in fast if r["kind"] == "guidance_stop_cost"]
+    assert cost["guidance_stop_scale"] == 7 and cost["flops_fast_over_full"] < 1
+    assert "| fast-guidance-float32.jsonl | plain | 1 | 7 |" in report
 
 
 def test_gpu_script_refuses_to_run_without_cuda_unless_allowed(tmp_path):

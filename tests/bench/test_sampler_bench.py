@@ -44,7 +44,7 @@ def test_size_must_match_the_preset(capsys):
 def test_until_oom_doubles_past_the_list_and_stops_at_the_first_oom(capsys, monkeypatch):
     import torch
 
-    def fake_batch(pipe, n, args, peak, flops, sampler="auto"):
+    def fake_batch(pipe, n, args, peak, flops, sampler="auto", stop=None):
         if n > 4:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
         return {"kind": "batch", "batch_size": n, "images_per_s": float(n), "s_per_image": 1.0 / n,

@@ -71,3 +71,11 @@ def test_adherence_check_fails_when_sampling_breaks(shapes_pipe):
             head.weight.copy_(saved[0])
             head.bias.copy_(saved[1])
     assert report["colour_accuracy"] < 0.5, report
+
+
+def test_adherence_sweeps_fast_guidance_stop_scales():
+    from training.adherence import build_parser, samplings_from
+
+    args = build_parser().parse_args(["shapes", "--guidance-stop-scale", "none,3", "--cfg", "1.5,3"])
+    settings = samplings_from("shapes", args)
+    assert [(s["cfg"], s["cfg_stop_scale"]) for s in settings] == [(1.5, None), (1.5, 3), (3.0, None), (3.0, 3)]

@@ -91,6 +91,10 @@ def test_png_carries_prompt_seed_and_parameters():
          "temperature": "1.0", "sampler": "head"}
     assert json.loads(text["parameters"]) == {**{k: v for k, v in params.items() if k != "n"},
                                               "seed": 11, "model": "tiny"}
+    assert "guidance_stop_scale" not in text     # fast guidance off: no chunk, as before it existed
+    fast = png_text({**params, "guidance_stop_scale": 7}, 11, "tiny")
+    assert fast["guidance_stop_scale"] == "7" and json.loads(fast["parameters"])["guidance_stop_scale"] == 7
+    assert "guidance_stop_scale" not in png_text({**params, "guidance_stop_scale": None}, 11, "tiny")
 
 
 def test_noop_pipeline_spec_size_and_cancel():
@@ -164,6 +168,20 @@ def test_api_names_become_the_models_in_one_place():
         ImageRequest("a fox", 7, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9, sampler="head"),
         ImageRequest("a fox", 8, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9, sampler="head")]
     assert image_requests({**params, "n": 1, "sampler": None})[0].sampler is None   # the model's "auto"
+    fast = image_requests({**params, "n": 1, "guidance_stop_scale": 9})
+    assert fast == [ImageRequest("a fox", 7, "blur", cfg=2.5, top_k=3, top_p=0.5, temperature=0.9, sampler="head",
+                                 cfg_stop_scale=9)]
+
+
+def test_worker_guidance_stop_default_is_checked_against_the_model():
+    from worker.sampling import guidance_stop_default
+    from worker.settings import WorkerSettings
+
+    assert WorkerSettings().guidance_stop_scale is None
+    assert WorkerSettings(guidance_stop_scale=8).guidance_stop_scale == 8
+    assert guidance_stop_default(None, 14) is None and guidance_stop_default(14, 14) == 14
+    with pytest.raises(ValueError, match=r"STAR_GUIDANCE_STOP_SCALE=11 .* 10 scales, so use 0 to 10"):
+        guidance_stop_default(11, 10)
 
 
 def test_the_global_sampling_defaults_are_the_pipelines_own_and_one_request_type_serves_both_pipelines():
